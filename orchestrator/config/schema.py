@@ -8,7 +8,6 @@ problems are reported at once, each naming its full key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 # Valid values of the enumerated fields: validation and error messages read them from here.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -42,7 +41,7 @@ class NeuronConfig:
     type: str = "lif"  # lif | plif (learnable tau) | if
     tau: float = 2.0  # membrane time constant (LIF/PLIF init)
     v_threshold: float = 1.0
-    v_reset: Optional[float] = 0.0  # None = soft reset (subtract threshold)
+    v_reset: float | None = 0.0  # None = soft reset (subtract threshold)
     decay_input: bool = True
     detach_reset: bool = True
     surrogate: str = "atan"  # atan | sigmoid | rect

@@ -1,0 +1,1 @@
+"""Training: the per-rank worker, the DeepSpeed engine, the loop and its callbacks, checkpoints."""

@@ -1,0 +1,164 @@
+"""Checkpoints: DeepSpeed's sharded state per tag, a pointer that only ever names a complete one, top-k pruning,
+and consolidated weights loadable without DeepSpeed.
+
+Layout under ``run_dir/checkpoints``::
+
+    step00000120/          DeepSpeed's files + rank<r>.pt (loop state, RNG) + COMPLETE
+    LATEST                 the newest complete tag (written atomically, after every rank finished)
+    index.json             tag -> {step, val_top1}: what top-k pruning keeps
+    best.pt / final.pt     consolidated model weights (plain torch state_dict)
+
+A crash at any moment leaves LATEST naming a complete tag: the pointer moves only after a barrier that every
+rank reaches once its files are written and fsynced, and it is replaced with os.replace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestrator.errors import UserError
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointManager:
+    """Saves and restores training state for one run; call save/load on every rank."""
+
+    def __init__(self, run_dir: str | Path, rank: int, keep_top_k: int = 2):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.rank = rank
+        self.keep_top_k = keep_top_k
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        _barrier()
+
+    # -- pointer and index -------------------------------------------------------------------------------------
+    def latest_tag(self) -> str | None:
+        """The newest complete checkpoint, or None. A pointer to an incomplete tag is never trusted."""
+        p = self.dir / "LATEST"
+        if not p.is_file():
+            return None
+        tag = p.read_text().strip()
+        return tag if (self.dir / tag / "COMPLETE").is_file() else None
+
+    def _index(self) -> dict[str, Any]:
+        p = self.dir / "index.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    # -- save --------------------------------------------------------------------------------------------------
+    def save(self, engine, step: int, loop_state: dict, val_top1: float | None = None) -> str:
+        """Write a complete checkpoint on every rank, then move LATEST. Disk errors raise UserError, with the
+        partial tag removed and the previous checkpoint untouched."""
+        tag = f"step{step:08d}"
+        ok = torch.tensor([1], dtype=torch.int32)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state={"loop": loop_state}, save_latest=False)
+            rng = {"torch": torch.get_rng_state(), "loop": loop_state}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save(rng, self.dir / tag / f"rank{self.rank}.pt")
+            _fsync_tree(self.dir / tag)
+        except (OSError, RuntimeError) as e:  # disk full, unwritable, or a torch.save failure
+            ok.zero_()
+            err = e
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if not int(ok):
+            if self.rank == 0:
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+            _barrier()
+            reason = str(err) if "err" in locals() else "another rank failed to write its part"
+            raise UserError(f"checkpoint {tag} could not be written ({reason.splitlines()[0]}); "
+                            f"previous checkpoint {self.latest_tag()} kept")
+        if self.rank == 0:
+            _atomic_write(self.dir / tag / "COMPLETE", b"ok\n")
+            index = self._index()
+            index[tag] = {"step": step, "val_top1": val_top1}
+            _atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
+            _atomic_write(self.dir / "LATEST", f"{tag}\n".encode())
+            self._prune(index, keep=tag)
+        _barrier()
+        return tag
+
+    def _prune(self, index: dict[str, Any], keep: str) -> None:
+        """Keep the top-k tags by val top-1 plus the newest; delete the rest (rank 0 only)."""
+        scored = sorted((t for t in index if index[t]["val_top1"] is not None),
+                        key=lambda t: index[t]["val_top1"], reverse=True)
+        keepers = set(scored[: self.keep_top_k]) | {keep}
+        for tag in list(index):
+            if tag not in keepers:
+                index.pop(tag)
+                shutil.rmtree(self.dir / tag, ignore_errors=True)
+        _atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
+        for stray in self.dir.glob("step*"):  # tags from a save that crashed before COMPLETE
+            if stray.name not in keepers and stray.is_dir():
+                shutil.rmtree(stray, ignore_errors=True)
+
+    # -- load --------------------------------------------------------------------------------------------------
+    def load(self, engine) -> dict | None:
+        """Restore the latest complete checkpoint into the engine; returns the loop state or None."""
+        tag = self.latest_tag()
+        if tag is None:
+            return None
+        engine.load_checkpoint(str(self.dir), tag=tag)
+        state = torch.load(self.dir / tag / f"rank{self.rank}.pt", weights_only=False)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        return state["loop"]
+
+    # -- consolidated weights ----------------------------------------------------------------------------------
+    def export_weights(self, module: torch.nn.Module, name: str, meta: dict) -> Path:
+        """model weights as a plain torch file (rank 0): loadable with torch.load, no DeepSpeed needed."""
+        path = self.dir / name
+        state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.detach().cpu()
+                 for k, v in module.state_dict().items()}
+        tmp = path.with_name(f".{name}.tmp")
+        torch.save({"state_dict": state, "meta": meta}, tmp)
+        os.replace(tmp, path)
+        return path

@@ -1,0 +1,255 @@
+"""The per-rank training entry (`orchestrator train`): one process per rank, locally or under srun.
+
+It reads its rank from the environment (launch.env), joins the process group, builds data, model and DeepSpeed
+engine, resumes from the run directory's latest complete checkpoint if there is one, trains, and (on the primary
+rank) writes ``summary.json``. Exit codes: 0 completed, 1 failed, 2 bad input, 3 stopped for a requeue,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from launch.env import RankInfo, rank_info
+from orchestrator.config import Config, load_config, to_dict, to_yaml
+from orchestrator.errors import UserError
+from orchestrator.train import callbacks as cb
+from orchestrator.train.checkpoint import CheckpointManager, sha256_file
+from orchestrator.train.engine import (
+    batch_plan,
+    build_engine,
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+)
+from orchestrator.train.loop import LoopState, NonFiniteLoss, StopTraining, train
+from orchestrator.train.signals import INTERRUPT, REQUEUE, StopRequests
+
+log = logging.getLogger("orchestrator.train")
+
+EXIT = {"completed": 0, "failed": 1, "requeued": 3, "interrupted": 130}
+
+
+def setup_logging(info: RankInfo) -> None:
+    """Primary rank logs progress; the others only warnings, each line tagged with its rank."""
+    level = logging.INFO if info.is_primary else logging.WARNING
+    fmt = f"%(asctime)s [rank {info.rank}] %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "mlflow", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def prepare_dataset(cfg: Config) -> Path:
+    """The dataset folder, building the bundled digits set on first use; a clear error when it's missing."""
+    root = Path(cfg.data.root)
+    if cfg.data.name == "digits":
+        from orchestrator.data.digits import ensure_digits_dataset
+
+        return Path(ensure_digits_dataset(root))
+    if not (root / "meta.json").is_file():
+        raise UserError(f"dataset not found: data.root={root} has no meta.json; "
+                        "make one with 'orchestrator data convert SRC DST' and pass data.root=DST")
+    return root
+
+
+def model_kwargs(cfg: Config) -> dict:
+    m = cfg.model
+    return dict(num_classes=m.num_classes, T=m.T, width=m.width, in_channels=m.in_channels,
+                input_size=m.input_size, connection=m.connection, da=asdict(m.da), neuron=asdict(m.neuron),
+                zero_init_residual=m.zero_init_residual, checkpointing=m.checkpointing,
+                spike_storage=m.spike_storage)
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    from models import create_model
+
+    try:
+        return create_model(cfg.model.name, **model_kwargs(cfg))
+    except (ValueError, KeyError) as e:
+        raise UserError(f"model.name={cfg.model.name}: {str(e).splitlines()[0]}") from None
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir to a writable folder") from None
+
+
+def _previous_summary(run_dir: Path) -> dict:
+    p = run_dir / "summary.json"
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    tmp = run_dir / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    os.replace(tmp, run_dir / "summary.json")
+
+
+def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
+    """Train on this rank; returns the process exit code."""
+    t_start = time.time()
+    cfg = load_config(config, overrides)
+    info = rank_info()
+    setup_logging(info)
+    run_path = Path(run_dir).resolve()
+    _check_writable(run_path)
+    device = resolve_device(cfg)
+    precision = resolve_precision(cfg, device)
+    plan = batch_plan(cfg, info.world_size)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    if device == "cpu":
+        # Ranks sharing a host split its cores instead of oversubscribing them.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
+    init_distributed(info, device, cfg.launch.rank_timeout_s)
+    stops = StopRequests()
+
+    from orchestrator.data.dali import build_loader
+    from orchestrator.tracking import create_tracker
+
+    root = prepare_dataset(cfg)
+    cfg.data.root = str(root)
+    train_loader = build_loader(cfg.data, "train", info.rank, info.world_size, plan.micro_batch, cfg.train.seed,
+                                device, expect_classes=cfg.model.num_classes)
+    val_loader = build_loader(cfg.data, "val", info.rank, info.world_size, plan.micro_batch, cfg.train.seed, device,
+                              expect_classes=cfg.model.num_classes)
+    steps_per_epoch = max(1, len(train_loader) // plan.accumulation)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total_steps = min(total_steps, cfg.train.max_steps)
+
+    model = build_model(cfg).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    engine = build_engine(cfg, model, plan, steps_per_epoch, precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+
+    ckpt = CheckpointManager(run_path, info.rank, cfg.train.keep_top_k)
+    resumed = ckpt.load(engine)
+    state = LoopState(**resumed) if resumed else LoopState()
+    previous = _previous_summary(run_path)
+    restarts = int(previous.get("restarts", 0)) + (1 if resumed else 0)
+
+    tracker = create_tracker(cfg, run_path, info)
+    tracker.start()
+    if info.is_primary:
+        (run_path / "config.yaml").write_text(to_yaml(cfg))
+    tracker.log_params(to_dict(cfg))
+    tracker.log_params({"derived.world_size": info.world_size, "derived.micro_batch": plan.micro_batch,
+                        "derived.accumulation": plan.accumulation, "derived.steps_per_epoch": steps_per_epoch,
+                        "derived.precision": precision, "derived.device": device})
+    tracker.log_artifact(str(run_path / "config.yaml")) if info.is_primary else None
+    if resumed:
+        log.info("resumed from %s at step %d (epoch %d, batch %d); restart %d", ckpt.latest_tag(), state.step,
+                 state.epoch, state.batch_in_epoch, restarts)
+    log.info("run %s: %s T=%d, world size %d, micro-batch %d x accumulation %d, %d steps/epoch, %s %s",
+             run_path, cfg.model.name, cfg.model.T, info.world_size, plan.micro_batch, plan.accumulation,
+             steps_per_epoch, device, precision)
+
+    sample = next(iter(val_loader))[0][:16].to(device, dtype)
+    checkpoints = cb.Checkpoints(ckpt, engine, cfg.train.checkpoint_every_steps, info.is_primary, tracker)
+    callbacks = [cb.Progress(total_steps, steps_per_epoch, cfg.train.epochs, cfg.train.log_every_steps, device),
+                 cb.TrackerMetrics(tracker, device), cb.Telemetry(engine.module, sample, tracker), checkpoints]
+    status, error = "completed", ""
+    start_samples, t_train = state.samples, time.perf_counter()
+    try:
+        state = train(engine, (train_loader, val_loader), cfg, state, callbacks, stops, device, dtype,
+                      info.world_size, plan.accumulation)
+    except StopTraining as stop:
+        status = "requeued" if stop.code == REQUEUE else "interrupted"
+        log.warning("stop requested (%s): checkpointing at step %d", ", ".join(stops.received) or "peer", state.step)
+        checkpoints.save(state)
+    except NonFiniteLoss as e:
+        status, error = "failed", str(e)
+        log.error("%s", e)
+    except UserError:
+        raise
+    except Exception as e:  # the cause goes to the log and the summary; the exit code says failed
+        status, error = "failed", f"{type(e).__name__}: {e}"
+        log.error("training failed: %s\n%s", error, traceback.format_exc())
+    train_s = time.perf_counter() - t_train
+    if state.step and status == "completed" and not state.batch_in_epoch == 0:
+        checkpoints.save(state)  # max_steps ended mid-epoch: keep that position too
+
+    summary = dict(previous)
+    final_metrics = {}
+    if status == "completed":
+        final_metrics = _final_eval(engine, val_loader, cfg, device, dtype, state)
+    if info.is_primary:
+        weights = ckpt.export_weights(engine.module, "final.pt", {"step": state.step, "epoch": state.epoch})
+        summary.update({
+            "status": status, "error": error, "epochs": state.epoch, "steps": state.step,
+            "final_train_loss": state.history[-1] if state.history else None,
+            "loss_history": state.history,
+            "world_size": info.world_size, "images_per_sec": (state.samples - start_samples) / max(train_s, 1e-9),
+            "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri,
+            "checkpoint_dir": str(ckpt.dir), "latest_checkpoint": ckpt.latest_tag(), "restarts": restarts,
+            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+            "weights_sha256": sha256_file(weights), "best_val_top1": max(state.best_val_top1, 0.0),
+            "model": cfg.model.name, "preset": cfg.preset, "wall_s": round(time.time() - t_start, 2),
+            **final_metrics,
+        })
+        summary.setdefault("val_top1", None)
+        summary.setdefault("val_top5", None)
+        write_summary(run_path, summary)
+        if status == "requeued":
+            (run_path / "REQUEUE").write_text(str(state.step))
+        tracker.log_artifact(str(run_path / "summary.json"))
+        if status in ("completed",):
+            tracker.log_artifact(str(weights), "weights")
+        log.info("%s: %d steps, val top1 %s, summary %s", status, state.step, summary.get("val_top1"),
+                 run_path / "summary.json")
+    tracker.finish(status)
+    _shutdown()
+    return EXIT[status]
+
+
+def _final_eval(engine, val_loader, cfg, device, dtype, state: LoopState) -> dict:
+    """The last validation figures: reuse the epoch-end evaluation when the run ended on an epoch boundary."""
+    from orchestrator.train.loop import evaluate
+
+    if state.batch_in_epoch == 0 and state.last_eval:
+        return dict(state.last_eval)
+    m = evaluate(engine, val_loader, cfg, device, dtype)
+    return {"val_top1": m["val_top1"], "val_top5": m["val_top5"], "val_loss": m["val_loss"]}
+
+
+def _shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+            dist.destroy_process_group()
+        except Exception:  # a peer already gone: nothing left to synchronise
+            pass
+
+
+__all__ = ["run", "INTERRUPT", "REQUEUE"]
