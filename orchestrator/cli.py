@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -128,11 +129,14 @@ def cmd_launch(args, overrides: list[str]) -> int:
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.preset)
     config_arg = str(Path(args.config).resolve()) if args.config and Path(args.config).is_file() else (args.config or "digits")
     if slurm:
-        from launch import slurm as sl
-
         nodes = args.nodes or cfg.launch.nodes
         gpn = args.gpus_per_node or cfg.launch.gpus_per_node
         batch_plan(cfg, nodes * gpn)
+        if not args.dry_run and not shutil.which("sbatch"):
+            raise UserError(f"--nodes {nodes} needs Slurm, but sbatch is not on PATH; run on a Slurm login node, "
+                            "or locally without --nodes/--slurm (launch.local_ranks sets the local ranks)")
+        from launch import slurm as sl
+
         if args.dry_run:
             print(sl.render_sbatch(cfg, run_dir.resolve(), config_arg, overrides, nodes=nodes, gpus_per_node=gpn,
                                    partition=args.partition, time=args.time))
