@@ -1,0 +1,237 @@
+"""The data path: digits dataset, DALI loader sharding / epochs / exact resume, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.config.schema import DataConfig
+from orchestrator.data.dali import build_loader
+from orchestrator.data.digits import ensure_digits_dataset
+from orchestrator.data.ffrecord import FileReader, FileWriter
+from orchestrator.data.records import decode_jpeg_label, encode_jpeg_label
+from orchestrator.errors import UserError
+
+VECTORS = Path(__file__).parent / "data" / "ffrecord-vectors"
+N_TRAIN, N_VAL = 23, 11
+
+
+def _jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
+    from PIL import Image
+
+    arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _write_split(folder: Path, count: int, rng: np.random.Generator, parts: int = 2) -> None:
+    folder.mkdir(parents=True)
+    bounds = np.linspace(0, count, parts + 1).astype(int)
+    for p in range(parts):
+        with FileWriter(folder / f"PART_{p:05d}.ffr", int(bounds[p + 1] - bounds[p])) as w:
+            for i in range(bounds[p], bounds[p + 1]):
+                width, height = int(rng.integers(18, 40)), int(rng.integers(18, 40))
+                w.write_one(encode_jpeg_label(_jpeg(rng, width, height), i, width, height))
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory) -> Path:
+    """A dataset whose label is the sample index, so batches reveal exactly which samples they hold."""
+    root = tmp_path_factory.mktemp("indexed") / "ds"
+    rng = np.random.default_rng(0)
+    _write_split(root / "train.ffr", N_TRAIN, rng)
+    _write_split(root / "val.ffr", N_VAL, rng, parts=1)
+    meta = {
+        "classes": [str(i) for i in range(N_TRAIN)],
+        "num_classes": N_TRAIN,
+        "counts": {"train": N_TRAIN, "val": N_VAL},
+        "payload": "jpeg_label",
+    }
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def _cfg(root: Path, **kw) -> DataConfig:
+    base = dict(
+        name="custom",
+        root=str(root),
+        image_size=16,
+        val_resize=16,
+        rrc_scale_min=0.3,
+        hflip=True,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        num_threads=1,
+        prefetch=2,
+    )
+    base.update(kw)
+    return DataConfig(**base)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_train_every_sample_once_per_epoch(indexed, world):
+    cfg = _cfg(indexed)
+    loaders = [build_loader(cfg, "train", r, world, 4, seed=7) for r in range(world)]
+    steps = {len(ld) for ld in loaders}
+    assert len(steps) == 1, "ranks disagree on steps per epoch"
+    orders = []
+    for epoch in range(2):
+        seen = []
+        for ld in loaders:
+            ld.set_epoch(epoch)
+            batches = list(ld)
+            assert len(batches) == len(ld) > 0
+            for k, (x, y) in enumerate(batches):
+                assert x.dtype == torch.float32 and y.dtype == torch.int64
+                assert x.shape[1:] == (3, 16, 16) and x.shape[0] == y.shape[0] >= 1
+                if k < len(batches) - 2:
+                    assert y.shape[0] == 4  # full except at the end
+            seen.extend(y.tolist() for _, y in batches)
+        flat = sorted(i for b in seen for i in b)
+        assert flat == list(range(N_TRAIN)), f"epoch {epoch}: not every sample exactly once"
+        orders.append([i for b in seen for i in b])
+    assert orders[0] != orders[1], "epochs should be shuffled differently"
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_val_covers_every_sample_once(indexed, world):
+    cfg = _cfg(indexed)
+    loaders = [build_loader(cfg, "val", r, world, 4, seed=0) for r in range(world)]
+    assert len({len(ld) for ld in loaders}) == 1
+    labels = [y for ld in loaders for _, y in ld]
+    assert all(len(y) > 0 for y in labels)
+    assert sorted(torch.cat(labels).tolist()) == list(range(N_VAL))
+    again = [y for ld in loaders for _, y in ld]  # a second pass is not empty either
+    assert sorted(torch.cat(again).tolist()) == list(range(N_VAL))
+
+
+def test_resume_mid_epoch_is_bitwise_identical(indexed):
+    cfg = _cfg(indexed)
+    ld = build_loader(cfg, "train", 1, 2, 3, seed=11)
+    ld.set_epoch(1)
+    full = []
+    for k, b in enumerate(ld):
+        full.append(b)
+        if k == 1:
+            state = ld.state_dict()
+    assert state == {"epoch": 1, "batch": 2}
+    assert ld.state_dict() == {"epoch": 2, "batch": 0}
+
+    resumed = build_loader(cfg, "train", 1, 2, 3, seed=11)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the trainer's usual call keeps the restored position
+    rest = list(resumed)
+    assert len(rest) == len(full) - 2
+    for (xa, ya), (xb, yb) in zip(full[2:], rest, strict=True):
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+    # the next pass of the resumed loader is the next epoch, from its start
+    assert resumed.state_dict() == {"epoch": 2, "batch": 0}
+
+
+def test_torch_fallback_same_plan(indexed):
+    dali = build_loader(_cfg(indexed), "train", 0, 2, 4, seed=3)
+    plain = build_loader(_cfg(indexed, loader="torch", num_threads=1), "train", 0, 2, 4, seed=3)
+    assert len(dali) == len(plain)
+    for (xa, ya), (xb, yb) in zip(dali, plain, strict=True):
+        assert torch.equal(ya, yb)
+        assert (xa - xb).abs().mean() < 0.05  # same crops and flips; resamplers differ slightly
+
+
+def test_loader_bad_input(indexed, tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        build_loader(_cfg(tmp_path / "nope"), "train", 0, 1, 4, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="meta.json"):
+        build_loader(_cfg(tmp_path / "empty"), "train", 0, 1, 4, 0)
+    with pytest.raises(UserError, match="num_classes"):
+        build_loader(_cfg(indexed), "train", 0, 1, 4, 0, expect_classes=1000)
+    with pytest.raises(UserError, match="ranks"):
+        build_loader(_cfg(indexed), "val", 0, 12, 4, 0)
+    # a corrupt record: the error names the file and the index
+    bad = tmp_path / "bad"
+    shutil.copytree(indexed, bad)
+    part = sorted((bad / "val.ffr").iterdir())[0]
+    with FileReader(part) as r:
+        start = int(r._files[0].starts[5])
+    raw = bytearray(part.read_bytes())
+    raw[start + 30] ^= 0xFF
+    part.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"PART_00000.ffr: record 5"):
+        list(build_loader(_cfg(bad), "val", 0, 1, 4, 0))
+
+
+def test_pickled_records_need_trust(tmp_path):
+    root = tmp_path / "hfai"
+    for split in ("train", "val"):
+        (root / f"{split}.ffr").mkdir(parents=True)
+        shutil.copy(VECTORS / "v1_pickled_images.ffr", root / f"{split}.ffr" / "PART_00000.ffr")
+    meta = {"classes": [str(i) for i in range(1000)], "num_classes": 1000, "counts": {"train": 6, "val": 6}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="trust_pickle"):
+        build_loader(_cfg(root), "train", 0, 1, 4, 0)
+    manifest = json.loads((VECTORS / "v1_manifest.json").read_text())["v1_pickled_images.ffr"]
+    cfg = _cfg(root, trust_pickle=True, image_size=8, val_resize=8)
+    for split in ("train", "val"):
+        labels = torch.cat([y for _, y in build_loader(cfg, split, 0, 1, 4, 0)]).tolist()
+        assert sorted(labels) == sorted(manifest["labels"])
+
+
+def test_digits_dataset(tmp_path):
+    root = tmp_path / "digits"
+    assert ensure_digits_dataset(root) == root
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["num_classes"] == 10 and meta["counts"]["train"] + meta["counts"]["val"] == 1797
+    assert meta["payload"] == "jpeg_label"
+    mtime = (root / "meta.json").stat().st_mtime_ns
+    ensure_digits_dataset(root)  # cached: a no-op
+    assert (root / "meta.json").stat().st_mtime_ns == mtime
+    with FileReader(root / "val.ffr") as r:
+        assert r.n == meta["counts"]["val"]
+        img, label, w, h = decode_jpeg_label(r.read_one(0))
+        assert (w, h) == (32, 32) and 0 <= label < 10 and bytes(img[:4]) == b"\x89PNG"
+        val_labels = [decode_jpeg_label(b)[1] for b in r.read(range(r.n))]
+    assert np.bincount(val_labels, minlength=10).min() >= 30  # stratified
+    cfg = DataConfig(
+        root=str(root),
+        image_size=32,
+        val_resize=32,
+        hflip=False,
+        rrc_scale_min=0.5,
+        mean=[0.5] * 3,
+        std=[0.5] * 3,
+        num_threads=1,
+    )
+    ld = build_loader(cfg, "val", 0, 1, 64, 0, expect_classes=10)
+    x, y = next(iter(ld))
+    assert x.shape == (64, 3, 32, 32) and ld.meta["num_classes"] == 10
+    assert -1.01 <= float(x.min()) and float(x.max()) <= 1.01
+
+
+def _build_digits(root: str) -> str:
+    return str(ensure_digits_dataset(root))
+
+
+def test_digits_concurrent_ranks(tmp_path):
+    root = tmp_path / "c" / "digits"
+    ctx = mp.get_context("fork")
+    with ctx.Pool(2) as pool:
+        assert pool.map(_build_digits, [str(root)] * 2) == [str(root)] * 2
+    assert sorted(p.name for p in root.parent.iterdir() if not p.name.startswith(".")) == ["digits"]
+    assert not [p for p in root.parent.iterdir() if ".build-" in p.name]
+    with FileReader(root / "train.ffr") as r:
+        assert not r.validate()
+
+
+def test_digits_missing_root_built_by_loader(tmp_path):
+    cfg = DataConfig(name="digits", root=str(tmp_path / "d"), image_size=32, val_resize=32, num_threads=1)
+    ld = build_loader(cfg, "train", 0, 2, 128, 0)
+    assert ld.meta["counts"]["train"] == ld.num_samples and len(ld) == 6
