@@ -1,0 +1,266 @@
+"""`orchestrator runs list`, `orchestrator runs compare`, `orchestrator ui`: the functions behind them.
+
+They resolve the store like the tracker does (explicit URI, else $MLFLOW_TRACKING_URI, else ./mlflow.db), so
+they see exactly the runs training wrote. ``runs_list`` and ``runs_compare`` return text; ``ui`` blocks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from . import util
+
+# Params shown by `runs compare` even when equal across the runs: what a DANet run is at a glance.
+KEY_PARAMS = (
+    "preset", "model.name", "model.T", "model.connection", "model.da.domain", "model.da.span",
+    "model.da.weights", "model.neuron.type", "model.neuron.tau", "model.neuron.surrogate",
+    "model.neuron.surrogate_alpha", "model.width", "model.input_size", "model.num_classes", "data.name",
+    "data.image_size", "train.epochs", "train.global_batch_size", "train.loss", "train.precision",
+    "train.seed", "optim.name", "optim.lr", "optim.weight_decay", "optim.schedule", "deepspeed.zero_stage",
+)
+# Metric columns `runs list` prefers (first match of each pattern), the rest are in `runs compare`.
+LIST_METRIC_PATTERNS = (r"val.*top.?1|top.?1.*val", r"val.*loss", r"^(train.?)?loss$|train.*loss")
+CELL = 36
+
+
+def _user_error(msg: str) -> Exception:
+    try:
+        from orchestrator.errors import UserError
+
+        return UserError(msg)
+    except ImportError:  # pragma: no cover - the package always has it
+        return ValueError(msg)
+
+
+def _client(tracking_uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    util.apply_http_env()
+    uri, _ = util.resolve_store(tracking_uri)
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.exists():
+            raise _user_error(f"no MLflow store at {uri} (no run was tracked here yet; pass --tracking-uri or "
+                              f"set MLFLOW_TRACKING_URI)")
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def _call(fn, uri: str, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        if util.is_permanent(exc) or util.is_not_found(exc):
+            raise
+        raise _user_error(f"MLflow store {uri} not reachable: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _fmt_time(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def _fmt_duration(start: int | None, end: int | None, status: str) -> str:
+    if not start:
+        return "-"
+    if not end or status == "RUNNING":
+        end = int(time.time() * 1000)
+    s = max(int((end - start) / 1000), 0)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.4e}"
+    s = "-" if v is None else str(v)
+    return s if len(s) <= CELL else s[: CELL - 3] + "..."
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[_fmt_value(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(out)
+
+
+def _pick_metrics(keys: set[str], n: int = 3) -> list[str]:
+    chosen: list[str] = []
+    user = sorted(k for k in keys if not k.startswith("system/"))
+    for pat in LIST_METRIC_PATTERNS:
+        rx = re.compile(pat, re.IGNORECASE)
+        for k in user:
+            if rx.search(k) and k not in chosen:
+                chosen.append(k)
+                break
+    return chosen[:n]
+
+
+def runs_list(experiment: str | None = None, tracking_uri: str | None = None, max_results: int = 100) -> str:
+    """A table of runs (newest first): id, experiment, name, status, start, duration, a few final metrics."""
+    client, uri = _client(tracking_uri)
+    if experiment:
+        exp = _call(client.get_experiment_by_name, uri, experiment)
+        if exp is None:
+            names = [e.name for e in _call(client.search_experiments, uri)]
+            raise _user_error(f"no experiment {experiment!r} at {uri}; experiments: {', '.join(names) or 'none'}")
+        exps = [exp]
+    else:
+        exps = _call(client.search_experiments, uri)
+    if not exps:
+        return f"no experiments at {uri}"
+    names = {e.experiment_id: e.name for e in exps}
+    runs = _call(client.search_runs, uri, list(names), order_by=["attributes.start_time DESC"],
+                 max_results=max_results)
+    if not runs:
+        return f"no runs at {uri}" + (f" in experiment {experiment!r}" if experiment else "")
+    metric_cols = _pick_metrics({k for r in runs for k in r.data.metrics})
+    headers = ["RUN ID", "EXPERIMENT", "NAME", "STATUS", "START", "DURATION", *metric_cols]
+    rows = []
+    for r in runs:
+        i = r.info
+        rows.append([i.run_id, names.get(i.experiment_id, i.experiment_id), i.run_name, i.status,
+                     _fmt_time(i.start_time), _fmt_duration(i.start_time, i.end_time, i.status),
+                     *[r.data.metrics.get(k) for k in metric_cols]])
+    return f"store: {uri}\n" + table(headers, rows)
+
+
+def runs_compare(run_ids: list[str], tracking_uri: str | None = None, all_params: bool = False) -> str:
+    """Key params (and every param that differs, marked *) and final metrics of the runs, side by side."""
+    if not run_ids:
+        raise _user_error("runs compare needs at least one run id")
+    client, uri = _client(tracking_uri)
+    runs = []
+    for rid in run_ids:
+        try:
+            runs.append(_call(client.get_run, uri, rid))
+        except Exception as exc:  # noqa: BLE001
+            if util.is_not_found(exc) or util.is_permanent(exc):
+                raise _user_error(f"no run {rid!r} at {uri} (see `orchestrator runs list`)") from None
+            raise
+    exp_names: dict[str, str] = {}
+    for r in runs:
+        eid = r.info.experiment_id
+        if eid not in exp_names:
+            try:
+                exp_names[eid] = client.get_experiment(eid).name
+            except Exception:  # noqa: BLE001
+                exp_names[eid] = eid
+    heads = ["", *[r.info.run_name or r.info.run_id[:8] for r in runs]]
+    info_rows = [
+        ["run id", *[r.info.run_id for r in runs]],
+        ["experiment", *[exp_names[r.info.experiment_id] for r in runs]],
+        ["status", *[r.info.status for r in runs]],
+        ["start", *[_fmt_time(r.info.start_time) for r in runs]],
+        ["duration", *[_fmt_duration(r.info.start_time, r.info.end_time, r.info.status) for r in runs]],
+    ]
+    for tag in ("resumes", "slurm.job_id", "git.commit"):
+        vals = [r.data.tags.get(tag) for r in runs]
+        if any(vals):
+            info_rows.append([tag, *[(v[:12] if tag == "git.commit" and v else v) for v in vals]])
+    out = [f"store: {uri}", table(heads, info_rows)]
+
+    all_keys = sorted({k for r in runs for k in r.data.params})
+    differ = {k for k in all_keys if len({r.data.params.get(k) for r in runs}) > 1}
+    if all_params:
+        keys = all_keys
+    else:
+        keys = [k for k in KEY_PARAMS if k in all_keys] + [k for k in all_keys if k in differ
+                                                           and k not in KEY_PARAMS]
+    if keys:
+        prow = [[("* " if k in differ else "  ") + k, *[r.data.params.get(k) for r in runs]] for k in keys]
+        hidden = len(all_keys) - len(keys)
+        title = "params (* = differs)" + (f"; {hidden} equal params not shown (all_params)" if hidden else "")
+        out += ["", title, table(["param", *heads[1:]], prow)]
+    mkeys = sorted({k for r in runs for k in r.data.metrics if not k.startswith("system/")})
+    if mkeys:
+        mrow = [[k, *[r.data.metrics.get(k) for r in runs]] for k in mkeys]
+        out += ["", "metrics (last value)", table(["metric", *heads[1:]], mrow)]
+    return "\n".join(out)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def ui_command(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") -> tuple[list[str], str]:
+    """(the `mlflow server` command serving the same store, its URL); pure except for path resolution."""
+    uri, artifacts = util.resolve_store(tracking_uri)
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server", "--backend-store-uri", uri,
+           "--host", host, "--port", str(port), "--workers", "1"]
+    if artifacts and artifacts.startswith("file://"):
+        cmd += ["--artifacts-destination", artifacts[len("file://"):]]
+    return cmd, f"http://{host}:{port}"
+
+
+def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") -> None:
+    """Serve the MLflow UI on 127.0.0.1:port against the tracker's store; print the URL; block until Ctrl-C.
+
+    For a remote tracking server (an http(s) URI) nothing is started: that server already serves the UI."""
+    uri, _ = util.resolve_store(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow UI: {uri} (served by the tracking server itself)", flush=True)
+        return
+    if not _port_free(host, port):
+        raise _user_error(f"port {port} on {host} is in use; pick another with --port")
+    cmd, url = ui_command(uri, port, host)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise _user_error(f"mlflow server exited with {proc.returncode} (command: {' '.join(cmd)})")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.25)
+        print(f"MLflow UI: {url}  (store {uri}; Ctrl-C to stop)", flush=True)
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group, then SIGKILL whatever of it is left (MLflow spawns helpers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
