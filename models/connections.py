@@ -1,0 +1,129 @@
+"""Residual connections of spiking ResNets, one enum, and the densely additive (DA) aggregation.
+
+Notation: ``F_l`` is block l's residual branch, ``SN`` a spiking neuron, ``P`` a stage's projection shortcut.
+
+    spiking   (post-activation Spiking ResNet)   x_l = SN(F_l(x_{l-1}) + x_{l-1})    branch: [conv BN SN]* conv BN
+    sew_add   (SEW-ResNet ADD)                   x_l = SN(F_l(x_{l-1})) + x_{l-1}    branch: [conv BN SN]+
+    sew_iand  (SEW-ResNet IAND)                  x_l = x_{l-1} * (1 - SN(F_l(x_{l-1})))
+    membrane  (MS-ResNet membrane shortcut)      x_l = F_l(x_{l-1}) + x_{l-1}        branch: [SN conv BN]+ (real stream)
+    da        (densely additive, DANet)          see below
+
+In the first block of a stage whose shape changes, ``x_{l-1}`` on the shortcut becomes ``P(x)``: conv1x1(stride) +
+BN (+ SN for the spiking domain: SEW's downsample), the standard projection shortcut.
+
+DA (our reading of Li, Lei, Yang 2023; definitions in ../shared/reference/DANET.md). Within a stage of L blocks,
+with ``s_0`` the stage's base and ``x_in`` the stage input:
+
+    y_1 = F_1(x_in)            y_l = F_l(s_{l-1})   (l > 1)
+    s_l = s_0 + sum_{k <= l} alpha_{l,k} * y_k       alpha: one scalar per edge, learnable, initialised to 1
+
+``da.weights = fixed`` sets every alpha to 1, which is exactly the identity-residual stream ``s_l = s_{l-1} + y_l``
+(computed incrementally, without keeping the y_k). The four DANet architectures are domain x span:
+
+* ``da.domain = spike``: branches end in a neuron and spikes are added (SEW-ADD style branch [conv BN SN]+);
+  ``da.domain = membrane``: the stream is real-valued and branches start with a neuron (branch [SN conv BN]+).
+* ``da.span = stage``: dense within each stage; ``s_0 = P(x_in)`` with the standard projection shortcut of the
+  domain (SEW's conv-BN-SN for spike, conv-BN for membrane), or ``x_in`` where the shape is unchanged.
+  With fixed weights this network *is* SEW-ADD (spike) or MS-ResNet (membrane), weight for weight.
+  ``da.span = network``: also dense across stages. Each finished stage's aggregate ``S_i`` (its last ``s_L``) is
+  carried to every later stage j through its own linear projection ``Q_{i->j}`` = avgpool(2^(j-i)) + conv1x1 +
+  BN, no neuron, and the base of stage j is their sum:  ``s_0^(j) = sum_{i<j} Q_{i->j}(S_i)``  (for the first
+  stage: the stem output, projected by conv1x1 + BN where the width changes). Nothing non-additive sits on any
+  shortcut path; the BN scale of each projection is that edge's learnable weight.
+
+Costs: learnable DA keeps a stage's branch outputs alive until the stage ends and does l multiply-adds for block l
+(O(L^2) elementwise work per stage, e.g. 666 for DANet-152's 36-block stage 3); ``fixed`` is as cheap as a ResNet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Connection(str, Enum):
+    """How a block's branch output is combined with the stream (see the module docstring)."""
+
+    SPIKING = "spiking"
+    SEW_ADD = "sew_add"
+    SEW_IAND = "sew_iand"
+    MEMBRANE = "membrane"
+    DA = "da"
+
+    @classmethod
+    def parse(cls, value: Any) -> Connection:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value))
+        except ValueError:
+            valid = ", ".join(c.value for c in cls)
+            raise ValueError(f"connection={value!r}: expected one of {valid} (or 'default')") from None
+
+
+DA_CHOICES = {"domain": ("spike", "membrane"), "span": ("stage", "network"), "weights": ("learnable", "fixed")}
+
+
+@dataclass
+class DASpec:
+    """``model.da``: the DA variant. Defaults are the DANet default (membrane / network / learnable)."""
+
+    domain: str = "membrane"
+    span: str = "network"
+    weights: str = "learnable"
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"da.{key}={getattr(self, key)!r}: expected one of {', '.join(valid)}"
+            for key, valid in DA_CHOICES.items()
+            if getattr(self, key) not in valid
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @classmethod
+    def from_any(cls, value: Any) -> DASpec:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if hasattr(value, "__dataclass_fields__"):
+            value = asdict(value)
+        if not isinstance(value, dict):
+            raise TypeError(f"da: expected a dict with keys domain, span, weights; got {type(value).__name__}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - valid)
+        if unknown:
+            raise ValueError(f"da: unknown field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+        return cls(**value)
+
+
+def domain_of(connection: Connection, da: DASpec) -> str:
+    """'spike' when branches end in a neuron (post-activation counts too), 'membrane' for a real-valued stream."""
+    if connection is Connection.MEMBRANE or (connection is Connection.DA and da.domain == "membrane"):
+        return "membrane"
+    return "spike"
+
+
+class DenseWeights(nn.Module):
+    """The alphas of one stage: a flat vector holding row l (l entries) for each block l, initialised to 1."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.alpha = nn.Parameter(torch.ones(num_blocks * (num_blocks + 1) // 2))
+
+    def aggregate(self, base: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
+        """s_l = base + sum_k alpha_{l,k} y_k for l = len(ys), summed in order (alpha = 1 gives the stream)."""
+        row = len(ys) * (len(ys) - 1) // 2
+        acc = base
+        for k, y in enumerate(ys):
+            acc = torch.addcmul(acc, y, self.alpha[row + k])
+        return acc
+
+    def extra_repr(self) -> str:
+        return f"num_blocks={self.num_blocks}"

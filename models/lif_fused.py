@@ -1,0 +1,196 @@
+"""Fused multi-step LIF / IF: forward and backward over all T in one autograd op.
+
+Same equations and the same floating-point operations as ``models.neurons.MultiStepNeuron`` (see there), so
+spikes agree bit for bit with the reference loop and gradients to rounding. What it saves for backward is only
+the charged potential ``h`` (``[T, N, ...]``, the input dtype): the spike is ``h >= v_threshold`` and the surrogate
+``sg(h - v_threshold)``, both recomputed in backward, which is cheaper than storing them and far cheaper than
+autograd's graph of every intermediate of the reference loop.
+
+Backward, per step t from T-1 down to 0, with ``g_v`` the gradient reaching the membrane after step t:
+    g_h[t] = g_s[t] * sg(h[t] - thr) + g_v * dv/dh     dv/dh = 1 - s (hard reset, detached)
+                                                              = 1 - s + (v_reset - h) sg (hard, not detached)
+                                                              = 1 (soft, detached) or 1 - thr sg (soft)
+    g_x[t] = g_h[t] * b        (b = 1/tau for LIF with decay_input, else 1)
+    g_v    = g_h[t] * a        (a = 1 - 1/tau for LIF, 1 for IF)
+
+CPU (and CUDA without Triton): a vectorised loop over T writing into preallocated buffers (three passes over the
+data per step forward). CUDA with Triton importable: one kernel over all T per direction (``_triton_lif``); any
+failure to build it falls back to the vectorised path once, with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from .neurons import NeuronSpec
+
+
+def _surrogate_(d: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """In place: d = h - thr becomes sg(d). Must match ``neurons.surrogate_grad``."""
+    if kind == "atan":
+        return d.square_().mul_((math.pi / 2 * alpha) ** 2).add_(1.0).reciprocal_().mul_(alpha / 2)
+    if kind == "sigmoid":
+        s = torch.sigmoid(d.mul_(alpha))
+        return torch.mul(s, 1.0 - s, out=d).mul_(alpha)
+    if kind == "rect":
+        return d.abs_().lt_(0.5 / alpha).mul_(alpha)
+    raise ValueError(f"unknown surrogate {kind!r}")
+
+
+def _coefficients(spec: NeuronSpec) -> tuple[float, float]:
+    """(a, b): h = a * v + b * x (+ constant), for the backward pass."""
+    if spec.type == "if":
+        return 1.0, 1.0
+    k = 1.0 / spec.tau
+    return 1.0 - k, (k if spec.decay_input else 1.0)
+
+
+def _forward_cpu(
+    x_seq: torch.Tensor, v: Optional[torch.Tensor], spec: NeuronSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    thr = spec.v_threshold
+    vr = 0.0 if spec.v_reset is None else spec.v_reset
+    k = 1.0 / spec.tau
+    h_seq = torch.empty_like(x_seq)
+    s_seq = torch.empty_like(h_seq)
+    v_buf = None
+    for t in range(x_seq.shape[0]):
+        x, h, s = x_seq[t], h_seq[t], s_seq[t]
+        # charge (the same ops as MultiStepNeuron.charge)
+        if spec.type == "if":
+            if v is None:
+                h.copy_(x)
+            else:
+                torch.add(x, v, out=h)
+        elif spec.decay_input:
+            target = x + vr if vr != 0.0 else x
+            if v is None:
+                torch.mul(target, k, out=h)
+            else:
+                torch.lerp(v, target, k, out=h)
+        else:
+            if v is None:
+                h.copy_(x)
+            else:
+                torch.add(x, v, alpha=1.0 - k, out=h)
+            if vr != 0.0:
+                h.add_(vr * k)
+        # fire
+        torch.ge(h, thr, out=s)
+        # reset into a reused buffer (read by the next charge before being overwritten)
+        if v_buf is None:
+            v_buf = torch.empty_like(h)
+        if spec.v_reset is None:
+            torch.sub(h, s, alpha=thr, out=v_buf)
+        else:
+            torch.addcmul(h, h, s, value=-1.0, out=v_buf)
+            if vr != 0.0:
+                v_buf.add_(s, alpha=vr)
+        v = v_buf
+    assert v is not None
+    return s_seq, v.clone() if v is v_buf else v, h_seq
+
+
+def _backward_cpu(
+    g_s: torch.Tensor, g_v: Optional[torch.Tensor], h_seq: torch.Tensor, spec: NeuronSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    thr = spec.v_threshold
+    a, b = _coefficients(spec)
+    g_x = torch.empty_like(h_seq)
+    carry = torch.zeros_like(h_seq[0]) if g_v is None else g_v.to(h_seq.dtype, copy=True)
+    for t in range(h_seq.shape[0] - 1, -1, -1):
+        h = h_seq[t]
+        sg = _surrogate_(h - thr, spec.surrogate, spec.surrogate_alpha)
+        if spec.v_reset is None:
+            if not spec.detach_reset:
+                carry.addcmul_(carry, sg, value=-thr)
+        else:
+            spiked = h >= thr
+            if spec.detach_reset:
+                carry.masked_fill_(spiked, 0.0)
+            else:
+                # carry * (1 - s + (v_reset - h) * sg)
+                extra = torch.sub(spec.v_reset, h).mul_(sg).mul_(carry)
+                carry.masked_fill_(spiked, 0.0).add_(extra)
+        carry.addcmul_(g_s[t], sg)  # carry is now g_h[t]
+        if b == 1.0:
+            g_x[t].copy_(carry)
+        else:
+            torch.mul(carry, b, out=g_x[t])
+        if a != 1.0:
+            carry.mul_(a)
+    return g_x, carry
+
+
+class _FusedLIF(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_seq: torch.Tensor, v0: Optional[torch.Tensor], spec: NeuronSpec):  # type: ignore[override]
+        fwd = _forward_cpu
+        if x_seq.is_cuda and _triton_ok():
+            fwd = _forward_triton
+        s_seq, v_last, h_seq = fwd(x_seq, v0, spec)
+        ctx.save_for_backward(h_seq)
+        ctx.spec = spec
+        ctx.triton = fwd is _forward_triton
+        ctx.v0_needs_grad = v0 is not None
+        return s_seq, v_last
+
+    @staticmethod
+    def backward(ctx, g_s: torch.Tensor, g_v: Optional[torch.Tensor]):  # type: ignore[override]
+        (h_seq,) = ctx.saved_tensors
+        bwd = _backward_triton if ctx.triton else _backward_cpu
+        g_x, g_v0 = bwd(g_s.contiguous() if ctx.triton else g_s, g_v, h_seq, ctx.spec)
+        return g_x, (g_v0 if ctx.v0_needs_grad else None), None
+
+
+def fused_lif(
+    x_seq: torch.Tensor, v: Optional[torch.Tensor], spec: NeuronSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spikes ``[T, N, ...]`` and final membrane for an LIF or IF neuron (``spec.type`` in lif, if)."""
+    if spec.type not in ("lif", "if"):
+        raise ValueError(f"fused_lif supports lif and if neurons, not {spec.type!r}")
+    return _FusedLIF.apply(x_seq, v, spec)
+
+
+# --------------------------------------------------------------------------------------------- Triton (CUDA)
+
+_TRITON_STATE: dict[str, object] = {}
+
+
+def _triton_ok() -> bool:
+    """Whether the Triton kernels can be used (imported and built once; False after any failure)."""
+    if "ok" not in _TRITON_STATE:
+        try:
+            from . import _lif_triton  # noqa: F401
+
+            _TRITON_STATE["ok"] = True
+        except Exception as exc:  # no triton, or an incompatible one: the vectorised path is exact too
+            _TRITON_STATE["ok"] = False
+            _TRITON_STATE["why"] = repr(exc)
+    return bool(_TRITON_STATE["ok"])
+
+
+def _forward_triton(x_seq, v0, spec):
+    from . import _lif_triton
+
+    try:
+        return _lif_triton.forward(x_seq, v0, spec)
+    except Exception as exc:
+        _TRITON_STATE["ok"] = False
+        warnings.warn(f"Triton LIF kernel failed ({exc!r}); using the vectorised path", stacklevel=2)
+        return _forward_cpu(x_seq, v0, spec)
+
+
+def _backward_triton(g_s, g_v, h_seq, spec):
+    from . import _lif_triton
+
+    try:
+        return _lif_triton.backward(g_s, g_v, h_seq, spec)
+    except Exception as exc:
+        _TRITON_STATE["ok"] = False
+        warnings.warn(f"Triton LIF backward failed ({exc!r}); using the vectorised path", stacklevel=2)
+        return _backward_cpu(g_s, g_v, h_seq, spec)

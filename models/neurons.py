@@ -1,0 +1,211 @@
+"""Multi-step spiking neurons (LIF, PLIF, IF) with surrogate gradients.
+
+Layout: every neuron takes a sequence ``x_seq`` of shape ``[T, N, ...]`` (time first; inside the networks the
+trailing dims are ``C, H, W``) and returns spikes of the same shape. This is the one place that convention is
+stated; the networks keep activations as ``[T * N, C, H, W]`` for convolutions and hand neurons a view.
+
+Each neuron is three small steps per time step (``v`` is the membrane potential after the previous step):
+
+    charge:  LIF, decay_input:   h = v + (x - (v - v_reset)) / tau        (written as lerp(v, x + v_reset, 1/tau))
+             LIF, no decay_input: h = v - (v - v_reset) / tau + x         (written as x + (1 - 1/tau) v + v_reset/tau)
+             PLIF: as LIF with 1/tau = sigmoid(w), w learnable (init w = -log(tau - 1))
+             IF:                  h = v + x
+    fire:    s = Heaviside(h - v_threshold)        backward: the surrogate derivative sg(h - v_threshold)
+    reset:   hard (v_reset is a number): v = s ? v_reset : h;   soft (v_reset is None): v = h - s * v_threshold
+             detach_reset: the reset does not propagate gradient through s.
+
+Surrogates (x = h - v_threshold, alpha = ``surrogate_alpha``), SpikingJelly's conventions:
+    atan:    sg(x) = alpha / 2 / (1 + (pi / 2 * alpha * x)^2)
+    sigmoid: sg(x) = alpha * sigmoid(alpha x) * (1 - sigmoid(alpha x))
+    rect:    sg(x) = alpha * [|x| < 1 / (2 alpha)]    (unit area; alpha = 1 is MS-ResNet's rectangle of width 1)
+
+State is functional: ``forward(x_seq, v=None)`` starts from ``v`` (zeros by default) and never stores the
+membrane anywhere, so a recomputed forward (activation checkpointing) cannot update state twice and nothing needs
+resetting between batches. ``forward_with_state`` also returns the final membrane for callers that chain chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+NEURON_TYPES = ("lif", "plif", "if")
+SURROGATES = ("atan", "sigmoid", "rect")
+BACKENDS = ("auto", "fused", "reference")
+
+
+@dataclass
+class NeuronSpec:
+    """The neuron fields of the model config (``model.neuron``); every default explicit."""
+
+    type: str = "lif"  # lif | plif (learnable tau) | if
+    tau: float = 2.0  # membrane time constant (LIF; PLIF initial value)
+    v_threshold: float = 1.0
+    v_reset: Optional[float] = 0.0  # None = soft reset (subtract the threshold)
+    decay_input: bool = True
+    detach_reset: bool = True
+    surrogate: str = "atan"  # atan | sigmoid | rect
+    surrogate_alpha: float = 2.0
+    backend: str = "auto"  # auto (fused where it applies) | fused | reference
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.type not in NEURON_TYPES:
+            problems.append(f"neuron.type={self.type!r}: expected one of {', '.join(NEURON_TYPES)}")
+        if self.surrogate not in SURROGATES:
+            problems.append(f"neuron.surrogate={self.surrogate!r}: expected one of {', '.join(SURROGATES)}")
+        if self.backend not in BACKENDS:
+            problems.append(f"neuron.backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if self.type in ("lif", "plif") and not float(self.tau) > 1.0:
+            problems.append(f"neuron.tau={self.tau}: must be > 1")
+        if not float(self.surrogate_alpha) > 0:
+            problems.append(f"neuron.surrogate_alpha={self.surrogate_alpha}: must be > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.tau = float(self.tau)
+        self.v_threshold = float(self.v_threshold)
+        self.v_reset = None if self.v_reset is None else float(self.v_reset)
+        self.surrogate_alpha = float(self.surrogate_alpha)
+
+    @classmethod
+    def from_any(cls, value: Any) -> NeuronSpec:
+        """Build from a NeuronSpec, a dataclass with the same fields (the config's), a dict or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if hasattr(value, "__dataclass_fields__"):
+            value = asdict(value)
+        if not isinstance(value, dict):
+            raise TypeError(f"neuron: expected a dict of {[f.name for f in fields(cls)]}, got {type(value).__name__}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - valid)
+        if unknown:
+            raise ValueError(f"neuron: unknown field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+        return cls(**value)
+
+
+# --------------------------------------------------------------------------------------------- surrogates
+
+
+def surrogate_grad(x: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """sg(x): the surrogate derivative of the Heaviside step at ``x = h - v_threshold`` (a new tensor)."""
+    if kind == "atan":
+        c = (math.pi / 2 * alpha) ** 2
+        return x.square().mul_(c).add_(1.0).reciprocal_().mul_(alpha / 2)
+    if kind == "sigmoid":
+        s = torch.sigmoid(x * alpha)
+        return s.mul_(1.0 - s).mul_(alpha)  # (1 - s) is evaluated before the in-place multiply
+    if kind == "rect":
+        return (x.abs() < 0.5 / alpha).to(x.dtype).mul_(alpha)
+    raise ValueError(f"unknown surrogate {kind!r}; expected one of {', '.join(SURROGATES)}")
+
+
+class _Heaviside(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.kind, ctx.alpha = kind, alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * surrogate_grad(x, ctx.kind, ctx.alpha), None, None
+
+
+def heaviside(x: torch.Tensor, kind: str = "atan", alpha: float = 2.0) -> torch.Tensor:
+    """Spike = [x >= 0] in forward, surrogate derivative ``sg(x)`` in backward."""
+    return _Heaviside.apply(x, kind, alpha)
+
+
+# --------------------------------------------------------------------------------------------- neurons
+
+
+class MultiStepNeuron(nn.Module):
+    """One spiking neuron layer over a ``[T, N, ...]`` sequence; see the module docstring for the equations."""
+
+    def __init__(self, spec: NeuronSpec | dict | None = None) -> None:
+        super().__init__()
+        self.spec = NeuronSpec.from_any(spec)
+        s = self.spec
+        if s.type == "plif":
+            # 1/tau = sigmoid(w): w = -log(tau - 1) gives the configured initial tau.
+            self.w = nn.Parameter(torch.tensor(-math.log(s.tau - 1.0)))
+        else:
+            self.register_parameter("w", None)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (
+            f"type={s.type}, tau={s.tau}, v_threshold={s.v_threshold}, v_reset={s.v_reset}, "
+            f"surrogate={s.surrogate}({s.surrogate_alpha}), backend={s.backend}"
+        )
+
+    # --- the three steps (single time step; used by the reference path and by tests)
+    def charge(self, x: torch.Tensor, v: Optional[torch.Tensor]) -> torch.Tensor:
+        s = self.spec
+        vr = 0.0 if s.v_reset is None else s.v_reset
+        if s.type == "if":
+            return x.clone() if v is None else x + v
+        if s.type == "plif":
+            k = torch.sigmoid(self.w)
+            v = torch.zeros_like(x) if v is None else v
+            if s.decay_input:
+                return v + (x - (v - vr)) * k
+            return v - (v - vr) * k + x
+        # LIF: the same floating-point ops as models.lif_fused, so both paths agree bit for bit.
+        k = 1.0 / s.tau
+        if s.decay_input:
+            target = x + vr if vr != 0.0 else x
+            return target * k if v is None else torch.lerp(v, target, k)
+        h = x if v is None else torch.add(x, v, alpha=1.0 - k)
+        return h + vr * k if vr != 0.0 else (h.clone() if v is None else h)
+
+    def fire(self, h: torch.Tensor) -> torch.Tensor:
+        return heaviside(h - self.spec.v_threshold, self.spec.surrogate, self.spec.surrogate_alpha)
+
+    def reset(self, h: torch.Tensor, spike: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        sr = spike.detach() if s.detach_reset else spike
+        if s.v_reset is None:
+            return h - sr * s.v_threshold
+        return h * (1.0 - sr) + sr * s.v_reset
+
+    def step(self, x: torch.Tensor, v: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One time step: ``(spike, v_next)`` from input ``x`` and membrane ``v`` (None = initial state)."""
+        h = self.charge(x, v)
+        spike = self.fire(h)
+        return spike, self.reset(h, spike)
+
+    # --- multi-step
+    def uses_fused(self) -> bool:
+        s = self.spec
+        return s.backend != "reference" and s.type in ("lif", "if")
+
+    def forward_with_state(
+        self, x_seq: torch.Tensor, v: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spikes ``[T, N, ...]`` and the final membrane ``[N, ...]`` (the state passed out, never stored)."""
+        if self.uses_fused():
+            from .lif_fused import fused_lif
+
+            return fused_lif(x_seq, v, self.spec)
+        spikes = []
+        for t in range(x_seq.shape[0]):
+            spike, v = self.step(x_seq[t], v)
+            spikes.append(spike)
+        assert v is not None
+        return torch.stack(spikes), v
+
+    def forward(self, x_seq: torch.Tensor, v: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.forward_with_state(x_seq, v)[0]
+
+
+def make_neuron(spec: NeuronSpec | dict | None = None) -> MultiStepNeuron:
+    """The neuron factory the networks call at every site (a fresh module each time)."""
+    return MultiStepNeuron(spec)
