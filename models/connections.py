@@ -65,7 +65,11 @@ class Connection(str, Enum):
             raise ValueError(f"connection={value!r}: expected one of {valid} (or 'default')") from None
 
 
-DA_CHOICES = {"domain": ("spike", "membrane"), "span": ("stage", "network"), "weights": ("learnable", "fixed")}
+DA_CHOICES = {
+    "domain": ("spike", "membrane"),
+    "span": ("stage", "network"),
+    "weights": ("learnable", "fixed"),
+}
 
 
 @dataclass
@@ -94,7 +98,9 @@ class DASpec:
         if hasattr(value, "__dataclass_fields__"):
             value = asdict(value)
         if not isinstance(value, dict):
-            raise TypeError(f"da: expected a dict with keys domain, span, weights; got {type(value).__name__}")
+            raise TypeError(
+                f"da: expected a dict with keys domain, span, weights; got {type(value).__name__}"
+            )
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - valid)
         if unknown:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 
@@ -50,7 +49,7 @@ def _coefficients(spec: NeuronSpec) -> tuple[float, float]:
 
 
 def _forward_cpu(
-    x_seq: torch.Tensor, v: Optional[torch.Tensor], spec: NeuronSpec
+    x_seq: torch.Tensor, v: torch.Tensor | None, spec: NeuronSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     thr = spec.v_threshold
     vr = 0.0 if spec.v_reset is None else spec.v_reset
@@ -96,7 +95,7 @@ def _forward_cpu(
 
 
 def _backward_cpu(
-    g_s: torch.Tensor, g_v: Optional[torch.Tensor], h_seq: torch.Tensor, spec: NeuronSpec
+    g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     thr = spec.v_threshold
     a, b = _coefficients(spec)
@@ -128,7 +127,7 @@ def _backward_cpu(
 
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_seq: torch.Tensor, v0: Optional[torch.Tensor], spec: NeuronSpec):  # type: ignore[override]
+    def forward(ctx, x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):  # type: ignore[override]
         fwd = _forward_cpu
         if x_seq.is_cuda and _triton_ok():
             fwd = _forward_triton
@@ -140,7 +139,7 @@ class _FusedLIF(torch.autograd.Function):
         return s_seq, v_last
 
     @staticmethod
-    def backward(ctx, g_s: torch.Tensor, g_v: Optional[torch.Tensor]):  # type: ignore[override]
+    def backward(ctx, g_s: torch.Tensor, g_v: torch.Tensor | None):  # type: ignore[override]
         (h_seq,) = ctx.saved_tensors
         bwd = _backward_triton if ctx.triton else _backward_cpu
         g_x, g_v0 = bwd(g_s.contiguous() if ctx.triton else g_s, g_v, h_seq, ctx.spec)
@@ -148,7 +147,7 @@ class _FusedLIF(torch.autograd.Function):
 
 
 def fused_lif(
-    x_seq: torch.Tensor, v: Optional[torch.Tensor], spec: NeuronSpec
+    x_seq: torch.Tensor, v: torch.Tensor | None, spec: NeuronSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Spikes ``[T, N, ...]`` and final membrane for an LIF or IF neuron (``spec.type`` in lif, if)."""
     if spec.type not in ("lif", "if"):

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +45,7 @@ class NeuronSpec:
     type: str = "lif"  # lif | plif (learnable tau) | if
     tau: float = 2.0  # membrane time constant (LIF; PLIF initial value)
     v_threshold: float = 1.0
-    v_reset: Optional[float] = 0.0  # None = soft reset (subtract the threshold)
+    v_reset: float | None = 0.0  # None = soft reset (subtract the threshold)
     decay_input: bool = True
     detach_reset: bool = True
     surrogate: str = "atan"  # atan | sigmoid | rect
@@ -81,7 +81,9 @@ class NeuronSpec:
         if hasattr(value, "__dataclass_fields__"):
             value = asdict(value)
         if not isinstance(value, dict):
-            raise TypeError(f"neuron: expected a dict of {[f.name for f in fields(cls)]}, got {type(value).__name__}")
+            raise TypeError(
+                f"neuron: expected a dict of {[f.name for f in fields(cls)]}, got {type(value).__name__}"
+            )
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(value) - valid)
         if unknown:
@@ -147,7 +149,7 @@ class MultiStepNeuron(nn.Module):
         )
 
     # --- the three steps (single time step; used by the reference path and by tests)
-    def charge(self, x: torch.Tensor, v: Optional[torch.Tensor]) -> torch.Tensor:
+    def charge(self, x: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
         s = self.spec
         vr = 0.0 if s.v_reset is None else s.v_reset
         if s.type == "if":
@@ -176,7 +178,7 @@ class MultiStepNeuron(nn.Module):
             return h - sr * s.v_threshold
         return h * (1.0 - sr) + sr * s.v_reset
 
-    def step(self, x: torch.Tensor, v: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, v: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """One time step: ``(spike, v_next)`` from input ``x`` and membrane ``v`` (None = initial state)."""
         h = self.charge(x, v)
         spike = self.fire(h)
@@ -188,7 +190,7 @@ class MultiStepNeuron(nn.Module):
         return s.backend != "reference" and s.type in ("lif", "if")
 
     def forward_with_state(
-        self, x_seq: torch.Tensor, v: Optional[torch.Tensor] = None
+        self, x_seq: torch.Tensor, v: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spikes ``[T, N, ...]`` and the final membrane ``[N, ...]`` (the state passed out, never stored)."""
         if self.uses_fused():
@@ -202,7 +204,7 @@ class MultiStepNeuron(nn.Module):
         assert v is not None
         return torch.stack(spikes), v
 
-    def forward(self, x_seq: torch.Tensor, v: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_seq: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_with_state(x_seq, v)[0]
 
 

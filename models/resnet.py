@@ -12,7 +12,7 @@ global average pool, FC per time step -> ``[T, N, num_classes]``. The loop avera
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ class Branch(nn.Module):
 class Projection(nn.Module):
     """Shortcut to a new shape: [avgpool(f)] + conv1x1(stride) + BN [+ SN]."""
 
-    def __init__(self, cin: int, cout: int, stride: int, pool: int = 1, neuron: Optional[NeuronSpec] = None):
+    def __init__(self, cin: int, cout: int, stride: int, pool: int = 1, neuron: NeuronSpec | None = None):
         super().__init__()
         self.pool = nn.AvgPool2d(pool, pool, ceil_mode=True, count_include_pad=False) if pool > 1 else None
         self.conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
@@ -144,18 +144,21 @@ class Stage(nn.Module):
             Branch(kind, cin if i == 0 else cout, planes, stride if i == 0 else 1, style, neuron)
             for i in range(blocks)
         )
-        self.shortcut: Optional[Projection] = None
-        self.projections: Optional[nn.ModuleList] = None
+        self.shortcut: Projection | None = None
+        self.projections: nn.ModuleList | None = None
         if self.network:
             # one linear projection per earlier aggregate (channels, spatial factor); identity where unchanged
             self.projections = nn.ModuleList(
-                nn.Identity() if (c == cout and f == 1) else Projection(c, cout, 1, pool=f) for c, f in earlier
+                nn.Identity() if (c == cout and f == 1) else Projection(c, cout, 1, pool=f)
+                for c, f in earlier
             )
         elif stride != 1 or cin != cout:
             sn = neuron if self.domain == "spike" and connection is not Connection.SPIKING else None
             self.shortcut = Projection(cin, cout, stride, neuron=sn)
         self.post = (
-            nn.ModuleList(make_neuron(neuron) for _ in range(blocks)) if connection is Connection.SPIKING else None
+            nn.ModuleList(make_neuron(neuron) for _ in range(blocks))
+            if connection is Connection.SPIKING
+            else None
         )
         self.weights = DenseWeights(blocks) if self.dense else None
 
@@ -168,7 +171,7 @@ class Stage(nn.Module):
         if self.connection is Connection.DA:
             if self.projections is not None:
                 base = None
-                for proj, inp in zip(self.projections, inputs):
+                for proj, inp in zip(self.projections, inputs, strict=True):
                     term = proj(inp)
                     base = term if base is None else base + term
             else:
@@ -280,7 +283,9 @@ class SpikingResNet(nn.Module):
         elif x.dim() == 5:
             y = _seq(self.stem_bn, _seq(self.stem_conv, x))
         else:
-            raise ValueError(f"expected images [N, C, H, W] or a sequence [T, N, C, H, W], got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected images [N, C, H, W] or a sequence [T, N, C, H, W], got {tuple(x.shape)}"
+            )
         if self.stem_neuron is not None:
             y = self.stem_neuron(y)
         if self.stem_pool is not None:
@@ -303,7 +308,9 @@ class SpikingResNet(nn.Module):
 
 # --------------------------------------------------------------------------------------------- registry
 
-REGISTRY: dict[str, tuple[str, int]] = {f"{family}{depth}": (family, depth) for family in FAMILIES for depth in DEPTHS}
+REGISTRY: dict[str, tuple[str, int]] = {
+    f"{family}{depth}": (family, depth) for family in FAMILIES for depth in DEPTHS
+}
 
 
 def model_names() -> list[str]:
@@ -326,7 +333,9 @@ def create_model(name: str, **overrides: Any) -> SpikingResNet:
         if not isinstance(cfg[key], int) or isinstance(cfg[key], bool) or cfg[key] < 1:
             problems.append(f"{key}={cfg[key]!r}: expected a positive integer")
     if cfg["checkpointing"] not in checkpointing.POLICIES:
-        problems.append(f"checkpointing={cfg['checkpointing']!r}: expected one of {', '.join(checkpointing.POLICIES)}")
+        problems.append(
+            f"checkpointing={cfg['checkpointing']!r}: expected one of {', '.join(checkpointing.POLICIES)}"
+        )
     if cfg["spike_storage"] not in checkpointing.SPIKE_STORAGE:
         problems.append(
             f"spike_storage={cfg['spike_storage']!r}: expected one of {', '.join(checkpointing.SPIKE_STORAGE)}"
