@@ -104,7 +104,7 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
     max_steps = cfg.train.max_steps or math.inf
     while state.epoch < cfg.train.epochs and state.step < max_steps:
         train_loader.set_epoch(state.epoch)
-        train_loader.load_state_dict({"epoch": state.epoch, "batch_index": state.batch_in_epoch})
+        train_loader.load_state_dict({"epoch": state.epoch, "batch": state.batch_in_epoch})
         t_data = time.perf_counter()
         t_step, waited = t_data, 0.0
         for x, y in train_loader:
@@ -130,11 +130,11 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             state.step += 1
             now = time.perf_counter()
             top1, top5 = topk_correct(out.detach().float().mean(0), y)
-            metrics = {"loss": float(loss), "lr": engine.get_lr()[0], "train_top1": top1 / len(y),
+            metrics = {"loss": float(loss.detach()), "lr": engine.get_lr()[0], "train_top1": top1 / len(y),
                        "train_top5": top5 / len(y), "step_time_s": now - t_step,
                        "images_per_sec": len(y) * world_size * accumulation / max(now - t_step, 1e-9),
                        "data_wait_frac": waited / max(now - t_step, 1e-9)}
-            state.history.append(round(float(loss), 8))
+            state.history.append(round(float(loss.detach()), 8))
             for cb in callbacks:
                 cb.on_step_end(state, metrics)
             code = stops.agreed()

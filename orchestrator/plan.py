@@ -1,0 +1,165 @@
+"""Before queueing for days: what a config costs. Memory per GPU for each checkpointing policy, the largest
+micro-batch that fits, and the recipe's batch arithmetic and wall-time estimate.
+
+Memory model (per GPU): weights + gradients + optimizer state (+ fp32 master copy under bf16/fp16, divided by the
+data-parallel size under ZeRO 1/2) + activations saved for backward + a recompute/workspace term. Activations are
+not guessed: one forward of the real model at batch 1 and a small resolution runs under
+``torch.autograd.graph.saved_tensors_hooks`` with each policy switched on, counting the bytes autograd keeps
+(distinct storages only), then scales by batch x (resolution / probe resolution)^2. Activations are proportional
+to pixels for every layer of a ResNet, so this scaling is exact up to rounding of odd feature-map sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from orchestrator.config.schema import Config
+
+POLICIES = ("none", "block", "time", "block_time")
+IMAGENET_TRAIN = 1_281_167
+# Measured per-GPU training rate of a spiking ResNet-152 at T=4, 224 px: SEW-ResNet-152's authors' logs,
+# ~300 img/s on 8x A100 (DANET.md). Other depths scale by GFLOPs. Replace with a measured figure when you have one.
+ASSUMED_IMG_S_PER_GPU_152 = 300 / 8
+WORKSPACE_FRACTION = 0.10  # allocator fragmentation and cuDNN workspaces, on top of the estimate
+PROBE_RES = 64
+
+
+def _bytes_per_param(cfg: Config, precision: str, dp: int) -> float:
+    """Weights + grads + optimizer state per parameter, in bytes, with ZeRO sharding of what it shards."""
+    opt_states = {"sgd": 1 if cfg.optim.momentum > 0 else 0, "adamw": 2, "lamb": 2}[cfg.optim.name]
+    low = precision in ("bf16", "fp16")
+    weights = 2 if low else 4
+    grads = 2 if low else 4
+    optim = 4 * opt_states + (4 if low else 0)  # fp32 master copy under mixed precision
+    stage = cfg.deepspeed.zero_stage
+    if stage >= 1:
+        optim /= dp
+    if stage >= 2:
+        grads /= dp
+    return weights + grads + optim
+
+
+def saved_activation_bytes(cfg: Config, policy: str, res: int = PROBE_RES, batch: int = 1) -> tuple[int, int]:
+    """(bytes autograd saves for one forward, parameter count) for ``cfg.model`` under ``policy``."""
+    from orchestrator.train.worker import model_kwargs
+    from models import create_model
+
+    kw = model_kwargs(cfg)
+    kw.update(input_size=cfg.model.input_size, checkpointing=policy)
+    model = create_model(cfg.model.name, **kw)
+    model.train()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    x = torch.randn(batch, cfg.model.in_channels, res, res)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    act = sum(v for k, v in seen.items() if k not in params)
+    return act, sum(p.numel() for p in model.parameters())
+
+
+def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "bf16") -> list[dict]:
+    """Per-policy memory estimate at the config's micro-batch and the largest micro-batch that fits."""
+    res = cfg.data.image_size
+    micro = cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world_size)
+    act_scale = (res / PROBE_RES) ** 2 * (0.5 if precision in ("bf16", "fp16") else 1.0)
+    rows = []
+    for policy in POLICIES:
+        act1, n_params = saved_activation_bytes(cfg, policy)
+        per_image = act1 * act_scale
+        static = n_params * _bytes_per_param(cfg, precision, world_size)
+        need = lambda b: (static + b * per_image) * (1 + WORKSPACE_FRACTION)  # noqa: E731
+        budget = gpu_mem_gb * 2**30
+        fits = int(max(0.0, budget / (1 + WORKSPACE_FRACTION) - static) // max(per_image, 1))
+        rows.append({"policy": policy, "micro_batch": micro, "est_gb": round(need(micro) / 2**30, 2),
+                     "act_mb_per_image": round(per_image / 2**20, 1), "static_gb": round(static / 2**30, 2),
+                     "max_micro_batch": fits, "fits": need(micro) <= budget})
+    return rows
+
+
+def choose_auto(rows: list[dict]) -> dict:
+    """`auto`: the cheapest policy (in recompute) that fits; the order of POLICIES is cheapest first."""
+    for r in rows:
+        if r["fits"]:
+            return r
+    return rows[-1]
+
+
+def plan_memory(cfg: Config, gpu_mem_gb: float) -> str:
+    world = cfg.launch.nodes * cfg.launch.gpus_per_node
+    rows = estimate(cfg, gpu_mem_gb, world)
+    auto = choose_auto(rows)
+    out = [f"{cfg.model.name} T={cfg.model.T} {cfg.data.image_size}px bf16, world size {world}, "
+           f"micro-batch {rows[0]['micro_batch']} per GPU, {gpu_mem_gb:g} GiB per GPU",
+           f"{'policy':<11} {'est. GiB':>9} {'act MiB/img':>12} {'static GiB':>11} {'max micro-batch':>16}  fits"]
+    for r in rows:
+        out.append(f"{r['policy']:<11} {r['est_gb']:>9.2f} {r['act_mb_per_image']:>12.1f} {r['static_gb']:>11.2f} "
+                   f"{r['max_micro_batch']:>16d}  {'yes' if r['fits'] else 'no'}")
+    out.append(f"auto -> {auto['policy']}")
+    return "\n".join(out)
+
+
+def train_size(cfg: Config) -> int:
+    meta = Path(cfg.data.root) / "meta.json"
+    if meta.is_file():
+        return int(json.loads(meta.read_text())["counts"]["train"])
+    return IMAGENET_TRAIN if cfg.data.name == "imagenet" else 0
+
+
+def describe(cfg: Config, nodes: int, gpus_per_node: int) -> str:
+    """The resolved recipe and its arithmetic for a given allocation (printed by `launch --dry-run`)."""
+    from orchestrator.train.engine import batch_plan, scaled_lr
+
+    world = nodes * gpus_per_node
+    plan = batch_plan(cfg, world)
+    n = train_size(cfg)
+    steps = -(-n // plan.global_batch) if n else 0
+    o, t, m = cfg.optim, cfg.train, cfg.model
+    lines = [
+        f"model      {m.name} T={m.T} width={m.width} connection={m.connection} da={m.da.domain}/{m.da.span}/"
+        f"{m.da.weights} neuron={m.neuron.type}(tau={m.neuron.tau}, v_th={m.neuron.v_threshold}, "
+        f"surrogate={m.neuron.surrogate}:{m.neuron.surrogate_alpha})",
+        f"optimizer  {o.name} lr {o.lr} @ batch {o.reference_batch_size} -> {scaled_lr(cfg):.4g} @ {plan.global_batch}, "
+        f"momentum {o.momentum}, wd {o.weight_decay}, {o.schedule} schedule, warmup {o.warmup_epochs} epochs",
+        f"loss       {t.loss}, label smoothing {t.label_smoothing}, precision {t.precision}, epochs {t.epochs}",
+        f"batch      global {plan.global_batch} = {world} ranks x micro-batch {plan.micro_batch} x accumulation "
+        f"{plan.accumulation}",
+        f"data       {cfg.data.root}: {n or 'unknown'} training images -> {steps or '?'} steps per epoch",
+    ]
+    if n:
+        gflops = _gflops(m.name)
+        rate = ASSUMED_IMG_S_PER_GPU_152 * (_gflops("danet152") / gflops if gflops else 1.0) * world
+        hours = n * t.epochs / rate / 3600
+        lines.append(f"wall time  ~{hours:.1f} h for {t.epochs} epochs at ~{rate:.0f} img/s on {world} GPUs "
+                     f"(assumed {ASSUMED_IMG_S_PER_GPU_152:.1f} img/s per GPU for a 152-layer spiking ResNet at "
+                     "T=4, from SEW-ResNet-152's logs, scaled by GFLOPs)")
+    try:
+        rows = estimate(replace(cfg, launch=replace(cfg.launch, nodes=nodes, gpus_per_node=gpus_per_node)), 80.0, world)
+        mem = ", ".join(f"{r['policy']} {r['est_gb']:.1f}" for r in rows)
+        lines.append(f"memory     per GPU (GiB, 80 GiB card): {mem}; auto -> {choose_auto(rows)['policy']}")
+    except Exception as e:  # the estimate needs the model registry; the plan above stands without it
+        lines.append(f"memory     estimate unavailable ({type(e).__name__}: {e})")
+    return "\n".join(lines)
+
+
+def _gflops(name: str) -> float:
+    try:
+        from models.registry import list_models
+    except ImportError:
+        return 0.0
+    for r in list_models():
+        if r["name"] == name:
+            return float(r.get("gflops_224", 0.0))
+    return 0.0
