@@ -193,6 +193,7 @@ def test_offsets_out_of_range_or_decreasing(tmp_path):
 
 def test_large_batch_parallel_read(tmp_path, monkeypatch):
     monkeypatch.setattr(ffrecord, "_PARALLEL_MIN_BYTES", 1000)
+    monkeypatch.setattr(ffrecord, "_PARALLEL_MIN_CPUS", 1)
     rng = np.random.default_rng(0)
     recs = [rng.bytes(int(rng.integers(0, 3000))) for _ in range(200)]
     for k in range(2):

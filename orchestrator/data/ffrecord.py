@@ -29,7 +29,8 @@ import numpy as np
 __all__ = ["FFRecordError", "FileReader", "FileWriter", "list_files"]
 
 _HEAD = struct.Struct("<Iq")  # meta_crc, N
-_PARALLEL_MIN_BYTES = 4 << 20  # a batch larger than this is read with several threads
+_PARALLEL_MIN_BYTES = 16 << 20  # a batch larger than this is read with several threads ...
+_PARALLEL_MIN_CPUS = 4  # ... where there are cores to spare (on 2 cores the threads only add overhead)
 _PARALLEL_THREADS = 4
 
 
@@ -229,7 +230,7 @@ class FileReader:
         check = self.check_data
         if len(locs) >= 16:
             total = sum(int(self._files[k].ends[j] - self._files[k].starts[j]) for k, j in locs)
-            if total >= _PARALLEL_MIN_BYTES:
+            if total >= _PARALLEL_MIN_BYTES and (os.cpu_count() or 1) >= _PARALLEL_MIN_CPUS:
                 pool = self._get_pool()
                 chunks = np.array_split(np.arange(len(locs)), _PARALLEL_THREADS)
                 parts = pool.map(lambda c: [self._read_local(*locs[t], check) for t in c.tolist()], chunks)
