@@ -12,7 +12,7 @@ Because nothing random happens inside DALI, a resumed epoch produces bitwise the
 
 Training: decode crop window -> resize to image_size^2 -> optional horizontal flip -> normalize -> CHW float.
 Validation: decode -> resize shorter side to val_resize -> center crop image_size -> normalize -> CHW float.
-Decoding runs on the GPU ('mixed') when device is CUDA, else on the CPU.
+Decoding runs on the GPU ('mixed', nvJPEG) when device is CUDA and the images are JPEG, else on the CPU.
 
 A fresh DALI pipeline is built for each pass over the data, which makes the "external source yields nothing after
 the first epoch" trap impossible and lets a pass stop early (``max_steps``) without stale prefetched batches.
@@ -236,7 +236,10 @@ class DaliLoader:
     def _pipeline(self, source: _Source):
         fn, types, Pipeline = _dali()
         raw = self.payload != JPEG_LABEL
-        decode_device = "mixed" if self.cuda else "cpu"
+        # nvJPEG ('mixed') only pays for JPEG; other formats (the digits PNGs) decode on the CPU, then move.
+        mixed = self.cuda and str(self.meta.get("image_format", "jpeg")).lower() in ("jpeg", "jpg")
+        decode_device = "mixed" if mixed else "cpu"
+        to_gpu = self.cuda and not mixed
         pipe = Pipeline(
             batch_size=self.batch_size,
             num_threads=self.num_threads,
@@ -271,6 +274,7 @@ class DaliLoader:
                         normalized_anchor=False,
                         normalized_shape=False,
                     )
+                    images = images.gpu() if to_gpu else images
                 images = fn.resize(
                     images,
                     resize_x=self.image_size,
@@ -284,6 +288,7 @@ class DaliLoader:
                     images = data.gpu() if self.cuda else data
                 else:
                     images = fn.decoders.image(data, device=decode_device, output_type=types.RGB)
+                    images = images.gpu() if to_gpu else images
                 images = fn.resize(images, resize_shorter=self.val_resize, interp_type=types.INTERP_LINEAR)
                 images = fn.crop_mirror_normalize(images, crop=(self.image_size, self.image_size), **common)
             pipe.set_outputs(images, labels)
