@@ -151,6 +151,12 @@ def test_convert_bad_input(tmp_path, src):
     _save(tmp_path / "flat" / "val" / "y.jpg", np.random.default_rng(0))
     with pytest.raises(UserError, match="labels file"):
         conv.convert(tmp_path / "flat", tmp_path / "out", progress=False)
+    labels = tmp_path / "my_labels.csv"
+    labels.write_text("ImageId,PredictionString\ny,a 1 2 3 4\n")  # the Kaggle LOC_val_solution layout
+    meta = conv.convert(tmp_path / "flat", tmp_path / "out", workers=1, progress=False, val_labels=labels)
+    assert meta["counts"] == {"train": 1, "val": 1}
+    with pytest.raises(UserError, match="does not exist"):
+        conv.convert(tmp_path / "flat", tmp_path / "out2", progress=False, val_labels=tmp_path / "none.txt")
     with pytest.raises(UserError, match="meta.json"):
         conv.verify(tmp_path / "flat")
     with pytest.raises(UserError, match="does not exist"):

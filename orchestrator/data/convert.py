@@ -68,9 +68,16 @@ def _read_labels_file(path: Path, class_index: dict[str, int]) -> dict[str, int]
     return labels
 
 
-def scan_source(src: str | os.PathLike) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
-    """(classes, {split: [(file, label), ...]}) of an ImageNet-layout folder."""
+def scan_source(
+    src: str | os.PathLike, val_labels: str | os.PathLike | None = None
+) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """(classes, {split: [(file, label), ...]}) of an ImageNet-layout folder.
+
+    ``val_labels``: the labels file of a flat val/ folder (default: the first of LABEL_FILES found in SRC).
+    """
     src = Path(src)
+    if val_labels is not None and not Path(val_labels).is_file():
+        raise UserError(f"val labels file {val_labels} does not exist (expected '<file name> <class>' lines)")
     train = src / "train"
     if not train.is_dir():
         raise UserError(f"{src} has no train/ folder: expected SRC/train/<class>/<images> (ImageNet layout)")
@@ -90,7 +97,11 @@ def scan_source(src: str | os.PathLike) -> tuple[list[str], dict[str, list[tuple
                 raise UserError(f"{val} has class folders not in train/: {', '.join(unknown[:5])}")
             splits["val"] = [(str(f), index[c]) for c in sub for f in _images_in(val / c)]
         else:
-            label_file = next((src / n for n in LABEL_FILES if (src / n).is_file()), None)
+            label_file = (
+                Path(val_labels)
+                if val_labels is not None
+                else next((src / n for n in LABEL_FILES if (src / n).is_file()), None)
+            )
             if label_file is None:
                 raise UserError(
                     f"{val} is flat but no labels file was found: add one of {', '.join(LABEL_FILES)} "
@@ -180,18 +191,20 @@ def convert(
     parts: int | None = None,
     strict: bool = False,
     progress: bool = True,
+    val_labels: str | os.PathLike | None = None,
 ) -> dict:
     """Convert ``src`` (ImageNet layout) into the dataset folder ``dst``; returns meta.json's content.
 
     ``parts`` is the number of train parts (default: one per ~1024 images); val gets a proportional number.
     Rerunning after a kill keeps finished parts. Rerunning on a finished folder with the same source is a no-op.
+    ``val_labels`` names the labels file of a flat val/ folder (default: looked up in SRC).
     """
     from tqdm import tqdm
 
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise UserError(f"source folder {src} does not exist (expected SRC/train/<class>/<images>)")
-    classes, splits = scan_source(src)
+    classes, splits = scan_source(src, val_labels)
     plan = _plan_parts(splits, parts)
     fp = _fingerprint(classes, splits, plan)
     meta_path = dst / "meta.json"
