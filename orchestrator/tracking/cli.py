@@ -226,7 +226,8 @@ def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1
     if not _port_free(host, port):
         raise _user_error(f"port {port} on {host} is in use; pick another with --port")
     cmd, url = ui_command(uri, port, host)
-    proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL)
+    # the server's own output goes to stderr: stdout carries only the URL line (scripts can read it)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=sys.stderr)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

@@ -306,7 +306,7 @@ class MlflowTracker(NoopTracker):
         with self._lock:
             self._closing = True
         self._wake.set()
-        remaining = max(deadline - time.monotonic(), 5.0)
+        remaining = max(deadline - time.monotonic(), 1.0)
         if not self._worker_done.wait(remaining):
             with self._lock:
                 self._abandoned = True

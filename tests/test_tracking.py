@@ -1,0 +1,385 @@
+"""The MLflow tracker against a REAL `mlflow server` (sqlite backend, own process group; tests/mlflow_server.py).
+
+Covered: params / metrics / artifacts / tags / system metrics visible over HTTP; the server killed mid-run and
+restarted on the same port (no call blocks, buffered metrics arrive); a stalled server; stop-and-resume into one
+run with continuous steps and no duplicate-param error; terminal statuses; requeue leaving the run RUNNING;
+metrics saved across a restart when the store is down at the end; `runs list` / `runs compare` / `ui`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from conftest_tracking import mlflow_server, mlflow_server_factory, mlflow_server_proc  # noqa: F401
+from mlflow_server import free_port
+
+from orchestrator.config.schema import Config
+from orchestrator.tracking import MlflowTracker, NoopTracker, create_tracker, default_tags, util
+from orchestrator.tracking import cli as tcli
+
+ROOT = Path(__file__).resolve().parents[1]
+RANK0 = SimpleNamespace(rank=0, world_size=1, num_nodes=1, local_world_size=1, job_id="")
+
+
+def make_cfg(uri: str, experiment: str, **tracking) -> Config:
+    cfg = Config()
+    cfg.tracking.tracking_uri = uri
+    cfg.tracking.experiment = experiment
+    cfg.tracking.log_system_metrics = False
+    for k, v in tracking.items():
+        setattr(cfg.tracking, k, v)
+    return cfg
+
+
+def client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def steps(uri, run_id, key):
+    return sorted(m.step for m in client(uri).get_metric_history(run_id, key))
+
+
+def timed_log(tr, metrics, step) -> float:
+    t = time.perf_counter()
+    tr.log_metrics(metrics, step=step)
+    return time.perf_counter() - t
+
+
+@pytest.fixture
+def fast_retry(monkeypatch):
+    monkeypatch.setattr(MlflowTracker, "MAX_BACKOFF", 1.0)
+
+
+# ---------------------------------------------------------------- no server needed
+
+
+def test_noop_on_other_ranks_and_backend_none(tmp_path):
+    cfg = Config()
+    for r in (1, 3):
+        tr = create_tracker(
+            cfg, tmp_path, SimpleNamespace(rank=r, world_size=4, num_nodes=2, local_world_size=2, job_id="7")
+        )
+        assert isinstance(tr, NoopTracker) and not isinstance(tr, MlflowTracker)
+        tr.start().log_params(cfg)
+        tr.log_metrics({"loss": 1.0}, step=0)
+        tr.log_artifact(tmp_path)
+        tr.finish("completed")
+        assert tr.run_id is None
+    cfg.tracking.backend = "none"
+    assert not isinstance(create_tracker(cfg, tmp_path, RANK0), MlflowTracker)
+    assert not (tmp_path / "mlflow_run.json").exists()
+
+
+def test_store_resolution_and_run_name(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, loc = util.resolve_store("", "", cwd=tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert loc == (tmp_path / "mlartifacts").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert util.resolve_store("", "", cwd=tmp_path) == ("http://127.0.0.1:1", None)
+    assert util.resolve_store("http://h:5000", "", cwd=tmp_path)[0] == "http://h:5000"
+    cfg = Config()
+    cfg.model.name, cfg.model.T, cfg.preset = "danet152", 4, "danet152_imagenet"
+    tr = create_tracker(cfg, tmp_path, RANK0)
+    assert tr.tracking_uri == "http://127.0.0.1:1"
+    assert tr.experiment_name == "danet152_imagenet"
+    assert tr.run_name.startswith("danet152-T4-") and len(tr.run_name) == len("danet152-T4-20260101-000000")
+
+
+def test_flatten():
+    flat = util.flatten({"a": {"b": 1, "c": [1, 2], "d": {}}, "e": None, "f": True})
+    assert flat == {"a.b": "1", "a.c": "[1, 2]", "a.d": "{}", "e": "None", "f": "True"}
+    flat = util.flatten(Config())
+    assert flat["model.neuron.surrogate"] == "atan" and flat["model.da.domain"] == "membrane"
+    assert flat["deepspeed.extra"] == "{}"
+
+
+def test_default_tags(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    ri = SimpleNamespace(rank=0, world_size=8, num_nodes=2, local_world_size=4, job_id="4242")
+    tags = default_tags(Config(), ri)
+    assert tags["slurm.job_id"] == "4242" and tags["slurm.array_job_id"] == "4240"
+    assert tags["slurm.array_task_id"] == "2"
+    assert tags["world_size"] == "8" and tags["nodes"] == "2" and tags["ranks_per_node"] == "4"
+    for k in ("host", "command", "gpus_per_node", "version.torch", "version.python"):
+        assert tags[k], k
+    assert all(isinstance(v, str) for v in tags.values())
+
+
+def test_unreachable_store_never_blocks_and_drops_oldest(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(MlflowTracker, "START_TIMEOUT", 0.5)
+    cfg = make_cfg(f"http://127.0.0.1:{free_port()}", "nowhere", buffer_size=10)
+    caplog.set_level(logging.WARNING, logger="orchestrator.tracking")
+    t = time.monotonic()
+    tr = create_tracker(cfg, tmp_path / "run", RANK0).start()
+    tr.log_params(cfg)
+    worst = max(timed_log(tr, {"loss": float(s), "acc": 0.5}, s) for s in range(25))
+    assert worst < 1.0
+    with tr._lock:
+        kept = [m[3] for m in tr._metrics]
+    assert len(kept) == 10 and kept[-1] == 24  # the newest are kept
+    tr.finish("failed", timeout=1.0)
+    assert time.monotonic() - t < 15
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("buffer full" in m for m in msgs) == 1
+    assert sum("unreachable (" in m for m in msgs) == 1
+
+
+def test_local_sqlite_default_store(tmp_path, monkeypatch):
+    """No URI anywhere: ./mlflow.db with artifacts in ./mlartifacts, beside the working directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg("", "local")
+    tr = create_tracker(cfg, tmp_path / "run", RANK0).start()
+    assert tr.run_id
+    tr.log_params({"x": 1})
+    tr.log_metrics({"loss": 0.5}, step=3)
+    (tmp_path / "summary.json").write_text("{}")
+    tr.log_artifact(tmp_path / "summary.json")
+    tr.finish("completed")
+    assert (tmp_path / "mlflow.db").exists()
+    assert list((tmp_path / "mlartifacts").rglob("summary.json"))
+    run = client(tr.tracking_uri).get_run(tr.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["x"] == "1" and run.data.metrics["loss"] == 0.5
+
+
+# ---------------------------------------------------------------- real server
+
+
+def test_logs_params_metrics_artifacts_over_http(mlflow_server, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    cfg = make_cfg(mlflow_server, "demo", log_system_metrics=True)
+    cfg.model.name = "danet18"
+    ri = SimpleNamespace(rank=0, world_size=2, num_nodes=1, local_world_size=2, job_id="99")
+    tr = create_tracker(cfg, tmp_path / "run", ri).start()
+    assert tr.run_id and tr.experiment_id
+    tr.log_params(cfg)
+    many = {f"extra.p{i:03d}": i for i in range(250)}  # > MLflow's 100 params per request
+    many["extra.long"] = "x" * 7000  # > MLflow's 6000-character value limit
+    tr.log_params(many)
+    tr.set_tags({"note": "hello"})
+    worst = 0.0
+    for s in range(1, 301):
+        worst = max(worst, timed_log(tr, {"train/loss": 1.0 / s, "lr": 0.1, "train/img_per_s": 100.0 + s}, s))
+    assert worst < 1.0
+    (tmp_path / "config.yaml").write_text("model:\n  name: danet18\n")
+    tr.log_artifact(tmp_path / "config.yaml")
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"weights-v1")
+    tr.log_checkpoint(ckpt, "checkpoints")
+    ckpt.unlink()  # rotated away right after the call: the staged copy is what gets uploaded
+    time.sleep(2.5)  # a couple of system metrics samples
+    tr.finish("completed")
+
+    c = client(mlflow_server)
+    run = c.get_run(tr.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith("danet18-T4-")
+    p = run.data.params
+    assert p["model.neuron.surrogate"] == "atan" and p["model.neuron.tau"] == "2.0"
+    assert p["extra.p249"] == "249" and len(p["extra.long"]) == util.MAX_PARAM_VAL_LENGTH
+    assert steps(mlflow_server, tr.run_id, "train/loss") == list(range(1, 301))
+    t = run.data.tags
+    assert t["note"] == "hello" and t["world_size"] == "2" and t["job_id"] == "99" and t["host"]
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    arts = {a.path for a in c.list_artifacts(tr.run_id)} | {
+        a.path for a in c.list_artifacts(tr.run_id, "checkpoints")
+    }
+    assert {"config.yaml", "checkpoints/best.pt"} <= arts
+    local = c.download_artifacts(tr.run_id, "checkpoints/best.pt", str(tmp_path / "dl"))
+    assert Path(local).read_bytes() == b"weights-v1"
+    assert not (tmp_path / "run" / ".mlflow_staging").exists()
+
+
+def test_resume_into_same_run_continuous_steps(mlflow_server, tmp_path):  # noqa: F811
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(mlflow_server, "resume")
+    tr = create_tracker(cfg, run_dir, RANK0).start()
+    tr.log_params(cfg)
+    for s in range(10):
+        tr.log_metrics({"train/loss": 1.0 / (s + 1)}, step=s)
+    tr.finish("requeued")
+    run_id = tr.run_id
+    assert client(mlflow_server).get_run(run_id).info.status == "RUNNING"
+
+    cfg2 = make_cfg(mlflow_server, "resume")
+    cfg2.train.epochs = 7  # changed on restart: must not raise, logged under a new key
+    tr2 = create_tracker(cfg2, run_dir, RANK0).start()
+    assert tr2.run_id == run_id and tr2.resume_index == 1
+    tr2.log_params(cfg2)
+    for s in range(10, 20):
+        tr2.log_metrics({"train/loss": 1.0 / (s + 1)}, step=s)
+    tr2.finish("completed")
+
+    c = client(mlflow_server)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert steps(mlflow_server, run_id, "train/loss") == list(range(20))
+    assert run.data.params["train.epochs"] == "1" and run.data.params["resume.1.train.epochs"] == "7"
+    assert run.data.tags["resume.1.changed_params"] == "train.epochs" and run.data.tags["resumes"] == "1"
+    assert len(c.search_runs([run.info.experiment_id])) == 1
+
+
+@pytest.mark.parametrize(
+    "status,expected",
+    [("completed", "FINISHED"), ("failed", "FAILED"), ("interrupted", "KILLED"), ("requeued", "RUNNING")],
+)
+def test_terminal_status(mlflow_server, tmp_path, status, expected):  # noqa: F811
+    tr = create_tracker(make_cfg(mlflow_server, "status"), tmp_path / "run", RANK0).start()
+    tr.log_metrics({"loss": 1.0}, step=0)
+    tr.finish(status)
+    run = client(mlflow_server).get_run(tr.run_id)
+    assert run.info.status == expected
+    assert run.data.tags["end_status"] == status
+    assert run.data.metrics["loss"] == 1.0
+
+
+def test_server_killed_and_restarted(mlflow_server_factory, tmp_path, fast_retry, caplog):  # noqa: F811
+    server = mlflow_server_factory()
+    caplog.set_level(logging.INFO, logger="orchestrator.tracking")
+    tr = create_tracker(make_cfg(server.uri, "outage"), tmp_path / "run", RANK0).start()
+    tr.log_params({"a": 1})
+    for s in range(10):
+        tr.log_metrics({"loss": float(s)}, step=s)
+    assert tr.flush(30)
+
+    server.stop()  # SIGKILL to the whole group, mid-run
+    worst = 0.0
+    for s in range(10, 40):
+        worst = max(worst, timed_log(tr, {"loss": float(s), "lr": 0.01}, s))
+        time.sleep(0.1)  # ~3 s of "training" while the store is down
+    (tmp_path / "during.txt").write_text("logged during the outage")
+    tr.log_artifact(tmp_path / "during.txt")
+    t = time.monotonic()
+    assert tr.flush(1.5) is False
+    assert time.monotonic() - t < 2.5
+    assert worst < 1.0
+
+    server.start()  # same port, same store
+    t = time.monotonic()
+    tr.finish("completed", timeout=60)
+    assert time.monotonic() - t < 30
+    c = client(server.uri)
+    run = c.get_run(tr.run_id)
+    assert run.info.status == "FINISHED"
+    assert steps(server.uri, tr.run_id, "loss") == list(range(40))
+    assert steps(server.uri, tr.run_id, "lr") == list(range(10, 40))
+    assert "during.txt" in {a.path for a in c.list_artifacts(tr.run_id)}
+    msgs = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("unreachable (" in m for m in msgs) == 1, msgs
+    assert sum("reachable again" in m for m in msgs) == 1, msgs
+
+
+def test_server_stalled(mlflow_server_factory, tmp_path, fast_retry, monkeypatch):  # noqa: F811
+    """A server that accepts connections but never answers (SIGSTOP): calls still return at once."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    server = mlflow_server_factory()
+    tr = create_tracker(make_cfg(server.uri, "stall"), tmp_path / "run", RANK0).start()
+    tr.log_metrics({"loss": 0.0}, step=0)
+    assert tr.flush(30)
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    try:
+        worst = 0.0
+        for s in range(1, 30):
+            worst = max(worst, timed_log(tr, {"loss": float(s)}, s))
+            time.sleep(0.1)
+        assert worst < 1.0
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    tr.finish("completed", timeout=60)
+    assert steps(server.uri, tr.run_id, "loss") == list(range(30))
+    assert client(server.uri).get_run(tr.run_id).info.status == "FINISHED"
+
+
+def test_store_down_at_finish_then_resume_sends_saved_metrics(mlflow_server_factory, tmp_path, fast_retry):  # noqa: F811
+    server = mlflow_server_factory()
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(server.uri, "spill")
+    tr = create_tracker(cfg, run_dir, RANK0).start()
+    for s in range(5):
+        tr.log_metrics({"loss": float(s)}, step=s)
+    assert tr.flush(30)
+    server.stop()
+    for s in range(5, 10):
+        tr.log_metrics({"loss": float(s)}, step=s)
+    t = time.monotonic()
+    tr.finish("requeued", timeout=2)
+    assert time.monotonic() - t < 10
+    assert len((run_dir / "mlflow_pending.jsonl").read_text().splitlines()) == 5
+
+    server.start()
+    tr2 = create_tracker(cfg, run_dir, RANK0).start()
+    assert tr2.run_id == tr.run_id
+    for s in range(10, 12):
+        tr2.log_metrics({"loss": float(s)}, step=s)
+    tr2.finish("completed")
+    assert steps(server.uri, tr.run_id, "loss") == list(range(12))
+    assert not (run_dir / "mlflow_pending.jsonl").exists()
+
+
+def test_runs_list_and_compare(mlflow_server, tmp_path):  # noqa: F811
+    ids = []
+    for i, epochs in enumerate((1, 3)):
+        cfg = make_cfg(mlflow_server, "compare", run_name=f"cmp-{i}")
+        cfg.train.epochs = epochs
+        tr = create_tracker(cfg, tmp_path / f"run{i}", RANK0).start()
+        tr.log_params(cfg)
+        tr.log_metrics({"val/top1": 0.5 + i / 10, "train/loss": 1.0 - i / 10}, step=10)
+        tr.finish("completed")
+        ids.append(tr.run_id)
+    listing = tcli.runs_list("compare", mlflow_server)
+    assert all(r in listing for r in ids) and "cmp-0" in listing and "val/top1" in listing
+    out = tcli.runs_compare(ids, mlflow_server)
+    assert all(r in out for r in ids) and "cmp-0" in out and "cmp-1" in out
+    line = next(ln for ln in out.splitlines() if "train.epochs" in ln)
+    assert line.lstrip().startswith("*") and "1" in line and "3" in line
+    assert "val/top1" in out and "0.6" in out and "model.neuron.surrogate" in out
+    from orchestrator.errors import UserError
+
+    with pytest.raises(UserError):
+        tcli.runs_compare(["0" * 32], mlflow_server)
+    with pytest.raises(UserError):
+        tcli.runs_list("no-such-experiment", mlflow_server)
+
+
+def test_ui_serves_local_store_and_stops_cleanly(tmp_path):
+    """`ui` against a sqlite store: prints its URL, answers, and Ctrl-C takes the whole group down."""
+    port = free_port()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = f"from orchestrator.tracking.cli import ui; ui({uri!r}, {port})"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line, line
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        import socket
+
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
