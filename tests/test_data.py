@@ -235,3 +235,15 @@ def test_digits_missing_root_built_by_loader(tmp_path):
     cfg = DataConfig(name="digits", root=str(tmp_path / "d"), image_size=32, val_resize=32, num_threads=1)
     ld = build_loader(cfg, "train", 0, 2, 128, 0)
     assert ld.meta["counts"]["train"] == ld.num_samples and len(ld) == 6
+
+
+def test_data_bench_smoke(tmp_path):
+    from orchestrator.data.bench import run_data_bench
+
+    out = run_data_bench(tmp_path / "b.json", count=40, batch=8, epochs=1, repeats=1, workdir=tmp_path)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved == out
+    assert [r["loader"] for r in out["results"]] == ["ffrecord_dali", "folder_pil_dataloader"]
+    assert all(r["img_per_s"] > 0 for r in out["results"]) and out["ratio"] > 0
+    assert out["reads"]["ffrecord_batch_read_records_per_s"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # the generated images are removed

@@ -150,6 +150,11 @@ def _bench_reads(src: Path, dst: Path, batch: int, rounds: int) -> dict:
             t0 = time.perf_counter()
             r.read(idx)
             ff.append(batch / (time.perf_counter() - t0))
+            r.check_data = False
+            t0 = time.perf_counter()
+            r.read(idx)
+            fu.append(batch / (time.perf_counter() - t0))
+            r.check_data = True
             t0 = time.perf_counter()
             for i in idx.tolist():
                 with open(files[i % len(files)], "rb") as f:
