@@ -155,6 +155,26 @@ def test_local_sqlite_default_store(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED" and run.data.params["x"] == "1" and run.data.metrics["loss"] == 0.5
 
 
+def test_exit_without_finish_flushes_queued_metrics(tmp_path):
+    """A process that ends without finish() (a crash path the loop missed) still sends what it queued."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    code = (
+        "import sys; from types import SimpleNamespace as S\n"
+        "from orchestrator.config.schema import Config\n"
+        "from orchestrator.tracking import create_tracker\n"
+        f"c = Config(); c.tracking.tracking_uri = {uri!r}; c.tracking.log_system_metrics = False\n"
+        f"t = create_tracker(c, {str(tmp_path / 'run')!r}, S(rank=0)).start()\n"
+        "[t.log_metrics({'loss': float(s)}, step=s) for s in range(50)]\n"
+        "print(t.run_id)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.split()[-1]
+    assert steps(uri, run_id, "loss") == list(range(50))
+    assert client(uri).get_run(run_id).info.status == "RUNNING"  # the status is the loop's to decide
+
+
 # ---------------------------------------------------------------- real server
 
 
@@ -230,6 +250,8 @@ def test_resume_into_same_run_continuous_steps(mlflow_server, tmp_path):  # noqa
     assert run.data.params["train.epochs"] == "1" and run.data.params["resume.1.train.epochs"] == "7"
     assert run.data.tags["resume.1.changed_params"] == "train.epochs" and run.data.tags["resumes"] == "1"
     assert len(c.search_runs([run.info.experiment_id])) == 1
+    line = next(ln for ln in tcli.runs_compare([run_id], mlflow_server).splitlines() if "train.epochs" in ln)
+    assert "7 (resume 1)" in line
 
 
 @pytest.mark.parametrize(

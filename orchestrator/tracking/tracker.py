@@ -28,6 +28,7 @@ Metrics still buffered when ``finish`` gives up waiting (the store down at the v
 
 from __future__ import annotations
 
+import atexit
 import collections
 import json
 import logging
@@ -128,7 +129,8 @@ class MlflowTracker(NoopTracker):
         self.experiment_id: str | None = None
         self.resume_index = 0  # 0 = a new run; n = the n-th resume of it
 
-        self._lock = threading.Lock()
+        # re-entrant: finish() may run in a signal handler that interrupted log_metrics on the same thread
+        self._lock = threading.RLock()
         self._metrics: collections.deque = collections.deque()  # (key, value, timestamp_ms, step)
         self._ops: collections.deque = collections.deque()  # ("params", dict) | ("tags", dict) | ("end", st)
         self._artifacts: collections.deque = collections.deque()  # (path, artifact_path, staged_dir|None)
@@ -170,6 +172,7 @@ class MlflowTracker(NoopTracker):
         self._uploader = threading.Thread(target=self._uploader_main, name="mlflow-uploader", daemon=True)
         self._worker.start()
         self._uploader.start()
+        atexit.register(self._at_exit)
         if not self._run_ready.wait(self.START_TIMEOUT) and not self._disabled:
             log.warning("MLflow store %s not reachable yet; the run will be created when it is (metrics are "
                         "buffered, training goes on)", self.tracking_uri)
@@ -279,6 +282,7 @@ class MlflowTracker(NoopTracker):
         if self._finished or not self._started:
             self._finished = True
             return
+        atexit.unregister(self._at_exit)
         status = (status or "completed").lower()
         if status not in STATUS_MAP:
             log.warning("finish(%r): unknown status, treated as 'failed'", status)
@@ -324,6 +328,19 @@ class MlflowTracker(NoopTracker):
             uploads_left = bool(self._artifacts) or self._art_busy
         if not self._abandoned and not uploads_left:
             shutil.rmtree(self.run_dir / STAGING_DIR, ignore_errors=True)
+
+    def _at_exit(self) -> None:
+        """The process ends without finish(): send what is queued (briefly), save the rest; status untouched."""
+        if self._finished or not self._started or self._disabled:
+            return
+        if not self.flush(timeout=10.0):
+            with self._lock:
+                self._abandoned = True
+                pending = list(self._metrics)
+                self._metrics.clear()
+            if pending and self._spill(pending):
+                log.warning("MLflow: %d metric values not sent before exit saved to %s", len(pending),
+                            self.run_dir / PENDING_FILE)
 
     # ------------------------------------------------------------------ internals
 
@@ -608,12 +625,19 @@ class MlflowTracker(NoopTracker):
         except Exception as exc:  # noqa: BLE001
             if not util.is_permanent(exc):
                 raise
+            ok = failed = 0
             for k, v, ts, s in batch:  # isolate the refused value(s); transient errors still propagate
+                if failed >= 5 and not ok:  # the run itself is refused (deleted?): not one request per value
+                    log.warning("MLflow refuses metrics for run %s (%s): %d values dropped", self.run_id,
+                                _short(exc), len(batch) - failed)
+                    return
                 try:
                     client.log_batch(self.run_id, metrics=[Metric(k, v, ts, s)], synchronous=True)
+                    ok += 1
                 except Exception as exc2:  # noqa: BLE001
                     if not util.is_permanent(exc2):
                         raise
+                    failed += 1
                     if k not in self._bad_metric_warned:
                         self._bad_metric_warned.add(k)
                         log.warning("MLflow refused metric %s: %s", k, _short(exc2))
