@@ -111,6 +111,8 @@ def test_val_covers_every_sample_once(indexed, world):
     assert sorted(torch.cat(labels).tolist()) == list(range(N_VAL))
     again = [y for ld in loaders for _, y in ld]  # a second pass is not empty either
     assert sorted(torch.cat(again).tolist()) == list(range(N_VAL))
+    next(iter(loaders[0]))  # peeking at a batch does not shorten the next evaluation
+    assert sum(len(y) for _, y in loaders[0]) == sum(len(y) for y in labels[: len(loaders[0])])
 
 
 def test_resume_mid_epoch_is_bitwise_identical(indexed):

@@ -172,6 +172,7 @@ class DaliLoader:
         self.prefetch = max(1, int(getattr(data_cfg, "prefetch", 2)))
         self._epoch = 0
         self._batch = 0
+        self._restored = False
 
     # -- position --------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -198,9 +199,26 @@ class DaliLoader:
         return {"epoch": self._epoch, "batch": self._batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
-        if not 0 <= self._batch <= len(self):
-            raise ValueError(f"batch index {self._batch} out of range for {len(self)} steps per epoch")
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"batch index {batch} out of range for {len(self)} steps per epoch")
+        self._epoch, self._batch, self._restored = epoch, batch, True
+
+    def _begin_pass(self) -> tuple[int, int, list[np.ndarray]]:
+        """(epoch, first batch, batches left) of the pass that starts now.
+
+        Training continues from the current position (a restored one, or where an abandoned pass stopped).
+        Validation always makes a whole pass, unless a position was explicitly restored: peeking at its first
+        batch must not shorten the next evaluation.
+        """
+        if self.train or self._restored:
+            state = self.state_dict()  # normalizes a finished epoch to (next epoch, 0)
+            epoch, start = state["epoch"], state["batch"]
+        else:
+            epoch, start = self._epoch, 0
+        self._restored = False
+        self._epoch, self._batch = epoch, start
+        return epoch, start, self.plan.batches(epoch)[start:]
 
     # -- data ------------------------------------------------------------------------------------------------
     def _inputs(self, epoch: int, idx: np.ndarray):
@@ -309,10 +327,7 @@ class DaliLoader:
         return torch.from_numpy(np.array(images.as_tensor())), labels_t
 
     def __iter__(self):
-        state = self.state_dict()  # normalizes a finished epoch to (next epoch, 0)
-        epoch, start = state["epoch"], state["batch"]
-        self._epoch, self._batch = epoch, start
-        batches = self.plan.batches(epoch)[start:]
+        epoch, start, batches = self._begin_pass()
         if not batches:
             return
         pipe = self._pipeline(_Source(self, epoch, batches))

@@ -95,10 +95,7 @@ class TorchLoader(DaliLoader):
         import torch
         from torch.utils.data import DataLoader
 
-        state = self.state_dict()
-        epoch, start = state["epoch"], state["batch"]
-        self._epoch, self._batch = epoch, start
-        batches = self.plan.batches(epoch)[start:]
+        epoch, start, batches = self._begin_pass()
         if not batches:
             return
         workers = self.num_threads if self.num_threads > 1 else 0
