@@ -99,6 +99,10 @@ def test_train_every_sample_once_per_epoch(indexed, world):
         assert flat == list(range(N_TRAIN)), f"epoch {epoch}: not every sample exactly once"
         orders.append([i for b in seen for i in b])
     assert orders[0] != orders[1], "epochs should be shuffled differently"
+    pipe = loaders[0]._pipe
+    assert pipe is not None
+    list(loaders[0])
+    assert loaders[0]._pipe is pipe, "a finished pass should leave its pipeline reusable"
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -137,6 +141,15 @@ def test_resume_mid_epoch_is_bitwise_identical(indexed):
         assert torch.equal(xa, xb)
     # the next pass of the resumed loader is the next epoch, from its start
     assert resumed.state_dict() == {"epoch": 2, "batch": 0}
+
+    # a pass abandoned mid-epoch (e.g. max_steps) continues where it stopped, with no stale prefetched batch
+    ld.load_state_dict({"epoch": 1, "batch": 0})
+    it = iter(ld)
+    head = [next(it), next(it), next(it)]
+    del it
+    tail = list(ld)
+    for (xa, ya), (xb, yb) in zip(full, head + tail, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
 def test_torch_fallback_same_plan(indexed):

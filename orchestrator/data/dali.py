@@ -14,8 +14,10 @@ Training: decode crop window -> resize to image_size^2 -> optional horizontal fl
 Validation: decode -> resize shorter side to val_resize -> center crop image_size -> normalize -> CHW float.
 Decoding runs on the GPU ('mixed', nvJPEG) when device is CUDA and the images are JPEG, else on the CPU.
 
-A fresh DALI pipeline is built for each pass over the data, which makes the "external source yields nothing after
-the first epoch" trap impossible and lets a pass stop early (``max_steps``) without stale prefetched batches.
+The external source is declared with ``cycle="raise"`` (without it every epoch after the first is silently empty):
+a finished pass ends with StopIteration and ``reset()``, and the pipeline is reused for the next pass. A pass
+abandoned early (``max_steps``, a peeked batch) drops its pipeline, so no stale prefetched batch leaks into the
+next one.
 """
 
 from __future__ import annotations
@@ -114,14 +116,21 @@ def _dali():
 
 
 class _Source:
-    """The external source of one pass: yields DALI input batches for ``batches`` (re-iterable)."""
+    """The external source: yields the DALI inputs of the current pass's batches.
 
-    def __init__(self, loader: DaliLoader, epoch: int, batches: list[np.ndarray]):
-        self.loader, self.epoch, self.batches = loader, epoch, batches
+    ``__iter__`` is a generator, so ``epoch`` and ``batches`` are read at the first ``next()``: the pipeline's
+    ``reset()`` (which calls ``iter()`` at once) can come before the loader knows the next pass.
+    """
+
+    def __init__(self, loader: DaliLoader):
+        self.loader = loader
+        self.epoch = 0
+        self.batches: list[np.ndarray] = []
 
     def __iter__(self):
+        epoch = self.epoch
         for idx in self.batches:
-            yield self.loader._inputs(self.epoch, idx)
+            yield self.loader._inputs(epoch, idx)
 
 
 class DaliLoader:
@@ -173,6 +182,8 @@ class DaliLoader:
         self._epoch = 0
         self._batch = 0
         self._restored = False
+        self._pipe = None
+        self._source: _Source | None = None
 
     # -- position --------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -330,17 +341,33 @@ class DaliLoader:
         epoch, start, batches = self._begin_pass()
         if not batches:
             return
-        pipe = self._pipeline(_Source(self, epoch, batches))
+        if self._pipe is None:
+            self._source = _Source(self)
+            self._pipe = self._pipeline(self._source)
+        self._source.epoch, self._source.batches = epoch, batches
+        pipe, clean = self._pipe, False
         try:
             for k in range(start, len(self)):
                 images, labels = pipe.run()
                 out = self._to_torch(images, labels)
                 self._batch = k + 1
                 yield out
+            # The source is exhausted: DALI answers the next run with StopIteration; reset() then rearms it
+            # for the next pass, which reuses this pipeline.
+            try:
+                pipe.run()
+            except StopIteration:
+                pipe.reset()
+                clean = True
         finally:
-            del pipe
+            if (
+                not clean
+            ):  # abandoned mid-pass (or failed): prefetched batches are stale, build anew next time
+                self._pipe = None
+                del pipe
 
     def close(self) -> None:
+        self._pipe = None
         self.reader.close()
 
 
