@@ -153,7 +153,7 @@ def cmd_launch(args, overrides: list[str]) -> int:
     _check_run_dir(run_dir)
     from orchestrator.train.worker import prepare_dataset
 
-    prepare_dataset(cfg)  # build the bundled dataset once here, not in every rank at once
+    prepare_dataset(cfg, check_files=True)  # built once here, not by every rank at once; headers checked
     from launch.local import run_local
 
     print(f"launch: {nprocs} local ranks, run dir {run_dir}", file=sys.stderr)

@@ -78,9 +78,9 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 
 def lr_lambda(cfg: Config, steps_per_epoch: int):
     """Multiplier of the scaled lr at an optimizer step: linear warmup, then cosine / step / constant."""
+    # The schedule spans train.epochs; train.max_steps only stops early, so a run stopped by max_steps and
+    # continued later follows exactly the same lr curve as one that never stopped.
     total = max(1, cfg.train.epochs * steps_per_epoch)
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
     warm = int(cfg.optim.warmup_epochs * steps_per_epoch)
     floor = cfg.optim.min_lr / scaled_lr(cfg)
 

@@ -59,16 +59,28 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def prepare_dataset(cfg: Config) -> Path:
-    """The dataset folder, building the bundled digits set on first use; a clear error when it's missing."""
+def prepare_dataset(cfg: Config, check_files: bool = False) -> Path:
+    """The dataset folder, building the bundled digits set on first use. Missing data, a class count that
+    doesn't match model.num_classes, and (with check_files) a corrupt FFRecord header are user errors."""
+    from orchestrator.data.dali import load_meta
+
     root = Path(cfg.data.root)
     if cfg.data.name == "digits":
         from orchestrator.data.digits import ensure_digits_dataset
 
-        return Path(ensure_digits_dataset(root))
-    if not (root / "meta.json").is_file():
-        raise UserError(f"dataset not found: data.root={root} has no meta.json; "
-                        "make one with 'orchestrator data convert SRC DST' and pass data.root=DST")
+        root = Path(ensure_digits_dataset(root))
+    meta = load_meta(root)  # a missing folder or meta.json is a UserError naming data.root
+    if int(meta["num_classes"]) != cfg.model.num_classes:
+        raise UserError(f"dataset {root} has {meta['num_classes']} classes but model.num_classes="
+                        f"{cfg.model.num_classes}; set model.num_classes={meta['num_classes']}")
+    if check_files:
+        from orchestrator.data.ffrecord import FFRecordError, FileReader
+
+        for split in ("train", "val"):
+            try:
+                FileReader(root / f"{split}.ffr", check_data=True).close()
+            except (FFRecordError, FileNotFoundError, OSError) as e:
+                raise UserError(f"dataset {root}: {str(e).splitlines()[0]}") from None
     return root
 
 
