@@ -91,13 +91,22 @@ class _FolderDataset:
         return torch.from_numpy(np.ascontiguousarray(arr)), label
 
 
-def _time_epochs(make_iter, epochs: int) -> tuple[float, int]:
+def _cpu_seconds() -> float:
+    """CPU time of this process (all its threads) plus its finished children (DataLoader workers)."""
+    import resource
+
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + c.ru_utime + c.ru_stime
+
+
+def _time_epochs(make_iter, epochs: int) -> tuple[float, int, float]:
+    """(wall seconds, images, CPU seconds) of ``epochs`` whole passes."""
     n = 0
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_seconds(), time.perf_counter()
     for e in range(epochs):
         for x, _ in make_iter(e):
             n += x.shape[0]
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, n, _cpu_seconds() - c0
 
 
 def _dali_runner(dst: Path, batch: int, threads: int, epochs: int):
@@ -190,10 +199,12 @@ def run_data_bench(
             "folder_pil_dataloader": _folder_runner(src, batch, threads, epochs),
         }
         rates: dict[str, list[float]] = {k: [] for k in runners}
+        cpu_ms: dict[str, list[float]] = {k: [] for k in runners}
         for _ in range(repeats):  # interleaved, so a busy spell on a shared machine hits both alike
             for k, run in runners.items():
-                dt, n = run()
+                dt, n, cpu = run()
                 rates[k].append(n / dt)
+                cpu_ms[k].append(1000.0 * cpu / n)
         dali_rates, folder_rates = rates["ffrecord_dali"], rates["folder_pil_dataloader"]
         reads = _bench_reads(src, dst, 256, 20)
     finally:
@@ -201,14 +212,28 @@ def run_data_bench(
     d, f = statistics.median(dali_rates), statistics.median(folder_rates)
     result = {
         "results": [
-            {"loader": "ffrecord_dali", "img_per_s": round(d, 1), "runs": [round(x, 1) for x in dali_rates]},
+            {
+                "loader": "ffrecord_dali",
+                "img_per_s": round(d, 1),
+                "runs": [round(x, 1) for x in dali_rates],
+                "cpu_ms_per_img": round(statistics.median(cpu_ms["ffrecord_dali"]), 2),
+            },
             {
                 "loader": "folder_pil_dataloader",
                 "img_per_s": round(f, 1),
                 "runs": [round(x, 1) for x in folder_rates],
+                "cpu_ms_per_img": round(statistics.median(cpu_ms["folder_pil_dataloader"]), 2),
             },
         ],
         "ratio": round(d / f, 3),
+        # per-repeat ratios (each pair ran back to back): steadier than medians on a shared machine
+        # CPU time per image (threads + worker processes): what the ratio tends to on an idle machine
+        "cpu_ratio": round(
+            statistics.median(cpu_ms["folder_pil_dataloader"]) / statistics.median(cpu_ms["ffrecord_dali"]), 3
+        ),
+        "paired_ratio_median": round(
+            statistics.median(a / b for a, b in zip(dali_rates, folder_rates, strict=True)), 3
+        ),
         "reads": reads,
         "setup": {
             "images": count,
