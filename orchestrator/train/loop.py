@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -29,6 +31,12 @@ class LoopState:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+log = logging.getLogger("orchestrator.train")
+
+# Fault injection for the reliability tests: a comma list of optimizer steps whose loss is made NaN.
+_FAULT_NAN_STEPS = {int(v) for v in os.environ.get("ORCHESTRATOR_FAULT_NAN_STEPS", "").split(",") if v.strip()}
 
 
 class Callback(Protocol):
@@ -113,6 +121,9 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             x, y = to_device(x, y, device, cfg.train.channels_last, dtype)
             out = engine(x)
             loss = loss_fn(cfg, out.float(), y)
+            if state.step + 1 in _FAULT_NAN_STEPS:
+                _FAULT_NAN_STEPS.discard(state.step + 1)  # once: a skipped step is retried with the next batch
+                loss = loss * float("nan")
             if not _all_finite(loss):
                 # Every rank sees the same verdict, so all skip (or all stop) together.
                 _handle_nonfinite(cfg, state)
@@ -133,7 +144,7 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             metrics = {"loss": float(loss.detach()), "lr": engine.get_lr()[0], "train_top1": top1 / len(y),
                        "train_top5": top5 / len(y), "step_time_s": now - t_step,
                        "images_per_sec": len(y) * world_size * accumulation / max(now - t_step, 1e-9),
-                       "data_wait_frac": waited / max(now - t_step, 1e-9)}
+                       "data_wait_frac": waited / max(now - t_step, 1e-9), "nan_skipped": state.nan_skipped}
             state.history.append(round(float(loss.detach()), 8))
             for cb in callbacks:
                 cb.on_step_end(state, metrics)
@@ -172,6 +183,8 @@ def _handle_nonfinite(cfg: Config, state: LoopState) -> None:
         raise NonFiniteLoss(f"non-finite loss at step {state.step + 1}; stopping (train.nan_policy=stop), "
                             "the last good checkpoint is kept")
     state.nan_skipped += 1
+    log.warning("non-finite loss before step %d: micro-batch skipped (%d of at most %d, train.nan_policy=skip)",
+                state.step + 1, state.nan_skipped, cfg.train.nan_skip_limit)
     if state.nan_skipped > cfg.train.nan_skip_limit:
         raise NonFiniteLoss(f"non-finite loss {state.nan_skipped} times, over train.nan_skip_limit="
                             f"{cfg.train.nan_skip_limit}; stopping")

@@ -225,7 +225,7 @@ def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
             "checkpoint_dir": str(ckpt.dir), "latest_checkpoint": ckpt.latest_tag(), "restarts": restarts,
             "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
             "weights_sha256": sha256_file(weights), "best_val_top1": max(state.best_val_top1, 0.0),
-            "model": cfg.model.name, "preset": cfg.preset, "wall_s": round(time.time() - t_start, 2),
+            "nan_skipped": state.nan_skipped, "model": cfg.model.name, "preset": cfg.preset, "wall_s": round(time.time() - t_start, 2),
             **final_metrics,
         })
         summary.setdefault("val_top1", None)
