@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest_tracking import mlflow_server, mlflow_server_factory, mlflow_server_proc  # noqa: F401
-from mlflow_server import free_port
+from mlflow_server import MlflowServer, free_port
 
 from orchestrator.config.schema import Config
 from orchestrator.tracking import MlflowTracker, NoopTracker, create_tracker, default_tags, util
@@ -58,6 +58,30 @@ def timed_log(tr, metrics, step) -> float:
 @pytest.fixture
 def fast_retry(monkeypatch):
     monkeypatch.setattr(MlflowTracker, "MAX_BACKOFF", 1.0)
+
+
+@pytest.fixture(scope="module")
+def _outage_server(tmp_path_factory):
+    """A private server the outage tests kill, stall and restart (shared by them: a cold start costs seconds)."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-outage"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def outage_server(_outage_server):
+    if _outage_server.proc is None or not _outage_server.healthy(timeout=5):
+        _outage_server.restart()
+    yield _outage_server
+    proc = _outage_server.proc
+    if proc is not None:
+        try:
+            os.killpg(proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 # ---------------------------------------------------------------- no server needed
@@ -130,6 +154,10 @@ def test_unreachable_store_never_blocks_and_drops_oldest(tmp_path, monkeypatch, 
     with tr._lock:
         kept = [m[3] for m in tr._metrics]
     assert len(kept) == 10 and kept[-1] == 24  # the newest are kept
+    deadline = time.monotonic() + 60  # the worker imports mlflow first (seconds on a loaded machine)
+    while tr._outage_since is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    t = time.monotonic()
     tr.finish("failed", timeout=1.0)
     assert time.monotonic() - t < 15
     msgs = [r.getMessage() for r in caplog.records]
@@ -268,8 +296,8 @@ def test_terminal_status(mlflow_server, tmp_path, status, expected):  # noqa: F8
     assert run.data.metrics["loss"] == 1.0
 
 
-def test_server_killed_and_restarted(mlflow_server_factory, tmp_path, fast_retry, caplog):  # noqa: F811
-    server = mlflow_server_factory()
+def test_server_killed_and_restarted(outage_server, tmp_path, fast_retry, caplog):
+    server = outage_server
     caplog.set_level(logging.INFO, logger="orchestrator.tracking")
     tr = create_tracker(make_cfg(server.uri, "outage"), tmp_path / "run", RANK0).start()
     tr.log_params({"a": 1})
@@ -304,10 +332,10 @@ def test_server_killed_and_restarted(mlflow_server_factory, tmp_path, fast_retry
     assert sum("reachable again" in m for m in msgs) == 1, msgs
 
 
-def test_server_stalled(mlflow_server_factory, tmp_path, fast_retry, monkeypatch):  # noqa: F811
+def test_server_stalled(outage_server, tmp_path, fast_retry, monkeypatch):
     """A server that accepts connections but never answers (SIGSTOP): calls still return at once."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    server = mlflow_server_factory()
+    server = outage_server
     tr = create_tracker(make_cfg(server.uri, "stall"), tmp_path / "run", RANK0).start()
     tr.log_metrics({"loss": 0.0}, step=0)
     assert tr.flush(30)
@@ -325,8 +353,8 @@ def test_server_stalled(mlflow_server_factory, tmp_path, fast_retry, monkeypatch
     assert client(server.uri).get_run(tr.run_id).info.status == "FINISHED"
 
 
-def test_store_down_at_finish_then_resume_sends_saved_metrics(mlflow_server_factory, tmp_path, fast_retry):  # noqa: F811
-    server = mlflow_server_factory()
+def test_store_down_at_finish_then_resume_sends_saved_metrics(outage_server, tmp_path, fast_retry):
+    server = outage_server
     run_dir = tmp_path / "run"
     cfg = make_cfg(server.uri, "spill")
     tr = create_tracker(cfg, run_dir, RANK0).start()

@@ -109,7 +109,7 @@ class MlflowTracker(NoopTracker):
     START_TIMEOUT = 20.0  # start() waits this long for the run to exist, then goes on in the background
     FLUSH_INTERVAL = 0.5  # the worker sends what accumulated at most this often
     MAX_BACKOFF = 10.0  # retry interval cap while the store is unreachable
-    ARTIFACT_ATTEMPTS = 30  # per artifact, transient failures (about 5 min at the backoff cap)
+    ARTIFACT_ATTEMPTS = 10  # per artifact, failures of a store that answers; an outage is waited out
     ARTIFACT_GRACE = 600.0  # finish() waits this much longer for an upload that is making progress
 
     def __init__(self, *, tracking_uri: str, artifact_location: str | None, experiment: str, run_name: str,
@@ -144,6 +144,7 @@ class MlflowTracker(NoopTracker):
         self._started = False
         self._finished = False
         self._art_busy = False  # an upload is in flight right now
+        self._art_abandoned = False  # finish() stopped waiting for uploads: the uploader stops too
         self._art_backoff_until = 0.0
 
         self._params: dict[str, str] = {}  # what the run holds (fetched on resume)
@@ -300,6 +301,7 @@ class MlflowTracker(NoopTracker):
                 with self._lock:
                     n = len(self._artifacts) + int(self._art_busy)
                 log.warning("MLflow: %d artifact upload(s) not done after %.0f s: giving up on them", n, timeout)
+                self._art_abandoned = True
                 break
             time.sleep(0.05)
         # 2. system metrics monitor: stopped before the run ends (bounded: its flush may hit a dead server)
@@ -310,7 +312,7 @@ class MlflowTracker(NoopTracker):
         with self._lock:
             self._closing = True
         self._wake.set()
-        remaining = max(deadline - time.monotonic(), 1.0)
+        remaining = max(deadline - time.monotonic(), min(timeout, 10.0))
         if not self._worker_done.wait(remaining):
             with self._lock:
                 self._abandoned = True
@@ -729,10 +731,11 @@ class MlflowTracker(NoopTracker):
         client = None
         attempts = 0
         backoff = 0.0
+        warned = False
         while True:
             with self._lock:
                 item = self._artifacts[0] if self._artifacts else None
-                stop = (self._finished and item is None) or self._abandoned
+                stop = (self._finished and item is None) or self._abandoned or self._art_abandoned
             if stop or self._disabled:
                 return
             if item is None or not self._run_ready.is_set():
@@ -753,16 +756,19 @@ class MlflowTracker(NoopTracker):
                     client.log_artifacts(self.run_id, str(p), artifact_path)
                 else:
                     client.log_artifact(self.run_id, str(p), artifact_path)
-                drop, attempts, backoff = True, 0, 0.0
+                drop, attempts, backoff, warned = True, 0, 0.0, False
                 log.info("MLflow: uploaded %s to %s", Path(path).name, artifact_path or "artifacts root")
             except Exception as exc:  # noqa: BLE001
-                attempts += 1
+                # an outage does not use up attempts: only failures of a store that answers (or of the file)
+                if not (util.is_unreachable(exc) or self._outage_since is not None):
+                    attempts += 1
                 if util.is_permanent(exc) or attempts >= self.ARTIFACT_ATTEMPTS:
                     log.warning("MLflow: upload of %s failed (%s), giving up after %d attempt(s)", path,
                                 _short(exc), attempts)
-                    drop, attempts, backoff = True, 0, 0.0
+                    drop, attempts, backoff, warned = True, 0, 0.0, False
                 else:
-                    if attempts == 1:
+                    if not warned:
+                        warned = True
                         log.warning("MLflow: upload of %s failed (%s); retrying in the background", path,
                                     _short(exc))
                     backoff = min(max(backoff * 2, 1.0), self.MAX_BACKOFF)

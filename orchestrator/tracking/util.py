@@ -142,6 +142,18 @@ def is_permanent(exc: BaseException) -> bool:
     return 400 <= code < 500 and code not in (408, 429)
 
 
+_UNREACHABLE = ("max retries exceeded", "connection refused", "connection reset", "connection aborted",
+                "timed out", "remotedisconnected", "name or service not known", "failed to establish")
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The store could not be reached at all (as opposed to a request it answered with an error)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__} {exc}".lower()
+    return any(s in text for s in _UNREACHABLE) or "connectionerror" in text
+
+
 def is_not_found(exc: BaseException) -> bool:
     code = getattr(exc, "error_code", None)
     return code == "RESOURCE_DOES_NOT_EXIST" or http_status_of(exc) == 404
