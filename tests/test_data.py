@@ -152,6 +152,23 @@ def test_resume_mid_epoch_is_bitwise_identical(indexed):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
 
 
+def test_batches_outlive_the_pipeline(indexed):
+    """Batches handed out without a copy stay intact while later batches are made and after the pipeline is gone."""
+    ld = build_loader(_cfg(indexed), "train", 0, 1, 4, seed=5)
+    first = list(ld)
+    copies = [(x.clone(), y.clone()) for x, y in first]
+    for _ in range(3):
+        list(ld)
+    it = iter(ld)
+    next(it)
+    del it, ld  # the pipeline is dropped
+    import gc
+
+    gc.collect()
+    for (x, y), (xc, yc) in zip(first, copies, strict=True):
+        assert torch.equal(x, xc) and torch.equal(y, yc)
+
+
 def test_torch_fallback_same_plan(indexed):
     dali = build_loader(_cfg(indexed), "train", 0, 2, 4, seed=3)
     plain = build_loader(_cfg(indexed, loader="torch", num_threads=1), "train", 0, 2, 4, seed=3)
