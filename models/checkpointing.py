@@ -62,8 +62,11 @@ class BatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose running statistics are updated once per step even when its block is recomputed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and recomputing():
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if self.training and recomputing() and self.running_mean is not None:
+            # batch statistics as in the first forward; the running-stat update goes to throwaway copies (the
+            # same op with the same saved tensors, which non-reentrant checkpointing verifies)
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            return F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum or 0.0, self.eps)
         return super().forward(x)
 
 

@@ -91,38 +91,55 @@ def _forward_cpu(
                 v_buf.add_(s, alpha=vr)
         v = v_buf
     assert v is not None
-    return s_seq, v.clone() if v is v_buf else v, h_seq
+    return s_seq, v, h_seq
 
 
 def _backward_cpu(
     g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    thr = spec.v_threshold
+    """g_x and the gradient of the initial membrane; g_h[t] is built in g_x[t], scaled by b at the end."""
+    thr, alpha = spec.v_threshold, spec.surrogate_alpha
     a, b = _coefficients(spec)
+    steps = h_seq.shape[0]
     g_x = torch.empty_like(h_seq)
-    carry = torch.zeros_like(h_seq[0]) if g_v is None else g_v.to(h_seq.dtype, copy=True)
-    for t in range(h_seq.shape[0] - 1, -1, -1):
-        h = h_seq[t]
-        sg = _surrogate_(h - thr, spec.surrogate, spec.surrogate_alpha)
+    d = torch.empty_like(h_seq[0])
+    mask = torch.empty_like(h_seq[0], dtype=torch.bool)
+    one = torch.ones((), dtype=h_seq.dtype, device=h_seq.device)
+    for t in range(steps - 1, -1, -1):
+        h, g = h_seq[t], g_x[t]
+        # g <- the gradient reaching the membrane after step t (from step t + 1's charge, or from the output)
+        if t < steps - 1:
+            torch.mul(g_x[t + 1], a, out=g)
+        elif g_v is None:
+            g.zero_()
+        else:
+            g.copy_(g_v)
+        torch.sub(h, thr, out=d)
+        if spec.surrogate == "atan" and spec.detach_reset:
+            # the default neuron, in 5 passes: g = g * dv/dh + g_s * (alpha / 2) / (1 + c d^2)
+            if spec.v_reset is not None:
+                torch.ge(h, thr, out=mask)
+                g.masked_fill_(mask, 0.0)
+            torch.addcmul(one, d, d, value=(math.pi / 2 * alpha) ** 2, out=d)
+            g.addcdiv_(g_s[t], d, value=alpha / 2)
+            continue
+        sg = _surrogate_(d, spec.surrogate, alpha)
         if spec.v_reset is None:
             if not spec.detach_reset:
-                carry.addcmul_(carry, sg, value=-thr)
+                g.addcmul_(g, sg, value=-thr)
         else:
-            spiked = h >= thr
+            torch.ge(h, thr, out=mask)
             if spec.detach_reset:
-                carry.masked_fill_(spiked, 0.0)
+                g.masked_fill_(mask, 0.0)
             else:
-                # carry * (1 - s + (v_reset - h) * sg)
-                extra = torch.sub(spec.v_reset, h).mul_(sg).mul_(carry)
-                carry.masked_fill_(spiked, 0.0).add_(extra)
-        carry.addcmul_(g_s[t], sg)  # carry is now g_h[t]
-        if b == 1.0:
-            g_x[t].copy_(carry)
-        else:
-            torch.mul(carry, b, out=g_x[t])
-        if a != 1.0:
-            carry.mul_(a)
-    return g_x, carry
+                # g * (1 - s + (v_reset - h) * sg)
+                extra = torch.sub(spec.v_reset, h).mul_(sg).mul_(g)
+                g.masked_fill_(mask, 0.0).add_(extra)
+        g.addcmul_(g_s[t], sg)
+    g_v0 = g_x[0] * a
+    if b != 1.0:
+        g_x.mul_(b)
+    return g_x, g_v0
 
 
 class _FusedLIF(torch.autograd.Function):

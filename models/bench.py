@@ -1,0 +1,218 @@
+"""Throughput benchmarks against SpikingJelly 2.0.0 (``orchestrator bench models``); a command, not a test.
+
+``run_models_bench(json_path)``: in one process, on the same inputs and thread count, forward + backward of our
+``sew_resnet50`` and ``danet50`` and SpikingJelly's multi-step ``sew_resnet50`` (LIFNode tau 2, ATan(2), hard reset
+0, detach_reset, the same neuron as ours; its CPU LIF op is its only and fastest CPU backend), T=4, batch 4,
+112x112, 2 threads. The models are timed round-robin, one step each per round, so load from other processes on a
+shared machine hits all of them alike; the median over the rounds after warm-up is reported.
+
+``run_lif_bench()``: one LIF layer ``[T=4, N=4, 256, 28, 28]`` forward + backward: our fused op, our reference
+loop (autograd through every step) and SpikingJelly's LIFNode.
+
+SpikingJelly's model file imports one function from torchvision (``load_state_dict_from_url``, for pretrained
+weights), and torchvision does not work beside this torch build (``operator torchvision::nms does not exist``,
+even where pip pulled it in); a stand-in module that raises if called is placed in ``sys.modules`` only while
+SpikingJelly is imported, unless a working torchvision is already imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .neurons import MultiStepNeuron, NeuronSpec
+from .resnet import create_model
+
+T, BATCH, RES, THREADS, CLASSES = 4, 4, 112, 2, 1000
+
+
+@contextlib.contextmanager
+def _torchvision_standin():
+    """Provide ``torchvision.models.utils.load_state_dict_from_url`` while SpikingJelly's models import."""
+    if "torchvision" in sys.modules:  # a working torchvision is already imported
+        yield
+        return
+
+    def load_state_dict_from_url(*_a: Any, **_k: Any) -> Any:
+        raise RuntimeError("pretrained weights are unavailable: torchvision stand-in (models/bench.py)")
+
+    names = (
+        "torchvision",
+        "torchvision.models",
+        "torchvision.models.utils",
+        "torchvision._internally_replaced_utils",
+    )
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["torchvision.models.utils"].load_state_dict_from_url = load_state_dict_from_url  # type: ignore[attr-defined]
+    mods["torchvision._internally_replaced_utils"].load_state_dict_from_url = load_state_dict_from_url  # type: ignore[attr-defined]
+    mods["torchvision"].models = mods["torchvision.models"]  # type: ignore[attr-defined]
+    mods["torchvision.models"].utils = mods["torchvision.models.utils"]  # type: ignore[attr-defined]
+    sys.modules.update(mods)
+    try:
+        yield
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+
+
+def _spikingjelly_sew_resnet50() -> tuple[nn.Module, Callable[[nn.Module], None]]:
+    with _torchvision_standin():
+        from spikingjelly.activation_based import functional, neuron, surrogate
+        from spikingjelly.activation_based.model import sew_resnet
+    net = sew_resnet.sew_resnet50(
+        cnf="ADD",
+        spiking_neuron=neuron.LIFNode,
+        tau=2.0,
+        decay_input=True,
+        v_threshold=1.0,
+        v_reset=0.0,
+        surrogate_function=surrogate.ATan(alpha=2.0),
+        detach_reset=True,
+        num_classes=CLASSES,
+    )
+    functional.set_step_mode(net, "m")
+    return net, functional.reset_net
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+
+
+def _rounds(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + repeats):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[key].append(dt)
+    return times
+
+
+def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int = 7) -> dict:
+    """Benchmark ours vs SpikingJelly's sew_resnet50 (see the module docstring); write JSON when a path is given."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    images = torch.randn(BATCH, 3, RES, RES)
+    labels = torch.randint(0, CLASSES, (BATCH,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def our_step(model: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(images).mean(0), labels).backward()
+
+        return step
+
+    sj_net, reset_net = _spikingjelly_sew_resnet50()
+    sj_input = images.unsqueeze(0).repeat(T, 1, 1, 1, 1)
+
+    def sj_step() -> None:
+        sj_net.zero_grad(set_to_none=True)
+        loss_fn(sj_net(sj_input).mean(0), labels).backward()
+        reset_net(sj_net)
+
+    ours = {
+        name: create_model(name, T=T, num_classes=CLASSES, input_size=RES)
+        for name in ("sew_resnet50", "danet50")
+    }
+    steps = {("ours", n): our_step(m) for n, m in ours.items()}
+    steps[("spikingjelly", "sew_resnet50")] = sj_step
+    times = _rounds(steps, warmup, repeats)  # type: ignore[arg-type]
+
+    results = []
+    for (impl, model), ts in times.items():  # type: ignore[misc]
+        med = statistics.median(ts)
+        results.append(
+            {
+                "impl": impl,
+                "model": model,
+                "img_per_s": BATCH / med,
+                "step_s_median": med,
+                "step_s": ts,
+            }
+        )
+    by = {(r["impl"], r["model"]): r for r in results}
+    out = {
+        "config": {
+            "T": T,
+            "batch": BATCH,
+            "res": RES,
+            "threads": THREADS,
+            "warmup": warmup,
+            "repeats": repeats,
+        },
+        "machine": _machine(),
+        "results": results,
+        "ratio_ours_vs_spikingjelly": by[("ours", "sew_resnet50")]["img_per_s"]
+        / by[("spikingjelly", "sew_resnet50")]["img_per_s"],
+        "lif": run_lif_bench(),
+    }
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+def run_lif_bench(
+    shape: tuple[int, ...] = (T, BATCH, 256, 28, 28), warmup: int = 2, repeats: int = 9
+) -> dict:
+    """LIF layer forward + backward: fused vs reference loop vs SpikingJelly's LIFNode (median ms)."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 1.5 + 0.5).requires_grad_()
+    grad = torch.randn(shape)
+    fused = MultiStepNeuron(NeuronSpec(backend="fused"))
+    reference = MultiStepNeuron(NeuronSpec(backend="reference"))
+    with _torchvision_standin():
+        from spikingjelly.activation_based import functional, neuron, surrogate
+    sj = neuron.LIFNode(
+        tau=2.0, v_reset=0.0, surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True, step_mode="m"
+    )
+
+    def run(layer: nn.Module, reset: Callable[[nn.Module], None] | None = None) -> Callable[[], None]:
+        def step() -> None:
+            x.grad = None
+            layer(x).backward(grad)
+            if reset is not None:
+                reset(layer)
+
+        return step
+
+    times = _rounds(
+        {"fused": run(fused), "reference": run(reference), "spikingjelly": run(sj, functional.reset_net)},
+        warmup,
+        repeats,
+    )
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {
+        "shape": list(shape),
+        "median_ms": ms,
+        "speedup_fused_vs_reference": ms["reference"] / ms["fused"],
+        "speedup_fused_vs_spikingjelly": ms["spikingjelly"] / ms["fused"],
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_models_bench(sys.argv[1] if len(sys.argv) > 1 else None), indent=2))

@@ -1,0 +1,222 @@
+"""Models: every registered model end to end, neurons against their reference, DA identities, sizes, errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from models import Connection, MultiStepNeuron, NeuronSpec, create_model, model_names
+from models.lif_fused import fused_lif
+from models.telemetry import measure
+
+torch.set_num_threads(2)
+
+
+def _small(name: str, **kw):
+    kw = {"T": 2, "num_classes": 10, "input_size": 32, "width": 8, **kw}
+    return create_model(name, **kw)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_model_forward_backward(name):
+    torch.manual_seed(0)
+    model = _small(name)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 2, 10)
+    assert torch.isfinite(out).all()
+    out.mean(0).logsumexp(1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ neurons
+
+NEURON_CASES = [
+    dict(type="lif"),
+    dict(type="lif", v_reset=None),
+    dict(type="lif", v_reset=-0.2, detach_reset=False),
+    dict(type="lif", decay_input=False, surrogate="sigmoid", surrogate_alpha=4.0),
+    dict(type="lif", v_reset=None, detach_reset=False, surrogate="rect", surrogate_alpha=1.0),
+    dict(type="lif", tau=3.0, v_threshold=0.5),
+    dict(type="if"),
+    dict(type="if", v_reset=None, surrogate="sigmoid"),
+    dict(type="plif"),
+]
+
+
+def _inputs(shape=(5, 3, 4, 6, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * 1.5 + 0.6, torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("case", NEURON_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_multistep_equals_single_steps(case, backend):
+    neuron = MultiStepNeuron(NeuronSpec(**case, backend=backend))
+    x, _ = _inputs()
+    spikes, v_last = neuron.forward_with_state(x)
+    v, loop = None, []
+    for t in range(x.shape[0]):
+        s, v = neuron.step(x[t], v)
+        loop.append(s)
+    assert torch.equal(spikes, torch.stack(loop))
+    assert torch.allclose(v_last, v, atol=1e-6)
+    assert 0.05 < spikes.mean() < 0.95  # the inputs exercise both branches
+
+
+@pytest.mark.parametrize("case", [c for c in NEURON_CASES if c["type"] != "plif"], ids=str)
+@pytest.mark.parametrize("with_v0", [False, True])
+def test_fused_lif_equals_reference_loop(case, with_v0):
+    x, g = _inputs()
+    v0 = (torch.rand(x.shape[1:]) * 0.5) if with_v0 else None
+    outs = {}
+    for backend in ("fused", "reference"):
+        xb = x.clone().requires_grad_()
+        vb = v0.clone().requires_grad_() if v0 is not None else None
+        spikes, v_last = MultiStepNeuron(NeuronSpec(**case, backend=backend)).forward_with_state(xb, vb)
+        (spikes * g).sum().add_((v_last * g[0]).sum()).backward()
+        outs[backend] = (spikes, v_last, xb.grad, vb.grad if vb is not None else None)
+    fused, ref = outs["fused"], outs["reference"]
+    assert torch.equal(fused[0], ref[0])
+    for a, b in zip(fused[1:], ref[1:], strict=True):
+        if b is None:
+            assert a is None
+        else:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-6), (a - b).abs().max()
+
+
+def test_fused_lif_accepts_broadcast_time_input():
+    x = torch.randn(1, 2, 3, 4, 4).expand(4, 2, 3, 4, 4) + 0.8
+    spikes, _ = fused_lif(x, None, NeuronSpec())
+    ref = MultiStepNeuron(NeuronSpec(backend="reference"))(x.contiguous())
+    assert torch.equal(spikes, ref)
+
+
+def test_neuron_state_is_not_kept_between_calls():
+    model = _small("danet18").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    assert not any("v" == n.split(".")[-1] for n, _ in model.named_buffers())
+
+
+def test_neuron_spec_errors():
+    with pytest.raises(ValueError, match="surrogate"):
+        NeuronSpec(surrogate="tanh")
+    with pytest.raises(ValueError, match="unknown field"):
+        create_model("danet18", neuron={"taus": 2.0})
+
+
+# ------------------------------------------------------------------------------------------------ connections
+
+
+def _same_weights(src, dst):
+    dst.load_state_dict(src.state_dict(), strict=True)
+    return dst
+
+
+@pytest.mark.parametrize(
+    "domain,baseline,depth", [("membrane", "ms_resnet", 18), ("spike", "sew_resnet", 50)]
+)
+def test_da_fixed_stage_is_the_identity_residual_stream(domain, baseline, depth):
+    torch.manual_seed(0)
+    base = _small(f"{baseline}{depth}").train()
+    da = _same_weights(
+        base, _small(f"danet{depth}", da={"domain": domain, "span": "stage", "weights": "fixed"})
+    )
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(base(x), da(x))
+
+
+@pytest.mark.parametrize("domain,span", list(itertools.product(["spike", "membrane"], ["stage", "network"])))
+def test_da_learnable_at_init_equals_fixed(domain, span):
+    torch.manual_seed(0)
+    learn = _small("danet34", da={"domain": domain, "span": span, "weights": "learnable"})
+    fixed = _small("danet34", da={"domain": domain, "span": span, "weights": "fixed"})
+    state = {k: v for k, v in learn.state_dict().items() if not k.endswith("weights.alpha")}
+    fixed.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(learn(x), fixed(x))
+
+
+def test_connection_override_and_iand():
+    model = _small("sew_resnet18", connection="sew_iand")
+    assert model.connection is Connection.SEW_IAND
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 2, 10)
+    assert _small("sew_resnet18", connection="default").connection is Connection.SEW_ADD
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+@pytest.mark.parametrize("name,params_m", [("sew_resnet50", 25.56), ("sew_resnet152", 60.19)])
+def test_reference_parameter_counts(name, params_m):
+    with torch.device("meta"):
+        model = create_model(name, num_classes=1000)
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e6 - params_m) <= 0.01
+
+
+def test_registry_names_and_errors():
+    names = model_names()
+    for family in ("danet", "spiking_resnet", "sew_resnet", "ms_resnet"):
+        for depth in (18, 34, 50, 101, 152):
+            assert f"{family}{depth}" in names
+    with pytest.raises(ValueError, match="valid names: .*danet18"):
+        create_model("danet19")
+    with pytest.raises(ValueError, match="unknown override.*widht.*valid"):
+        create_model("danet18", widht=8)
+    with pytest.raises(ValueError, match="connection='dense'"):
+        create_model("danet18", connection="dense")
+    with pytest.raises(ValueError, match="da.span"):
+        create_model("danet18", da={"span": "everything"})
+    with pytest.raises(ValueError, match="T=0"):
+        create_model("danet18", T=0)
+
+
+def test_imagenet_stem_and_sequence_input():
+    model = _small("danet18", input_size=112)
+    assert model.stem_pool is not None
+    assert model(torch.randn(1, 3, 112, 112)).shape == (2, 1, 10)
+    assert model(torch.randn(2, 1, 3, 112, 112)).shape == (2, 1, 10)
+
+
+def test_model_cost_for_the_listing():
+    from models.registry import model_cost
+
+    cost = model_cost("sew_resnet50")
+    assert abs(cost["params_m"] - 25.557) < 1e-3
+    assert 4.0 < cost["gflops"] < 4.2  # ResNet-50's 4.1 GMACs per time step
+
+
+# ------------------------------------------------------------------------------------------------ checkpointing
+
+
+@pytest.mark.parametrize("policy", ["block", "time"])
+def test_checkpointing_matches_none(policy):
+    torch.manual_seed(0)
+    ref = _small("danet18", width=8)
+    ckpt = _same_weights(ref, _small("danet18", width=8, checkpointing=policy))
+    x = torch.randn(2, 3, 32, 32)
+    for m in (ref, ckpt):
+        m(x).mean(0).logsumexp(1).sum().backward()
+    for (n, a), b in zip(ref.named_parameters(), ckpt.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
+    for (n, a), b in zip(ref.named_buffers(), ckpt.buffers(), strict=True):
+        assert torch.equal(a, b), n  # running statistics updated once, as without checkpointing
+
+
+# ------------------------------------------------------------------------------------------------ telemetry
+
+
+def test_telemetry_measure():
+    model = _small("sew_resnet18").train()
+    stats = measure(model, torch.randn(2, 3, 32, 32))
+    assert model.training
+    for key in ("firing_rate/stage1", "firing_rate/stage4", "firing_rate/mean", "sops", "energy_mj"):
+        assert isinstance(stats[key], float)
+    assert 0.0 <= stats["firing_rate/mean"] <= 1.0
+    assert stats["sops"] > 0 and stats["energy_mj"] > 0
+    assert stats["macs"] > 0  # the stem convolves the image: MACs
