@@ -204,3 +204,13 @@ def test_large_batch_parallel_read(tmp_path, monkeypatch):
         idx = rng.permutation(200)
         assert r.read(idx) == [recs[i] for i in idx]
         assert np.array_equal(r.sizes(), [len(b) for b in recs])
+
+
+def test_legacy_file_without_checksums(tmp_path):
+    raw = bytearray((V / "v1_bytes.ffr").read_bytes())
+    raw[0:4] = b"\0\0\0\0"  # meta_crc 0 = a legacy file: readable, records unchecked
+    p = tmp_path / "legacy.ffr"
+    p.write_bytes(bytes(raw))
+    with FileReader(p) as r:
+        assert [_sha(b) for b in r.read(range(8))] == MANIFEST["v1_bytes.ffr"]["sha256"]
+        assert r.validate() == []
