@@ -197,8 +197,10 @@ def test_loader_bad_input(indexed, tmp_path):
     raw = bytearray(part.read_bytes())
     raw[start + 30] ^= 0xFF
     part.write_bytes(bytes(raw))
-    with pytest.raises(UserError, match=r"PART_00000.ffr: record 5"):
-        list(build_loader(_cfg(bad), "val", 0, 1, 4, 0))
+    for loader in ("dali", "torch"):
+        with pytest.raises(UserError, match=r"PART_00000.ffr: record 5") as err:
+            list(build_loader(_cfg(bad, loader=loader, num_threads=2), "val", 0, 1, 4, 0))
+        assert "\n" not in str(err.value) and "data verify" in str(err.value)
 
 
 def test_pickled_records_need_trust(tmp_path):

@@ -43,6 +43,10 @@ __all__ = ["build_loader", "DaliLoader", "open_dataset", "load_meta"]
 SPLITS = ("train", "val")
 
 
+def corrupt_message(err: Exception, root: str | os.PathLike) -> str:
+    return f"corrupt FFRecord dataset: {err}; `orchestrator data verify {root}` lists every bad record"
+
+
 def load_meta(root: str | os.PathLike) -> dict:
     root = Path(root)
     if not root.is_dir():
@@ -88,7 +92,7 @@ def open_dataset(
     try:
         reader = FileReader(split_dir, check_data=True)
     except FFRecordError as e:
-        raise UserError(f"corrupt FFRecord dataset: {e}") from None
+        raise UserError(corrupt_message(e, root)) from None
     if reader.n == 0:
         raise UserError(f"{split_dir} holds no records")
     payload = getattr(data_cfg, "payload", "auto")
@@ -241,7 +245,7 @@ class DaliLoader:
         try:
             records = self.reader.read(idx)
         except FFRecordError as e:
-            raise UserError(f"corrupt FFRecord dataset: {e}") from None
+            raise UserError(corrupt_message(e, self.cfg.root)) from None
         datas, labels, widths, heights = [], [], [], []
         for i, rec in zip(idx.tolist(), records, strict=True):
             try:

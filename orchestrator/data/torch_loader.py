@@ -11,7 +11,7 @@ import io
 import numpy as np
 
 from ..errors import UserError
-from .dali import DaliLoader
+from .dali import DaliLoader, corrupt_message
 from .ffrecord import FFRecordError
 from .records import JPEG_LABEL, RecordError, decode_jpeg_label, load_pickled
 from .sampling import train_params
@@ -24,6 +24,7 @@ class _BatchDataset:
 
     def __init__(self, loader: TorchLoader, epoch: int, batches: list[np.ndarray]):
         self.reader = loader.reader
+        self.root = loader.cfg.root
         self.payload = loader.payload
         self.train = loader.train
         self.seed, self.epoch, self.batches = loader.seed, epoch, batches
@@ -55,7 +56,7 @@ class _BatchDataset:
             records = self.reader.read(idx)
             pairs = [self._image(r) for r in records]
         except (FFRecordError, RecordError) as e:
-            raise UserError(f"corrupt FFRecord dataset: {e}") from None
+            raise UserError(corrupt_message(e, self.root)) from None
         out = np.empty((len(idx), 3, self.size, self.size), np.float32)
         if self.train:
             anchors, shapes, flips = train_params(
@@ -107,7 +108,13 @@ class TorchLoader(DaliLoader):
             prefetch_factor=self.prefetch if workers else None,
         )
         dev = torch.device(self.device) if self.cuda else None
-        for k, (images, labels) in enumerate(dl, start=start):
+        batches_iter = iter(dl)
+        for k in range(start, start + len(batches)):
+            try:
+                images, labels = next(batches_iter)
+            except UserError as e:  # re-raised by the DataLoader with the worker's traceback: keep one line
+                last = str(e).strip().splitlines()[-1]
+                raise UserError(last.split("UserError: ", 1)[-1]) from None
             if dev is not None:
                 images = images.to(dev, non_blocking=True)
             self._batch = k + 1
