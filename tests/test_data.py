@@ -142,6 +142,13 @@ def test_resume_mid_epoch_is_bitwise_identical(indexed):
     # the next pass of the resumed loader is the next epoch, from its start
     assert resumed.state_dict() == {"epoch": 2, "batch": 0}
 
+    # restored at the very end of an epoch (stopped after its last step): that epoch yields nothing more
+    resumed.load_state_dict({"epoch": 1, "batch": len(resumed)})
+    resumed.set_epoch(1)
+    assert list(resumed) == []
+    resumed.set_epoch(2)
+    assert len(list(resumed)) == len(resumed)
+
     # a pass abandoned mid-epoch (e.g. max_steps) continues where it stopped, with no stale prefetched batch
     ld.load_state_dict({"epoch": 1, "batch": 0})
     it = iter(ld)

@@ -209,8 +209,8 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch of the next pass. Keeps a restored mid-epoch position when ``epoch`` is that one."""
-        if int(epoch) != self.epoch:
-            self._epoch, self._batch = int(epoch), 0
+        if int(epoch) != self._epoch:
+            self._epoch, self._batch, self._restored = int(epoch), 0, False
 
     def state_dict(self) -> dict:
         """Exact position: the epoch and how many of its batches were already handed out."""
@@ -227,12 +227,16 @@ class DaliLoader:
     def _begin_pass(self) -> tuple[int, int, list[np.ndarray]]:
         """(epoch, first batch, batches left) of the pass that starts now.
 
-        Training continues from the current position (a restored one, or where an abandoned pass stopped).
+        Training continues from the current position (a restored one, or where an abandoned pass stopped); a
+        restored position at the end of an epoch gives an empty pass (that epoch is done), while a pass that ran
+        to the end is followed by the next epoch.
         Validation always makes a whole pass, unless a position was explicitly restored: peeking at its first
         batch must not shorten the next evaluation.
         """
-        if self.train or self._restored:
-            state = self.state_dict()  # normalizes a finished epoch to (next epoch, 0)
+        if self._restored and self._batch >= len(self):
+            epoch, start = self._epoch, len(self)  # restored at the very end of an epoch: nothing left in it
+        elif self.train or self._restored:
+            state = self.state_dict()  # a pass that ran to the end moves on to the next epoch
             epoch, start = state["epoch"], state["batch"]
         else:
             epoch, start = self._epoch, 0
