@@ -251,8 +251,9 @@ def test_logs_params_metrics_artifacts_over_http(mlflow_server, tmp_path, monkey
     assert not (tmp_path / "run" / ".mlflow_staging").exists()
 
 
-def test_resume_into_same_run_continuous_steps(mlflow_server, tmp_path):  # noqa: F811
+def test_resume_into_same_run_continuous_steps(mlflow_server, tmp_path, monkeypatch):  # noqa: F811
     run_dir = tmp_path / "run"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     cfg = make_cfg(mlflow_server, "resume")
     tr = create_tracker(cfg, run_dir, RANK0).start()
     tr.log_params(cfg)
@@ -264,6 +265,7 @@ def test_resume_into_same_run_continuous_steps(mlflow_server, tmp_path):  # noqa
 
     cfg2 = make_cfg(mlflow_server, "resume")
     cfg2.train.epochs = 7  # changed on restart: must not raise, logged under a new key
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     tr2 = create_tracker(cfg2, run_dir, RANK0).start()
     assert tr2.run_id == run_id and tr2.resume_index == 1
     tr2.log_params(cfg2)
@@ -277,6 +279,7 @@ def test_resume_into_same_run_continuous_steps(mlflow_server, tmp_path):  # noqa
     assert steps(mlflow_server, run_id, "train/loss") == list(range(20))
     assert run.data.params["train.epochs"] == "1" and run.data.params["resume.1.train.epochs"] == "7"
     assert run.data.tags["resume.1.changed_params"] == "train.epochs" and run.data.tags["resumes"] == "1"
+    assert run.data.tags["slurm.restart_count"] == "1"  # this start's tags replace the previous ones
     assert len(c.search_runs([run.info.experiment_id])) == 1
     line = next(ln for ln in tcli.runs_compare([run_id], mlflow_server).splitlines() if "train.epochs" in ln)
     assert "7 (resume 1)" in line

@@ -166,7 +166,10 @@ class MlflowTracker(NoopTracker):
         if self._started:
             return self
         self._started = True
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # the run id cannot be kept: tracking still works, a restart starts a new run
+            log.warning("cannot create %s: %s", self.run_dir, exc)
         shutil.rmtree(self.run_dir / STAGING_DIR, ignore_errors=True)  # uploads a previous start left behind
         util.apply_http_env()
         self._worker = threading.Thread(target=self._worker_main, name="mlflow-tracker", daemon=True)
@@ -196,12 +199,17 @@ class MlflowTracker(NoopTracker):
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         """Queue metric values for ``step`` (timestamped now); returns at once. Non-numbers are skipped."""
-        if self._finished or self._disabled:
+        if self._finished or self._disabled or not metrics:
             return
         ts = int(time.time() * 1000)
-        step = int(step) if step is not None else 0
+        try:
+            step = int(step) if step is not None else 0
+            items = list(metrics.items())
+        except (TypeError, ValueError, AttributeError) as exc:
+            log.warning("log_metrics ignored: %s", exc)
+            return
         rows = []
-        for k, v in metrics.items():
+        for k, v in items:
             f = util.to_float(v)
             if f is None:
                 if k not in self._bad_metric_warned:
@@ -440,7 +448,8 @@ class MlflowTracker(NoopTracker):
             self._params = dict(run.data.params)
             if run.info.status != "RUNNING":
                 client.update_run(run.info.run_id, status="RUNNING")
-            client.set_tag(run.info.run_id, "resumes", str(self.resume_index))
+            # this start's tags (Slurm job id and restart count, host, command, versions) replace the last ones
+            self._send_tags({**self._initial_tags, "resumes": str(self.resume_index)}, run.info.run_id)
             self.experiment_id = run.info.experiment_id
             self.run_id = run.info.run_id
             log.info("MLflow: resuming run %s (resume %d) at %s", self.run_id, self.resume_index,
@@ -597,21 +606,22 @@ class MlflowTracker(NoopTracker):
                     break
         log.warning("MLflow refused param %s=%r: not logged", key, val[:80])
 
-    def _send_tags(self, tags: dict[str, str]) -> None:
+    def _send_tags(self, tags: dict[str, str], run_id: str | None = None) -> None:
         from mlflow.entities import RunTag
 
+        run_id = run_id or self.run_id
         items = [(k, v[: util.MAX_TAG_VAL_LENGTH]) for k, v in tags.items()]
         client = self._get_client()
         for i in range(0, len(items), util.MAX_PARAMS_TAGS_PER_BATCH):
             chunk = items[i: i + util.MAX_PARAMS_TAGS_PER_BATCH]
             try:
-                client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in chunk], synchronous=True)
+                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in chunk], synchronous=True)
             except Exception as exc:  # noqa: BLE001
                 if not util.is_permanent(exc):
                     raise
                 for k, v in chunk:
                     try:
-                        client.set_tag(self.run_id, k, v, synchronous=True)
+                        client.set_tag(run_id, k, v, synchronous=True)
                     except Exception as exc2:  # noqa: BLE001
                         if not util.is_permanent(exc2):
                             raise
