@@ -103,7 +103,7 @@ def _backward_cpu(
     steps = h_seq.shape[0]
     g_x = torch.empty_like(h_seq)
     d = torch.empty_like(h_seq[0])
-    mask = torch.empty_like(h_seq[0], dtype=torch.bool)
+    keep = torch.empty_like(h_seq[0])
     one = torch.ones((), dtype=h_seq.dtype, device=h_seq.device)
     for t in range(steps - 1, -1, -1):
         h, g = h_seq[t], g_x[t]
@@ -114,27 +114,25 @@ def _backward_cpu(
             g.zero_()
         else:
             g.copy_(g_v)
-        torch.sub(h, thr, out=d)
         if spec.surrogate == "atan" and spec.detach_reset:
-            # the default neuron, in 5 passes: g = g * dv/dh + g_s * (alpha / 2) / (1 + c d^2)
-            if spec.v_reset is not None:
-                torch.ge(h, thr, out=mask)
-                g.masked_fill_(mask, 0.0)
+            # the default neuron: g = g * dv/dh + g_s * (alpha / 2) / (1 + c d^2), six cheap passes
+            # (a float 0/1 multiply is several times faster than masked_fill_ on CPU)
+            if spec.v_reset is not None and (t < steps - 1 or g_v is not None):
+                g.mul_(torch.lt(h, thr, out=d))  # hard reset: dv/dh = 1 - s
+            torch.sub(h, thr, out=d)
             torch.addcmul(one, d, d, value=(math.pi / 2 * alpha) ** 2, out=d)
             g.addcdiv_(g_s[t], d, value=alpha / 2)
             continue
+        torch.sub(h, thr, out=d)
         sg = _surrogate_(d, spec.surrogate, alpha)
         if spec.v_reset is None:
             if not spec.detach_reset:
                 g.addcmul_(g, sg, value=-thr)
         else:
-            torch.ge(h, thr, out=mask)
-            if spec.detach_reset:
-                g.masked_fill_(mask, 0.0)
-            else:
-                # g * (1 - s + (v_reset - h) * sg)
-                extra = torch.sub(spec.v_reset, h).mul_(sg).mul_(g)
-                g.masked_fill_(mask, 0.0).add_(extra)
+            extra = None if spec.detach_reset else torch.sub(spec.v_reset, h).mul_(sg).mul_(g)
+            g.mul_(torch.lt(h, thr, out=keep))  # g * (1 - s) [+ g * (v_reset - h) * sg]
+            if extra is not None:
+                g.add_(extra)
         g.addcmul_(g_s[t], sg)
     g_v0 = g_x[0] * a
     if b != 1.0:
