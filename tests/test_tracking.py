@@ -399,6 +399,7 @@ def test_runs_list_and_compare(mlflow_server, tmp_path):  # noqa: F811
     line = next(ln for ln in out.splitlines() if "train.epochs" in ln)
     assert line.lstrip().startswith("*") and "1" in line and "3" in line
     assert "val/top1" in out and "0.6" in out and "model.neuron.surrogate" in out
+    assert ids[1] in tcli.runs_compare(["cmp-1"], mlflow_server)  # by run name too
     from orchestrator.errors import UserError
 
     with pytest.raises(UserError):

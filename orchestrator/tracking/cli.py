@@ -156,19 +156,31 @@ def runs_list(experiment: str | None = None, tracking_uri: str | None = None, ma
     return f"store: {uri}\n" + table(headers, rows)
 
 
+def _find_run(client, uri: str, ref: str):
+    """A run by id, else by run name (unique across experiments)."""
+    try:
+        return _call(client.get_run, uri, ref)
+    except Exception as exc:  # noqa: BLE001
+        if not (util.is_not_found(exc) or util.is_permanent(exc)):
+            raise
+    if "'" not in ref:
+        exps = [e.experiment_id for e in _call(client.search_experiments, uri)]
+        found = _call(client.search_runs, uri, exps, filter_string=f"attributes.run_name = '{ref}'",
+                      max_results=2) if exps else []
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise _user_error(f"several runs are named {ref!r} at {uri}: give the run id")
+    raise _user_error(f"no run {ref!r} at {uri} (see `orchestrator runs list`)")
+
+
 def runs_compare(run_ids: list[str], tracking_uri: str | None = None, all_params: bool = False) -> str:
-    """Key params (and every param that differs, marked *) and final metrics of the runs, side by side."""
+    """Key params (and every param that differs, marked *) and final metrics of the runs, side by side.
+    Runs are given by id or by (unique) run name."""
     if not run_ids:
         raise _user_error("runs compare needs at least one run id")
     client, uri = _client(tracking_uri)
-    runs = []
-    for rid in run_ids:
-        try:
-            runs.append(_call(client.get_run, uri, rid))
-        except Exception as exc:  # noqa: BLE001
-            if util.is_not_found(exc) or util.is_permanent(exc):
-                raise _user_error(f"no run {rid!r} at {uri} (see `orchestrator runs list`)") from None
-            raise
+    runs = [_find_run(client, uri, rid) for rid in run_ids]
     exp_names: dict[str, str] = {}
     for r in runs:
         eid = r.info.experiment_id
