@@ -176,6 +176,7 @@ class MlflowTracker(NoopTracker):
         self._uploader = threading.Thread(target=self._uploader_main, name="mlflow-uploader", daemon=True)
         self._worker.start()
         self._uploader.start()
+        self._pid = os.getpid()
         atexit.register(self._at_exit)
         if not self._run_ready.wait(self.START_TIMEOUT) and not self._disabled:
             log.warning("MLflow store %s not reachable yet; the run will be created when it is (metrics are "
@@ -341,8 +342,8 @@ class MlflowTracker(NoopTracker):
 
     def _at_exit(self) -> None:
         """The process ends without finish(): send what is queued (briefly), save the rest; status untouched."""
-        if self._finished or not self._started or self._disabled:
-            return
+        if self._finished or not self._started or self._disabled or os.getpid() != self._pid:
+            return  # (a forked child, e.g. a data worker, has none of the threads: nothing to do there)
         if not self.flush(timeout=10.0):
             with self._lock:
                 self._abandoned = True
