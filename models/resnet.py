@@ -6,8 +6,9 @@
 Skeleton (SEW-ResNet's, see DANET.md): stem conv7x7/2 + BN (conv3x3/1 + BN, no max-pool, when
 ``input_size <= 64``), computed once on the static image and repeated over T in one place (a broadcast view, no
 copy), then the neuron (spiking domain) and max-pool; four stages of basic or bottleneck blocks (widths
-``width * (1, 2, 4, 8)``, stride on the 3x3 conv); head: a final neuron for real-valued (membrane) streams,
-global average pool, FC per time step -> ``[T, N, num_classes]``. The loop averages over T.
+``width * (1, 2, 4, 8)``, stride on the 3x3 conv); head: global average pool of the stream, FC per time step ->
+``[T, N, num_classes]`` (for a membrane stream the FC sees real values: MACs, counted so by the telemetry). The
+loop averages over T.
 """
 
 from __future__ import annotations
@@ -242,7 +243,9 @@ class SpikingResNet(nn.Module):
             # aggregates seen by later stages: stage outputs 1..j (the stem only feeds stage 1)
             earlier = [(c, f * 2) for c, f in earlier[(1 if j == 0 else 0) :]] + [(cin, 2)]
         self.stages = nn.ModuleList(stages)
-        self.head_neuron = make_neuron(neuron) if self.domain == "membrane" else None
+        # The head reads the stream directly (global average pool + FC per step), in both domains. For a
+        # real-valued (membrane) stream a final neuron before the pool starved the classifier: ~1% firing at
+        # initialisation, and a narrow DANet-18 fitted a batch ~10x more slowly in a quick check.
         self.fc = nn.Linear(cin, num_classes)
         self._init_weights(zero_init_residual)
         self.checkpointing = checkpointing
@@ -297,10 +300,7 @@ class SpikingResNet(nn.Module):
         for j, stage in enumerate(self.stages):
             out = stage(aggregates if stage.network else aggregates[-1:])
             aggregates = [out] if j == 0 else aggregates + [out]
-        x = aggregates[-1]
-        if self.head_neuron is not None:
-            x = self.head_neuron(x)
-        return x
+        return aggregates[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x).mean((3, 4)))
