@@ -417,7 +417,7 @@ def test_ui_serves_local_store_and_stops_cleanly(tmp_path):
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
+        cwd=tmp_path,
         start_new_session=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -435,5 +435,9 @@ def test_ui_serves_local_store_and_stops_cleanly(tmp_path):
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # SIGTERM lets ui() stop its server group (SIGKILL would orphan it)
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -254,6 +254,16 @@ def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1
     if not _port_free(host, port):
         raise _user_error(f"port {port} on {host} is in use; pick another with --port")
     cmd, url = ui_command(uri, port, host)
+
+    def _term(signum, frame):  # SIGTERM / SIGHUP: stop the server group too, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[sig] = signal.signal(sig, _term)
+        except ValueError:  # not the main thread: Ctrl-C only
+            pass
     # the server's own output goes to stderr: stdout carries only the URL line (scripts can read it)
     proc = subprocess.Popen(cmd, start_new_session=True, stdin=subprocess.DEVNULL, stdout=sys.stderr)
     try:
@@ -273,6 +283,8 @@ def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1
         pass
     finally:
         _stop_group(proc)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
