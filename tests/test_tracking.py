@@ -18,12 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest_tracking import mlflow_server, mlflow_server_factory, mlflow_server_proc  # noqa: F401
 from mlflow_server import MlflowServer, free_port
 
 from orchestrator.config.schema import Config
 from orchestrator.tracking import MlflowTracker, NoopTracker, create_tracker, default_tags, util
 from orchestrator.tracking import cli as tcli
+
+if not hasattr(sys.modules.get("conftest"), "mlflow_server"):  # tests/conftest.py normally provides them
+    from conftest_tracking import mlflow_server, mlflow_server_factory, mlflow_server_proc  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK0 = SimpleNamespace(rank=0, world_size=1, num_nodes=1, local_world_size=1, job_id="")
