@@ -18,7 +18,11 @@ Correctness under recompute, by construction:
 * ``BatchNorm`` below normalises with batch statistics but does not update its running statistics while a
   checkpointed block is being recomputed, so running stats after a step equal those of ``none``.
 
-``spike_storage`` (float | byte | bit) is accepted and stored on the model; tensors are currently kept as float.
+Spike storage (``model.spike_storage``): a convolution whose input is a neuron's output (binary spikes) saves that
+input for its weight gradient. ``float`` keeps autograd's float tensor (4 bytes per spike); ``byte`` saves it as
+uint8 and ``bit`` packs 8 spikes per byte (``spike_conv2d``); backward unpacks and calls the same convolution
+backward, so gradients are identical. Inputs that are not exactly 0/1 must not be routed here (the networks only
+route the outputs of neurons).
 """
 
 from __future__ import annotations
@@ -82,3 +86,62 @@ def run(fn: Callable[..., Any], *args: Any, policy: str = "none") -> Any:
     if policy == "none" or not torch.is_grad_enabled():
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+
+
+# --------------------------------------------------------------------------------------------- spike storage
+
+
+def pack_spikes(x: torch.Tensor, storage: str) -> torch.Tensor:
+    """0/1 float tensor -> uint8 (``byte``) or 8 spikes per byte (``bit``, padded to a multiple of 8)."""
+    b = x.detach().reshape(-1).to(torch.uint8)
+    if storage == "byte":
+        return b
+    pad = (-b.numel()) % 8
+    if pad:
+        b = torch.cat([b, b.new_zeros(pad)])
+    b = b.view(-1, 8)
+    packed = b[:, 0].clone()
+    for i in range(1, 8):
+        packed |= b[:, i] << i
+    return packed
+
+
+def unpack_spikes(packed: torch.Tensor, storage: str, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_spikes``: a float tensor with the shape, dtype and layout of ``like`` (a meta copy)."""
+    n = like.numel()
+    if storage == "byte":
+        flat = packed.to(like.dtype)
+    else:
+        bits = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
+        for i in range(8):
+            torch.bitwise_and(packed >> i, 1, out=bits[:, i])
+        flat = bits.view(-1)[:n].to(like.dtype)
+    out = torch.empty_like(like, device=packed.device)  # keeps the layout (e.g. channels_last)
+    return out.copy_(flat.view(like.shape))
+
+
+class _SpikeConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, storage):  # type: ignore[override]
+        ctx.save_for_backward(pack_spikes(x, storage), weight)
+        ctx.meta = torch.empty_like(x, device="meta")
+        ctx.conf = (stride, padding, storage)
+        return F.conv2d(x, weight, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        packed, weight = ctx.saved_tensors
+        stride, padding, storage = ctx.conf
+        x = unpack_spikes(packed, storage, ctx.meta)
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )  # fmt: skip
+        return gx, gw, None, None, None
+
+
+def spike_conv2d(x: torch.Tensor, conv: nn.Conv2d, storage: str) -> torch.Tensor:
+    """``conv(x)`` for a 0/1 input ``x``, saving ``x`` for backward as ``storage`` (float = plain autograd)."""
+    if storage == "float" or not torch.is_grad_enabled() or conv.bias is not None or conv.groups != 1:
+        return conv(x)
+    return _SpikeConv.apply(x, conv.weight, conv.stride, conv.padding, storage)

@@ -64,13 +64,22 @@ def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class ConvBN(nn.Module):
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1) -> None:
+    """conv + BN over ``[T, N, C, H, W]``; ``spike_input``: the input is a neuron's output (see spike storage)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, spike_input: bool = False) -> None:
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False)
         self.bn = BatchNorm(cout)
+        self.spike_input = spike_input
+        self.spike_storage = "float"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x.flatten(0, 1))).unflatten(0, x.shape[:2])
+        flat = x.flatten(0, 1)
+        if self.spike_input:
+            y = checkpointing.spike_conv2d(flat, self.conv, self.spike_storage)
+        else:
+            y = self.conv(flat)
+        return self.bn(y).unflatten(0, x.shape[:2])
 
 
 class Branch(nn.Module):
@@ -83,7 +92,9 @@ class Branch(nn.Module):
         else:
             specs = [(cin, planes, 1, 1), (planes, planes, 3, stride), (planes, planes * 4, 1, 1)]
         self.style = style
-        self.units = nn.ModuleList(ConvBN(*s) for s in specs)
+        self.units = nn.ModuleList(
+            ConvBN(*s, spike_input=style == "pre" or i > 0) for i, s in enumerate(specs)
+        )
         n_neurons = len(specs) - 1 if style == "post" else len(specs)
         self.neurons = nn.ModuleList(make_neuron(neuron) for _ in range(n_neurons))
 
@@ -249,6 +260,9 @@ class SpikingResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
         self._init_weights(zero_init_residual)
         self.checkpointing = checkpointing
+        for m in self.modules():
+            if isinstance(m, ConvBN):
+                m.spike_storage = spike_storage
 
     @property
     def checkpointing(self) -> str:

@@ -220,3 +220,26 @@ def test_telemetry_measure():
     assert 0.0 <= stats["firing_rate/mean"] <= 1.0
     assert stats["sops"] > 0 and stats["energy_mj"] > 0
     assert stats["macs"] > 0  # the stem convolves the image: MACs
+
+
+@pytest.mark.parametrize("storage", ["byte", "bit"])
+def test_spike_storage_gives_identical_gradients(storage):
+    torch.manual_seed(0)
+    ref = _small("danet18")
+    packed = _same_weights(ref, _small("danet18", spike_storage=storage))
+    x = torch.randn(2, 3, 32, 32)
+    for m in (ref, packed):
+        m(x).mean(0).logsumexp(1).sum().backward()
+    for (n, a), b in zip(ref.named_parameters(), packed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), n
+
+
+def test_pack_unpack_spikes_roundtrip():
+    from models.checkpointing import pack_spikes, unpack_spikes
+
+    x = (torch.rand(3, 5, 7, 3) > 0.6).float().contiguous(memory_format=torch.channels_last)
+    for storage in ("byte", "bit"):
+        packed = pack_spikes(x, storage)
+        assert packed.numel() == (x.numel() if storage == "byte" else -(-x.numel() // 8))
+        back = unpack_spikes(packed, storage, torch.empty_like(x, device="meta"))
+        assert torch.equal(back, x) and back.stride() == x.stride()
