@@ -56,7 +56,7 @@ if [ -z "${DANET_HOME:-}" ]; then
   if [ -d "${SLURM_SUBMIT_DIR:-$PWD}/orchestrator" ]; then
     DANET_HOME=${SLURM_SUBMIT_DIR:-$PWD}
   else
-    submitted=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=//p')
+    submitted=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
     DANET_HOME=$(cd "$(dirname "${submitted:-.}")/.." 2>/dev/null && pwd)
   fi
 fi

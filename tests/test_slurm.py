@@ -3,9 +3,8 @@ machinery on a REAL local cluster (scripts/slurm-up.sh: 4 nodes in "multiple slu
 
 The cluster tests skip only when Slurm cannot be had at all (no sbatch, and slurm-up.sh could not install and
 start it); a cluster that is installed but does not come up is a failure. They run 4 CPU ranks of a tiny digits
-model (T=1, width 4) so the whole file fits in a few minutes on 2 cores. The requeue job is submitted first and
-trains in the background while the other jobs run, because most of its time is spent waiting for the time-limit
-warning.
+model (T=1, width 4) so the whole file fits in a few minutes on 2 cores. The requeue job trains in the background
+while the later jobs run, because most of its time is spent waiting for the time-limit warning.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,18 +226,43 @@ def _digits_yaml(path: Path, overrides: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def requeue_job(cluster, tmp_path_factory):
-    """Submitted early: `orchestrator launch --time 00:03:00` over a config that would train for hours. The
-    warning (45 s lead, so 75-135 s after the start) makes it checkpoint and requeue; test_requeue... finishes
-    the check."""
+    """Submitted after the first training job (DeepSpeed's op and the page cache are warm) and left running
+    while the next ones run: `orchestrator launch --time 00:04:00` over a config that would train for hours.
+    The warning (60 s lead: 120-180 s after the start) makes it checkpoint and requeue itself.
+    To bound the test, a watcher cuts the config to 2 more steps and gives the job 10 minutes as soon as the
+    requeue happened (before the restart, which waits ~10 s): the restarted job resumes, trains those 2 steps
+    and completes, and a slow restart on a loaded machine is not warned again."""
     d = tmp_path_factory.mktemp("requeue")
     cfg = _digits_yaml(d / "requeue.yaml", ["train.epochs=100", "train.eval_every_epochs=100"])
     uri = f"sqlite:///{d}/mlflow.db"
     p = _run([sys.executable, "-m", "orchestrator", "launch", "--nodes", "4", "--gpus-per-node", "1",
-              "--time", "00:03:00", "--config", str(cfg), "--run-dir", str(d / "run"),
+              "--time", "00:04:00", "--config", str(cfg), "--run-dir", str(d / "run"),
               f"tracking.tracking_uri={uri}"], cwd=d, timeout=300)
     assert p.returncode == 0, p.stderr
     job = re.search(r"submitted job (\d+)", p.stdout).group(1)
-    return dict(job=job, dir=d, run_dir=d / "run", config=cfg, uri=uri, t0=time.monotonic())
+    marker = d / "run" / ".requeued-at"
+    found: dict = {}
+
+    def watch():
+        while "step" not in found and not found.get("stop"):
+            if marker.is_file() and marker.read_text().strip():
+                step = marker.read_text().strip()
+                _digits_yaml(cfg, ["train.epochs=100", "train.eval_every_epochs=100",
+                                   f"train.max_steps={int(step) + 2 if step.isdigit() else 2}"])
+                _run(["scontrol", "update", f"JobId={job}", "TimeLimit=00:10:00"])
+                found["step"] = step
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    # Let it start training before the other jobs compete for the CPUs (its warning comes at a fixed time).
+    log = d / "run" / f"slurm-{job}.out"
+    _wait(job, 300, until=lambda i: i.get("JobState") in slurm.FINAL_STATES
+          or (log.is_file() and re.search(r"step \d+/", log.read_text()) is not None))
+    yield dict(job=job, dir=d, run_dir=d / "run", config=cfg, uri=uri, t0=time.monotonic(), found=found)
+    found["stop"] = True
+    if _state(job).get("JobState") not in slurm.FINAL_STATES:
+        _run(["scancel", job])
 
 
 @pytest.mark.slurm
@@ -245,9 +270,10 @@ def test_cluster_runs_a_4_node_job(cluster, tmp_path):
     p = _run(["srun", *SHAPE, "bash", "-c", 'echo "$SLURM_PROCID $SLURMD_NODENAME gpu=$CUDA_VISIBLE_DEVICES"'])
     assert p.returncode == 0, p.stderr
     assert sorted(p.stdout.splitlines()) == [f"{r} node{r + 1} gpu=0" for r in range(4)]
-    job = _sbatch([*SHAPE, "--wrap", "srun hostname", f"--output={tmp_path}/%j.out"], tmp_path)
+    job = _sbatch([*SHAPE, "--wrap", "srun printenv SLURMD_NODENAME", f"--output={tmp_path}/%j.out"], tmp_path)
     info = _wait(job, 60)
-    assert info["JobState"] == "COMPLETED" and (tmp_path / f"{job}.out").read_text().count("localhost") == 4
+    assert info["JobState"] == "COMPLETED"
+    assert sorted((tmp_path / f"{job}.out").read_text().split()) == ["node1", "node2", "node3", "node4"]
 
 
 @pytest.mark.slurm
@@ -262,11 +288,12 @@ def test_sbatch_accepts_both_scripts(cluster, tmp_path):
 
 
 @pytest.mark.slurm
-def test_danet152_script_trains_on_4_nodes(cluster, requeue_job, tmp_path):
+def test_danet152_script_trains_on_4_nodes(cluster, tmp_path):
     """`sbatch slurm/danet152.sh --config digits ...` with resource flags overriding the #SBATCH defaults,
     DATA_ROOT and RUN_DIR from the environment, submitted from outside the repository."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    job = _sbatch([*SHAPE, "--time=00:10:00", str(REPO / "slurm" / "danet152.sh"), "--config", "digits",
+    job = _sbatch([*SHAPE, "--time=00:15:00", "--signal=B:USR2@60", str(REPO / "slurm" / "danet152.sh"),
+                   "--config", "digits",
                    *TINY, "train.max_steps=2", f"tracking.tracking_uri={uri}"], tmp_path,
                   env={"DATA_ROOT": str(DIGITS_ROOT), "RUN_DIR": str(tmp_path / "run")})
     info = _wait(job, 420)
@@ -313,7 +340,8 @@ def _rank_pid(job: str, rank: int) -> int | None:
 
 @pytest.mark.slurm
 def test_killing_one_rank_fails_the_job_promptly(cluster, requeue_job, tmp_path):
-    job = _sbatch([*SHAPE, "--time=00:10:00", f"--output={tmp_path}/%j.out", str(REPO / "slurm" / "danet152.sh"),
+    job = _sbatch([*SHAPE, "--time=00:15:00", "--signal=B:USR2@60", f"--output={tmp_path}/%j.out",
+                   str(REPO / "slurm" / "danet152.sh"),
                    "--config", "digits", "--run-dir", str(tmp_path / "run"), f"data.root={DIGITS_ROOT}", *TINY,
                    "train.epochs=100", f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db"], tmp_path)
     log = tmp_path / f"{job}.out"
@@ -334,20 +362,14 @@ def test_killing_one_rank_fails_the_job_promptly(cluster, requeue_job, tmp_path)
 @pytest.mark.slurm
 def test_time_limit_checkpoints_requeues_and_resumes(requeue_job):
     """The warning arrives, every rank checkpoints, the job requeues itself (SLURM_RESTART_COUNT >= 1), resumes
-    from the checkpoint into the same MLflow run and completes. To bound the test, once the requeue happened the
-    config is cut to 2 more steps and the restarted job is given 10 minutes (so a slow start under load is not
-    warned again); the first start is unaffected."""
+    from that checkpoint into the same MLflow run and completes (see the requeue_job fixture)."""
     job, run_dir = requeue_job["job"], requeue_job["run_dir"]
-    marker = run_dir / ".requeued-at"
-    left = 400 - (time.monotonic() - requeue_job["t0"])
-    _wait(job, left, until=lambda i: marker.is_file() or i.get("JobState") in slurm.FINAL_STATES)
-    assert marker.is_file(), "the job ended without being requeued: " + _state(job).get("JobState", "?")
-    step = marker.read_text().strip()
+    left = 480 - (time.monotonic() - requeue_job["t0"])
+    info = _wait(job, max(left, 60), until=lambda i: i.get("JobState") in slurm.FINAL_STATES
+                 and (int(i.get("Restarts", 0)) >= 1 or "step" not in requeue_job["found"]))
+    step = requeue_job["found"].get("step")
+    assert step is not None, "the job ended without being requeued: " + info.get("JobState", "?")
     assert step.isdigit() and int(step) >= 1, f"requeued without a checkpoint (marker {step!r})"
-    _digits_yaml(requeue_job["config"], ["train.epochs=100", "train.eval_every_epochs=100",
-                                         f"train.max_steps={int(step) + 2}"])
-    _run(["scontrol", "update", f"JobId={job}", "TimeLimit=00:10:00"])
-    info = _wait(job, 400)
     summary = _check_completed(job, info, run_dir, requeue_job["uri"])
     text = Path(info["StdOut"]).read_text()
     assert int(info["Restarts"]) >= 1 and summary["slurm_restart_count"] >= 1 and summary["restarts"] >= 1
