@@ -5,10 +5,10 @@
 
 Skeleton (SEW-ResNet's, see DANET.md): stem conv7x7/2 + BN (conv3x3/1 + BN, no max-pool, when
 ``input_size <= 64``), computed once on the static image and repeated over T in one place (a broadcast view, no
-copy), then the neuron (spiking domain) and max-pool; four stages of basic or bottleneck blocks (widths
-``width * (1, 2, 4, 8)``, stride on the 3x3 conv); head: global average pool of the stream, FC per time step ->
-``[T, N, num_classes]`` (for a membrane stream the FC sees real values: MACs, counted so by the telemetry). The
-loop averages over T.
+copy; the batch statistics of the repeated batch equal those of the images), then the neuron (spiking domain)
+and max-pool; four stages of basic or bottleneck blocks (widths ``width * (1, 2, 4, 8)``, stride on the 3x3
+conv); head: global average pool of the stream, FC per time step -> ``[T, N, num_classes]`` (for a membrane
+stream the FC sees real values: MACs, counted so by the telemetry). The loop averages over T.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ fan-out); any other input (the image at the stem, a real-valued membrane stream 
 its full MACs. Counts are per sample for the whole forward over all T steps.
 
 ``measure(model, x)`` returns flat float keys, ready for ``log_metrics``:
-``firing_rate/<stage>`` (stem, stage1..stage4, head; spikes per neuron per time step), ``firing_rate/mean``,
+``firing_rate/<stage>`` (stem, stage1..stage4; spikes per neuron per time step), ``firing_rate/mean``,
 ``firing_rate/layer/<neuron module name>``, ``sops`` (ACs), ``macs``, ``energy_mj``, ``ann_energy_mj`` (the same
 network's MACs as an ANN at one time step, for the usual ratio). It runs under ``torch.no_grad`` and leaves the
 model's training mode unchanged (call it on a small batch: a few images suffice).
