@@ -14,8 +14,9 @@ Backward, per step t from T-1 down to 0, with ``g_v`` the gradient reaching the 
     g_v    = g_h[t] * a        (a = 1 - 1/tau for LIF, 1 for IF)
 
 CPU (and CUDA without Triton): a vectorised loop over T writing into preallocated buffers (three passes over the
-data per step forward). CUDA with Triton importable: one kernel over all T per direction (``_triton_lif``); any
-failure to build it falls back to the vectorised path once, with a warning.
+data per step forward, six backward for the default neuron). CUDA with Triton importable: one kernel over all
+T per direction (``_lif_triton``, not yet run on a GPU in this project); any failure to build or run it falls
+back to the vectorised path, with a warning.
 """
 
 from __future__ import annotations
