@@ -9,6 +9,7 @@ while the later jobs run, because most of its time is spent waiting for the time
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,9 +30,11 @@ from orchestrator.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = REPO / "tests" / "data" / "expected_sbatch_digits.sh"
 DIGITS_ROOT = REPO / ".cache" / "data" / "digits"
-# CPU-size overrides: a narrow DANet-18 over one time step, 4 ranks x 16 images.
+# CPU-size overrides: a narrow DANet-18 over one time step, 4 ranks x 16 images. With several 4-rank jobs on 2
+# shared cores, one rank can finish importing minutes after another: the rendezvous gets 4 minutes (a dead rank
+# still ends the job at once through srun --kill-on-bad-exit).
 TINY = ["model.width=4", "model.T=1", "train.global_batch_size=64", "train.log_every_steps=1",
-        "tracking.log_system_metrics=false", "tracking.log_checkpoints=false"]
+        "tracking.log_system_metrics=false", "tracking.log_checkpoints=false", "launch.rank_timeout_s=240"]
 # 4 nodes x 1 task, fake GPU each, 1 CPU per task: what every cluster test asks of sbatch.
 SHAPE = ["--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=1", "--cpus-per-task=1"]
 
@@ -285,6 +288,25 @@ def test_sbatch_accepts_both_scripts(cluster, tmp_path):
     (tmp_path / "s.sh").write_text(text)
     p = _run(["sbatch", "--test-only", str(tmp_path / "s.sh")], cwd=tmp_path)
     assert p.returncode == 0 and "using 8 processors" in p.stderr and "node[1-4]" in p.stderr, p.stderr
+
+
+@pytest.mark.slurm
+def test_status_logs_and_cancel(cluster, tmp_path):
+    job = _sbatch(["--job-name=probe", f"--output={tmp_path}/%x-%j.out", "--wrap",
+                   "echo first; sleep 3; echo second"], tmp_path)
+    buf = io.StringIO()
+    slurm.logs(job, follow=True, out=buf, poll_s=0.3)  # returns once the job has ended
+    assert buf.getvalue().split() == ["first", "second"]
+    p = _run([sys.executable, "-m", "orchestrator", "status", job], cwd=tmp_path)
+    assert p.returncode == 0 and f"job {job} probe: COMPLETED" in p.stdout, p.stdout + p.stderr
+    job = _sbatch(["--wrap", "sleep 300", f"--output={tmp_path}/%j.out"], tmp_path)
+    _wait(job, 60, until=lambda i: i.get("JobState") == "RUNNING")
+    assert job in slurm.status()
+    p = _run([sys.executable, "-m", "orchestrator", "cancel", job], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert _wait(job, 60)["JobState"] == "CANCELLED"
+    with pytest.raises(UserError, match="not a Slurm job id"):
+        slurm.cancel("12; rm -rf /")
 
 
 @pytest.mark.slurm
