@@ -40,13 +40,17 @@ def model_cost(name: str, input_size: int = 224, **overrides: Any) -> dict[str, 
 
 
 def list_models() -> list[dict[str, Any]]:
-    """One dict per registered model: name, family, connection, depth, block, params_m, params, gflops_224."""
+    """One dict per registered model: name, family, connection, depth, block, params_m, params, gflops_224.
+
+    ``connection`` is the model's own (config ``connection: default``); for DANets ``da(mem,net)`` is the default
+    DA variant (``da.domain=membrane``, ``da.span=network``, ``da.weights=learnable``).
+    """
     rows = []
     for name, (family, depth) in REGISTRY.items():
         cost = model_cost(name)
         connection = FAMILIES[family].value
         if connection == "da":
-            connection = "da(membrane,network,learnable)"
+            connection = "da(mem,net)"  # the default DA: membrane domain, network span, learnable weights
         rows.append(
             {
                 "name": name,
