@@ -121,7 +121,16 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
 
 def init_distributed(info: RankInfo, device: str, timeout_s: int) -> None:
     """Process group from the rank environment (no hostfile): gloo on CPU, NCCL on GPUs."""
+    import importlib
+
     import deepspeed
+
+    if device == "cpu":
+        ds_torch = importlib.import_module("deepspeed.comm.torch")  # (attribute access would give torch itself)
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU; it serves only its inference all-reduce,
+        # never training (gloo does that). Skipping it saves ~20-120 s per start and removes a hang: a process
+        # killed mid-compile leaves torch's build lock behind and every later start waits on it forever.
+        ds_torch.build_shm_op = lambda: None
 
     for k, v in info.torch_env().items():
         os.environ[k] = v

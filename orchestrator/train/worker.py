@@ -214,6 +214,7 @@ def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
     final_metrics = {}
     if status == "completed":
         final_metrics = _final_eval(engine, val_loader, cfg, device, dtype, state)
+        tracker.log_metrics(final_metrics, step=state.step)
     if info.is_primary:
         weights = ckpt.export_weights(engine.module, "final.pt", {"step": state.step, "epoch": state.epoch})
         summary.update({
