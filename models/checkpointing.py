@@ -6,10 +6,22 @@ Policies (``model.checkpointing``):
 * ``block``: each residual branch runs under ``torch.utils.checkpoint(use_reentrant=False)`` in multi-step mode:
   only the branch input is kept and the branch is recomputed in backward. Non-reentrant, so weights get gradients
   even when no input requires grad (DeepSpeed's reentrant checkpoint silently drops them).
-* ``time`` and ``block_time`` currently run as ``block`` (documented fallback): BatchNorm statistics couple all T
-  steps of a layer, so recomputing one time step alone needs the batch statistics saved from the first forward;
-  that is not implemented yet.
-* ``auto``: ``block`` when the model is in training mode (the memory model that would choose is not written yet).
+* ``time``: inside every residual branch, each BatchNorm and the neuron it feeds (and a branch's leading neuron)
+  run as one checkpointed segment: autograd keeps only the BatchNorm input (which the convolution's backward
+  needs in any case); the normalised values, the T steps' membrane potentials and spikes are recomputed in
+  backward by re-running the neuron's time loop from its initial state (the state is passed functionally, so a
+  recompute starts from the same state and never advances it twice). Convolutions are not recomputed, so the
+  extra work is elementwise only. With ``spike_storage`` byte/bit the spikes a convolution keeps shrink too.
+  (BatchNorm normalises with statistics over all T steps, which couples the steps; the segment therefore recomputes
+  all T steps of one layer at a time, which is what keeps gradients exactly those of ``none``.)
+* ``block_time``: ``block`` with ``time`` inside the recompute: only the block inputs are kept across the
+  network, and while one block is recomputed for its backward it keeps only its BatchNorm inputs (time segments
+  nested in the block checkpoint), which lowers the transient peak of the block being differentiated.
+* ``auto``: on the first training forward, the saved-activation bytes of each policy are measured on the model
+  itself (``saved_activation_bytes``: batch 1, a small resolution, BatchNorm statistics restored afterwards),
+  scaled to the input's batch and resolution, and the first policy in ``COST_ORDER`` (cheapest in recompute) whose
+  estimate fits ``memory_budget_gb`` (0: the CUDA device's memory; on CPU no limit) is used. The choice is logged
+  at INFO and kept as ``model.checkpointing_resolved``.
 
 Correctness under recompute, by construction:
 
@@ -28,6 +40,7 @@ route the outputs of neurons).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +51,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 POLICIES = ("none", "block", "time", "block_time", "auto")
+# concrete policies, cheapest in recompute first (time recomputes elementwise ops only, block the convolutions)
+COST_ORDER = ("none", "time", "block", "block_time")
+
+log = logging.getLogger(__name__)
 SPIKE_STORAGE = ("float", "byte", "bit")
 
 _state = threading.local()
@@ -75,17 +92,121 @@ class BatchNorm(nn.BatchNorm2d):
 
 
 def effective_policy(policy: str) -> str:
-    """The policy actually run (see the module docstring for the fallbacks)."""
+    """The policy run until ``auto`` is resolved (``auto`` runs as ``none`` until its first training forward)."""
     if policy not in POLICIES:
         raise ValueError(f"checkpointing={policy!r}: expected one of {', '.join(POLICIES)}")
-    return "none" if policy == "none" else "block"
+    return "none" if policy == "auto" else policy
+
+
+def _checkpointed(fn: Callable[..., Any], *args: Any) -> Any:
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
 
 
 def run(fn: Callable[..., Any], *args: Any, policy: str = "none") -> Any:
-    """Call ``fn(*args)``, checkpointed when the policy and grad mode ask for it."""
-    if policy == "none" or not torch.is_grad_enabled():
-        return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+    """Call a residual branch ``fn(*args)``, checkpointed as a whole under ``block`` / ``block_time``."""
+    if policy in ("block", "block_time") and torch.is_grad_enabled():
+        return _checkpointed(fn, *args)
+    return fn(*args)
+
+
+def run_segment(fn: Callable[..., Any], *args: Any, policy: str = "none") -> Any:
+    """Call a BatchNorm + neuron segment, checkpointed under ``time`` / ``block_time``."""
+    if policy in ("time", "block_time") and torch.is_grad_enabled():
+        return _checkpointed(fn, *args)
+    return fn(*args)
+
+
+# --------------------------------------------------------------------------------------------- memory model
+
+
+@contextlib.contextmanager
+def preserved_buffers(model: nn.Module):
+    """Restore every buffer (BatchNorm running stats, counters) of ``model`` on exit."""
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
+
+
+def saved_activation_bytes(
+    model: nn.Module, policy: str, batch: int = 1, res: int = 64, in_channels: int = 3
+) -> int:
+    """Bytes autograd keeps for backward after one training forward of ``model`` under ``policy``.
+
+    Counted with ``saved_tensors_hooks`` (distinct storages, parameters excluded), on CPU, in the model's own
+    training mode; buffers are restored afterwards, so probing leaves no trace. Checkpointed segments keep only
+    their inputs, so their recompute shows here as the inputs they keep.
+    """
+    from .resnet import SpikingResNet  # local: resnet imports this module
+
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, NotImplementedError):
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    device = next(model.parameters()).device
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    was_training = model.training
+    previous = model.checkpointing if isinstance(model, SpikingResNet) else None
+    try:
+        model.train()
+        if isinstance(model, SpikingResNet):
+            model._apply_policy(policy)
+        x = torch.randn(batch, in_channels, res, res, device=device)
+        with preserved_buffers(model), torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model(x)
+            del out
+    finally:
+        model.train(was_training)
+        if previous is not None:
+            model._apply_policy(model.checkpointing_resolved or effective_policy(previous))
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+def choose_policy(
+    model: nn.Module, batch: int, res: int, budget_gb: float, in_channels: int = 3, probe_res: int = 64
+) -> tuple[str, dict[str, float]]:
+    """The first policy in ``COST_ORDER`` whose estimated memory (GiB) fits ``budget_gb``; and every estimate.
+
+    Estimate: parameters x 16 bytes (weights, gradients, two optimizer states, fp32) + saved activations measured
+    at batch 1 x ``probe_res`` and scaled by batch x (res / probe_res)^2. ``budget_gb <= 0``: no limit (``none``).
+    """
+    probe_res = min(probe_res, res)
+    static = sum(p.numel() for p in model.parameters()) * 16
+    est: dict[str, float] = {}
+    for policy in COST_ORDER:
+        act = saved_activation_bytes(model, policy, 1, probe_res, in_channels)
+        est[policy] = (static + act * batch * (res / probe_res) ** 2) / 2**30
+    if budget_gb <= 0:
+        return "none", est
+    for policy in COST_ORDER:
+        if est[policy] <= budget_gb:
+            return policy, est
+    return COST_ORDER[-1], est
+
+
+def resolve_auto(model: nn.Module, x: torch.Tensor) -> str:
+    """Pick the ``auto`` policy for inputs like ``x`` (``[N, C, H, W]`` or ``[T, N, C, H, W]``); log it."""
+    budget = float(getattr(model, "memory_budget_gb", 0.0) or 0.0)
+    if budget <= 0 and x.is_cuda:
+        budget = torch.cuda.get_device_properties(x.device).total_memory / 2**30
+    batch, res = int(x.shape[-4]), int(x.shape[-1])
+    policy, est = choose_policy(model, batch, res, budget, int(x.shape[-3]))
+    log.info(
+        "checkpointing=auto -> %s (budget %s GiB per device; estimates GiB at batch %d, %d px: %s)",
+        policy, f"{budget:.1f}" if budget > 0 else "unlimited", batch, res,
+        ", ".join(f"{k} {v:.2f}" for k, v in est.items()),
+    )  # fmt: skip
+    return policy
 
 
 # --------------------------------------------------------------------------------------------- spike storage

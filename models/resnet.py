@@ -73,13 +73,19 @@ class ConvBN(nn.Module):
         self.spike_input = spike_input
         self.spike_storage = "float"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def conv_seq(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(0, 1)
         if self.spike_input:
             y = checkpointing.spike_conv2d(flat, self.conv, self.spike_storage)
         else:
             y = self.conv(flat)
-        return self.bn(y).unflatten(0, x.shape[:2])
+        return y.unflatten(0, x.shape[:2])
+
+    def bn_seq(self, y: torch.Tensor) -> torch.Tensor:
+        return self.bn(y.flatten(0, 1)).unflatten(0, y.shape[:2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_seq(self.conv_seq(x))
 
 
 class Branch(nn.Module):
@@ -97,15 +103,31 @@ class Branch(nn.Module):
         )
         n_neurons = len(specs) - 1 if style == "post" else len(specs)
         self.neurons = nn.ModuleList(make_neuron(neuron) for _ in range(n_neurons))
+        self.policy = "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # ops in order; a BatchNorm followed by a neuron (and a leading neuron) is one segment for `time`
+        n = len(self.units)
         for i, unit in enumerate(self.units):
             if self.style == "pre":
-                x = self.neurons[i](x)
-            x = unit(x)
-            if self.style != "pre" and i < len(self.neurons):
-                x = self.neurons[i](x)
+                if i == 0:
+                    x = checkpointing.run_segment(self.neurons[0], x, policy=self.policy)
+                x = unit.conv_seq(x)
+                if i + 1 < n:
+                    x = checkpointing.run_segment(self._bn_neuron(i, i + 1), x, policy=self.policy)
+                else:
+                    x = unit.bn_seq(x)
+            else:
+                x = unit.conv_seq(x)
+                if i < len(self.neurons):
+                    x = checkpointing.run_segment(self._bn_neuron(i, i), x, policy=self.policy)
+                else:
+                    x = unit.bn_seq(x)
         return x
+
+    def _bn_neuron(self, unit: int, neuron: int):
+        bn_seq, sn = self.units[unit].bn_seq, self.neurons[neuron]
+        return lambda y: sn(bn_seq(y))
 
 
 class Projection(nn.Module):
@@ -272,8 +294,15 @@ class SpikingResNet(nn.Module):
     def checkpointing(self, policy: str) -> None:
         run = checkpointing.effective_policy(policy)
         self._checkpointing = policy
+        # what runs: the policy itself, or for `auto` the choice made at the first training forward
+        self.checkpointing_resolved: str | None = None if policy == "auto" else policy
+        self._apply_policy(run)
+
+    def _apply_policy(self, run: str) -> None:
         for stage in self.stages:
             stage.policy = run
+            for branch in stage.branches:
+                branch.policy = run
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
@@ -317,6 +346,11 @@ class SpikingResNet(nn.Module):
         return aggregates[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing_resolved is None and self.training and torch.is_grad_enabled():
+            self.checkpointing_resolved = "none"  # while probing (the probe calls forward)
+            policy = checkpointing.resolve_auto(self, x)
+            self.checkpointing_resolved = policy
+            self._apply_policy(policy)
         return self.fc(self.features(x).mean((3, 4)))
 
 
