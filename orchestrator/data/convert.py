@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..fsutil import atomic_write
 from .ffrecord import FFRecordError, FileReader, FileWriter
 from .records import JPEG_LABEL, RecordError, decode_jpeg_label, encode_jpeg_label
 
@@ -144,15 +145,6 @@ def _encode_chunk(task: tuple[int, list[tuple[str, int]]]):
     return k, [_encode_one(p, lab) for p, lab in items]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _part_bounds(n: int, parts: int) -> np.ndarray:
     return np.linspace(0, n, parts + 1).round().astype(np.int64)
 
@@ -229,7 +221,7 @@ def convert(
                 f.unlink()
         for f in state.glob("*.json"):
             f.unlink()
-    _atomic_write_text(plan_file, json.dumps({"fingerprint": fp, "parts": plan}))
+    atomic_write(plan_file, json.dumps({"fingerprint": fp, "parts": plan}))
 
     # which parts still need doing
     todo: list[tuple[str, int, list[tuple[str, int]]]] = []
@@ -289,7 +281,7 @@ def convert(
                     if labels
                     else [0] * len(classes),
                 }
-                _atomic_write_text(state / f"{s}-PART_{part:05d}.json", json.dumps(stats))
+                atomic_write(state / f"{s}-PART_{part:05d}.json", json.dumps(stats))
     finally:
         bar.close()
         if pool is not None:
@@ -322,7 +314,7 @@ def convert(
         "source": str(src.resolve()),
         "source_fingerprint": fp,
     }
-    _atomic_write_text(meta_path, json.dumps(meta, indent=1) + "\n")
+    atomic_write(meta_path, json.dumps(meta, indent=1) + "\n")
     return meta
 
 

@@ -25,24 +25,7 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.errors import UserError
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from orchestrator.fsutil import atomic_write, fsync_dir
 
 
 def _fsync_tree(path: Path) -> None:
@@ -50,7 +33,7 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_dir(path)
 
 
 def _barrier() -> None:
@@ -116,11 +99,11 @@ class CheckpointManager:
             raise UserError(f"checkpoint {tag} could not be written ({reason.splitlines()[0]}); "
                             f"previous checkpoint {self.latest_tag()} kept")
         if self.rank == 0:
-            _atomic_write(self.dir / tag / "COMPLETE", b"ok\n")
+            atomic_write(self.dir / tag / "COMPLETE", b"ok\n")
             index = self._index()
             index[tag] = {"step": step, "val_top1": val_top1}
-            _atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
-            _atomic_write(self.dir / "LATEST", f"{tag}\n".encode())
+            atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
+            atomic_write(self.dir / "LATEST", f"{tag}\n".encode())
             self._prune(index, keep=tag)
         _barrier()
         return tag
@@ -134,7 +117,7 @@ class CheckpointManager:
             if tag not in keepers:
                 index.pop(tag)
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
-        _atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
+        atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
         for stray in self.dir.glob("step*"):  # tags from a save that crashed before COMPLETE
             if stray.name not in keepers and stray.is_dir():
                 shutil.rmtree(stray, ignore_errors=True)

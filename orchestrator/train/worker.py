@@ -24,6 +24,7 @@ import torch
 from launch.env import RankInfo, rank_info
 from orchestrator.config import Config, load_config, to_dict, to_yaml
 from orchestrator.errors import UserError
+from orchestrator.fsutil import atomic_write
 from orchestrator.train import callbacks as cb
 from orchestrator.train.checkpoint import CheckpointManager, sha256_file
 from orchestrator.train.engine import (
@@ -120,9 +121,7 @@ def _previous_summary(run_dir: Path) -> dict:
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
-    tmp = run_dir / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-    os.replace(tmp, run_dir / "summary.json")
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
 
 def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
