@@ -99,7 +99,24 @@ def effective_policy(policy: str) -> str:
 
 
 def _checkpointed(fn: Callable[..., Any], *args: Any) -> Any:
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+    probe = getattr(_state, "probe", None)
+    if probe is None:
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
+    # memory probe: a checkpoint keeps its tensor inputs (outside saved_tensors_hooks); nested ones keep nothing
+    if not getattr(_state, "inside", False):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                probe(a)
+
+    def inner(*a: Any) -> Any:
+        previous = getattr(_state, "inside", False)
+        _state.inside = True
+        try:
+            return fn(*a)
+        finally:
+            _state.inside = previous
+
+    return checkpoint(inner, *args, use_reentrant=False, context_fn=_contexts)
 
 
 def run(fn: Callable[..., Any], *args: Any, policy: str = "none") -> Any:
@@ -161,11 +178,13 @@ def saved_activation_bytes(
         if isinstance(model, SpikingResNet):
             model._apply_policy(policy)
         x = torch.randn(batch, in_channels, res, res, device=device)
+        _state.probe = pack
         with preserved_buffers(model), torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = model(x)
             del out
     finally:
+        _state.probe = None
         model.train(was_training)
         if previous is not None:
             model._apply_policy(model.checkpointing_resolved or effective_policy(previous))

@@ -199,6 +199,11 @@ class Stage(nn.Module):
     def _branch(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return checkpointing.run(self.branches[i], x, policy=self.policy)
 
+    def _dense_branch(self, i: int):
+        weights, branch = self.weights, self.branches[i]
+        assert weights is not None
+        return lambda base, *ys: branch(weights.aggregate(base, list(ys)))
+
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """``inputs``: earlier stage aggregates (network span) ending with this stage's input."""
         x = inputs[-1]
@@ -213,7 +218,12 @@ class Stage(nn.Module):
             assert base is not None
             s, ys = base, []
             for i in range(len(self.branches)):
-                y = self._branch(i, x if i == 0 else s)
+                if i > 0 and self.weights is not None and self.policy in ("block", "block_time"):
+                    # the block input is re-aggregated in the recompute from the kept branch outputs, so a
+                    # checkpoint keeps nothing of its own (the ys are kept for the alphas' gradients anyway)
+                    y = checkpointing.run(self._dense_branch(i), base, *ys, policy=self.policy)
+                else:
+                    y = self._branch(i, x if i == 0 else s)
                 if self.weights is not None:
                     ys.append(y)
                     s = self.weights.aggregate(base, ys)
