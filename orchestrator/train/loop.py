@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.config.schema import Config
+from orchestrator.train.mix import mix_batch
 
 
 @dataclass
@@ -58,11 +59,11 @@ class NonFiniteLoss(RuntimeError):
 
 def loss_fn(cfg: Config, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """out: [T, N, K] per-time-step logits. mean_output = CE of the rate-decoded mean; per_timestep = mean of
-    each step's CE (TET-style)."""
+    each step's CE (TET-style). y: int64 labels [N] or class probabilities [N, K] (mixup/cutmix)."""
     ls = cfg.train.label_smoothing
     if cfg.train.loss == "per_timestep":
         T = out.shape[0]
-        return F.cross_entropy(out.flatten(0, 1), y.repeat(T), label_smoothing=ls)
+        return F.cross_entropy(out.flatten(0, 1), y.repeat(T, *[1] * (y.ndim - 1)), label_smoothing=ls)
     return F.cross_entropy(out.mean(0), y, label_smoothing=ls)
 
 
@@ -119,8 +120,12 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             got = time.perf_counter()
             waited += got - t_data
             x, y = to_device(x, y, device, cfg.train.channels_last, dtype)
+            target = y
+            if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
+                x, target = mix_batch(x, y, cfg.model.num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
+                                      cfg.train.seed, state.step, state.batch_in_epoch)
             out = engine(x)
-            loss = loss_fn(cfg, out.float(), y)
+            loss = loss_fn(cfg, out.float(), target)
             if state.step + 1 in _FAULT_NAN_STEPS:
                 _FAULT_NAN_STEPS.discard(state.step + 1)  # once: a skipped step is retried with the next batch
                 loss = loss * float("nan")

@@ -159,6 +159,8 @@ def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
     model = build_model(cfg).to(device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:  # in place: state_dict keys (checkpoints, exported weights) stay unprefixed
+        model.compile(backend=os.environ.get("ORCHESTRATOR_COMPILE_BACKEND", "inductor"))
     engine = build_engine(cfg, model, plan, steps_per_epoch, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
 
@@ -188,6 +190,10 @@ def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
     checkpoints = cb.Checkpoints(ckpt, engine, cfg.train.checkpoint_every_steps, info.is_primary, tracker)
     callbacks = [cb.Progress(total_steps, steps_per_epoch, cfg.train.epochs, cfg.train.log_every_steps, device),
                  cb.TrackerMetrics(tracker, device), cb.Telemetry(engine.module, sample, tracker), checkpoints]
+    if cfg.train.ema_decay > 0:  # first, so the epoch's ema_val_* reach the tracker with the rest
+        from orchestrator.train.ema import EMA
+
+        callbacks.insert(0, EMA(engine.module, cfg.train.ema_decay, val_loader, cfg, device))
     status, error = "completed", ""
     start_samples, t_train = state.samples, time.perf_counter()
     try:
