@@ -139,6 +139,63 @@ def test_launch_dry_run_prints_the_script(tmp_path):
     assert slurm.BODY in p.stdout and not (tmp_path / "r").exists()
 
 
+# --- the batch shell's decisions, with stub srun / scontrol (runs everywhere) -----------------------------------
+STUB_SRUN = r"""#!/bin/bash
+while [ $# -gt 0 ]; do [ "$1" = --run-dir ] && rd=$2; shift; done
+case $STUB in
+  ok) exit 0 ;;
+  requeue) echo 5 > "$rd/REQUEUE"; exit 3 ;;
+  fail) echo "srun: error: node2: task 1: Killed"; exit 137 ;;
+  wait) trap 'echo 7 > "$rd/REQUEUE"; exit 3' USR2; touch "$rd/started"; while :; do sleep 0.1; done ;;
+esac
+"""
+
+
+def _batch_shell(tmp_path: Path, stub: str, signal_after_start: bool = False) -> tuple[int, str, Path]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", STUB_SRUN), ("python", "#!/bin/sh\nexit 0\n"),
+                       ("scontrol", '#!/bin/sh\necho "$@" >> "$STUB_LOG"\n')):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_dir = tmp_path / "run"
+    script = tmp_path / "job.sh"
+    script.write_text(slurm.render_sbatch(load_config("digits"), run_dir, "digits", ["train.epochs=1"], nodes=4,
+                                          gpus_per_node=1, home=tmp_path))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB": stub, "STUB_LOG": str(tmp_path / "scontrol.log"),
+           "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "digits", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "4",
+           "SLURM_JOB_NODELIST": "node[1-4]", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    p = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    if signal_after_start:
+        deadline = time.monotonic() + 30
+        while not (run_dir / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR2)  # what --signal=B:USR2@lead does
+    out, _ = p.communicate(timeout=60)
+    return p.returncode, out, tmp_path / "scontrol.log"
+
+
+def test_batch_shell_completes_fails_and_requeues(tmp_path):
+    rc, out, calls = _batch_shell(tmp_path, "ok")
+    assert rc == 0 and "training finished" in out and not calls.exists()
+    rc, out, calls = _batch_shell(tmp_path, "fail")
+    assert rc == 137 and "task 1: Killed" in out and "training step failed with exit code 137" in out
+    assert not calls.exists()
+    rc, out, calls = _batch_shell(tmp_path, "requeue")
+    assert rc == 0 and calls.read_text() == "requeue 42\n" and "checkpoint at step 5" in out
+    assert not (tmp_path / "run" / "REQUEUE").exists() and (tmp_path / "run" / ".requeued-at").read_text() == "5\n"
+    # The same step again: no progress since the last requeue -> fail instead of looping.
+    rc, out, calls = _batch_shell(tmp_path, "requeue")
+    assert rc == 1 and "no progress since the previous requeue" in out and calls.read_text() == "requeue 42\n"
+
+
+def test_batch_shell_forwards_the_warning_to_the_step(tmp_path):
+    rc, out, calls = _batch_shell(tmp_path, "wait", signal_after_start=True)
+    assert rc == 0 and "pre-timeout signal" in out and "checkpoint at step 7" in out
+    assert calls.read_text() == "requeue 42\n"
+
+
 # --- the real cluster --------------------------------------------------------------------------------------------
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=kw.pop("timeout", 120), **kw)
