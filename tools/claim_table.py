@@ -91,15 +91,30 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{k.replace('_', '-')}", type=type(v), default=v)
     ap.add_argument("--out", default=str(REPO / "docs/RESULTS.md"))
     ap.add_argument("--jsonl", default="", help="also append each result as a JSON line here")
+    ap.add_argument("--reuse", default="", help="comma list of JSON-lines files: runs with the same settings found "
+                    "there are not trained again")
+    ap.add_argument("--render-only", action="store_true", help="train nothing: the table from --reuse (missing "
+                    "cells say 'not run')")
     a = ap.parse_args(argv)
     kinds = [k for k in a.kinds.split(",") if k]
     depths = [int(d) for d in a.depths.split(",") if d]
     rec = dict(steps=a.steps, batch=a.batch, width=a.width, T=a.T, seed=a.seed, lr=a.lr, warmup_frac=a.warmup_frac)
     results: dict = {}
-    t0 = time.time()
+    done = {}
+    for path in filter(None, a.reuse.split(",")):
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            if all(r.get(k) == rec[k] for k in ("steps", "batch", "width", "T", "seed")):
+                done[r["model"]] = r
     for depth in depths:
         for kind in kinds:
-            r = train_eval(f"{KINDS[kind]}{depth}", **rec)
+            name = f"{KINDS[kind]}{depth}"
+            if name in done:
+                results[(kind, depth)] = done[name]
+                continue
+            if a.render_only:
+                continue
+            r = train_eval(name, **rec)
             results[(kind, depth)] = r
             print(json.dumps(r), flush=True)
             if a.jsonl:
@@ -114,16 +129,18 @@ def main(argv=None) -> int:
              f"images), width {a.width}, T={a.T}, seed {a.seed}, AdamW lr {a.lr} at batch 256 (linearly scaled), "
              f"warmup {a.warmup_frac:.0%} then cosine to 0, weight decay 1e-4, loss mean_output, digits preset "
              "augmentation.", "",
-             f"Command: `{cmd.strip()}` ({(time.time() - t0) / 60:.1f} min on a shared 2-core CPU machine).", "",
+             f"Command: `{cmd.strip()}`; each run's wall time is in the second table (a 2-core CPU machine shared "
+             "with other jobs, so times are upper bounds).", "",
              "| connection | " + " | ".join(f"depth {d}" for d in depths) + " |",
              "|---|" + "---|" * len(depths)]
     for kind in kinds:
-        cells = [f"{results[(kind, d)]['val_top1']:.3f}" for d in depths]
+        cells = [f"{results[(kind, d)]['val_top1']:.3f}" if (kind, d) in results else "not run" for d in depths]
         lines.append(f"| {kind} ({KINDS[kind]}N) | " + " | ".join(cells) + " |")
     lines += ["", "Final train loss (mean of the last 5 steps) / wall seconds per run:", "",
               "| connection | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
     for kind in kinds:
-        cells = [f"{results[(kind, d)]['final_train_loss']:.3f} / {results[(kind, d)]['total_s']:.0f}s" for d in depths]
+        cells = [f"{results[(kind, d)]['final_train_loss']:.3f} / {results[(kind, d)]['total_s']:.0f}s"
+                 if (kind, d) in results else "-" for d in depths]
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     Path(a.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {a.out}")
