@@ -84,7 +84,9 @@ def rank_info(environ: dict[str, str] | None = None) -> RankInfo:
         world = int(env["SLURM_NTASKS"])
         num_nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or max(1, world // num_nodes)
+        # SLURM_NTASKS_PER_NODE exists only with --ntasks-per-node; the step's own count is always set ("8(x4)").
+        per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or "0"
+        local_world = int(per_node.split("(")[0].split(",")[0] or 0) or max(1, world // num_nodes)
         return RankInfo(rank=int(env["SLURM_PROCID"]), world_size=world, local_rank=int(env.get("SLURM_LOCALID", 0)),
                         local_world_size=local_world, node_rank=int(env.get("SLURM_NODEID", 0)), num_nodes=num_nodes,
                         master_addr=env.get("MASTER_ADDR") or first_host(nodelist),

@@ -191,12 +191,15 @@ def _print_summary(run_dir: Path) -> None:
 
 
 def cmd_train(args, overrides: list[str]) -> int:
+    from orchestrator.train.signals import StopRequests
+
+    stops = StopRequests()  # before torch/DeepSpeed import: Slurm's USR2 may arrive during start-up
     from orchestrator.train.worker import run
 
     run_dir = args.run_dir or os.environ.get("RUN_DIR")
     if not run_dir:
         raise UserError("orchestrator train needs --run-dir DIR (or RUN_DIR in the environment)")
-    return run(args.config, run_dir, overrides)
+    return run(args.config, run_dir, overrides, stops)
 
 
 def cmd_config(args, overrides: list[str]) -> int:

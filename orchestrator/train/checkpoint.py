@@ -27,6 +27,8 @@ import torch.distributed as dist
 from orchestrator.errors import UserError
 from orchestrator.fsutil import atomic_write, fsync_dir
 
+LOW_SPACE = 16 * 2**20  # below this after a failed save, the disk being full is the likely cause
+
 
 def _fsync_tree(path: Path) -> None:
     for p in path.rglob("*"):
@@ -95,8 +97,11 @@ class CheckpointManager:
             if self.rank == 0:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
             _barrier()
-            reason = str(err) if "err" in locals() else "another rank failed to write its part"
-            raise UserError(f"checkpoint {tag} could not be written ({reason.splitlines()[0]}); "
+            reason = str(err).splitlines()[0] if "err" in locals() else "another rank failed to write its part"
+            free = shutil.disk_usage(self.dir).free
+            if free < LOW_SPACE:  # torch.save reports a full disk as a bare "unexpected pos" write failure
+                reason = f"no space left on device: {free // 1024} KiB free in {self.dir}; {reason}"
+            raise UserError(f"checkpoint {tag} could not be written ({reason}); "
                             f"previous checkpoint {self.latest_tag()} kept")
         if self.rank == 0:
             atomic_write(self.dir / tag / "COMPLETE", b"ok\n")

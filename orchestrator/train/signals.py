@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 NONE, INTERRUPT, REQUEUE = 0, 1, 2
 _NAMES = {NONE: "none", INTERRUPT: "interrupted", REQUEUE: "requeued"}
 
 
 class StopRequests:
+    """Created first thing in a rank (before the heavy imports), so a warning during start-up is not lost."""
+
     def __init__(self, requeue_signal: int = signal.SIGUSR2):
         self.local = NONE
         self.received: list[str] = []
@@ -39,6 +38,9 @@ class StopRequests:
 
     def agreed(self) -> int:
         """The strongest request of any rank (a collective: call it on every rank at the same point)."""
+        import torch
+        import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             t = torch.tensor([self.local], dtype=torch.int32)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)

@@ -124,9 +124,10 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
 
-def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
+def run(config: str | None, run_dir: str, overrides: list[str], stops: StopRequests | None = None) -> int:
     """Train on this rank; returns the process exit code."""
     t_start = time.time()
+    stops = stops or StopRequests()
     cfg = load_config(config, overrides)
     info = rank_info()
     setup_logging(info)
@@ -139,8 +140,9 @@ def run(config: str | None, run_dir: str, overrides: list[str]) -> int:
     if device == "cpu":
         # Ranks sharing a host split its cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
-    init_distributed(info, device, cfg.launch.rank_timeout_s)
-    stops = StopRequests()
+    # Rendezvous waits for ranks that may start minutes apart on a loaded node; a dead peer is caught sooner by
+    # the launcher (local) or srun --kill-on-bad-exit (Slurm), not by this timeout.
+    init_distributed(info, device, max(300, cfg.launch.rank_timeout_s))
 
     from orchestrator.data.dali import build_loader
     from orchestrator.tracking import create_tracker
