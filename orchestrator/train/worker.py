@@ -179,8 +179,10 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     tracker.log_params(to_dict(cfg))
     tracker.log_params({"derived.world_size": info.world_size, "derived.micro_batch": plan.micro_batch,
                         "derived.accumulation": plan.accumulation, "derived.steps_per_epoch": steps_per_epoch,
-                        "derived.precision": precision, "derived.device": device})
-    tracker.log_artifact(str(run_path / "config.yaml")) if info.is_primary else None
+                        "derived.precision": precision, "derived.device": device,
+                        # checkpointing=auto resolves to a concrete policy from the memory model
+                        "derived.checkpointing": getattr(model, "checkpointing_resolved", cfg.model.checkpointing)})
+    tracker.log_artifact(str(run_path / "config.yaml"))  # a no-op on every rank but the primary
     if resumed:
         log.info("resumed from %s at step %d (epoch %d, batch %d); restart %d", ckpt.latest_tag(), state.step,
                  state.epoch, state.batch_in_epoch, restarts)
