@@ -15,11 +15,10 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from orchestrator.config.schema import Config
 
-POLICIES = ("none", "block", "time", "block_time")
+# cheapest in recompute first (models.checkpointing.COST_ORDER): time recomputes elementwise ops, block convolutions
+POLICIES = ("none", "time", "block", "block_time")
 IMAGENET_TRAIN = 1_281_167
 # Measured per-GPU training rate of a spiking ResNet-152 at T=4, 224 px: SEW-ResNet-152's authors' logs,
 # ~300 img/s on 8x A100 (DANET.md). Other depths scale by GFLOPs. Replace with a measured figure when you have one.
@@ -44,30 +43,24 @@ def _bytes_per_param(cfg: Config, precision: str, dp: int) -> float:
 
 
 def saved_activation_bytes(cfg: Config, policy: str, res: int = PROBE_RES, batch: int = 1) -> tuple[int, int]:
-    """(bytes autograd saves for one forward, parameter count) for ``cfg.model`` under ``policy``."""
-    from orchestrator.train.worker import model_kwargs
+    """(bytes kept for backward after one forward, parameter count) for ``cfg.model`` under ``policy``.
+
+    ``models.checkpointing.saved_activation_bytes``: saved tensors (distinct storages) plus the inputs that
+    checkpoints keep, parameters excluded.
+    """
     from models import create_model
+    from models.checkpointing import saved_activation_bytes as measure
+    from orchestrator.train.worker import model_kwargs
 
     kw = model_kwargs(cfg)
-    kw.update(input_size=cfg.model.input_size, checkpointing=policy)
+    kw.update(input_size=cfg.model.input_size, checkpointing="none")
     model = create_model(cfg.model.name, **kw)
-    model.train()
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        try:
-            st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
-        except (RuntimeError, NotImplementedError):
-            seen[id(t)] = t.numel() * t.element_size()
-        return t
-
-    x = torch.randn(batch, cfg.model.in_channels, res, res)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    act = sum(v for k, v in seen.items() if k not in params)
+    act = measure(model, policy, batch, res, cfg.model.in_channels)
     return act, sum(p.numel() for p in model.parameters())
+
+
+def _need(static: float, per_image: float, batch: int) -> float:
+    return (static + batch * per_image) * (1 + WORKSPACE_FRACTION)
 
 
 def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "bf16") -> list[dict]:
@@ -80,12 +73,12 @@ def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "
         act1, n_params = saved_activation_bytes(cfg, policy)
         per_image = act1 * act_scale
         static = n_params * _bytes_per_param(cfg, precision, world_size)
-        need = lambda b: (static + b * per_image) * (1 + WORKSPACE_FRACTION)  # noqa: E731
         budget = gpu_mem_gb * 2**30
         fits = int(max(0.0, budget / (1 + WORKSPACE_FRACTION) - static) // max(per_image, 1))
-        rows.append({"policy": policy, "micro_batch": micro, "est_gb": round(need(micro) / 2**30, 2),
+        need = _need(static, per_image, micro)
+        rows.append({"policy": policy, "micro_batch": micro, "est_gb": round(need / 2**30, 2),
                      "act_mb_per_image": round(per_image / 2**20, 1), "static_gb": round(static / 2**30, 2),
-                     "max_micro_batch": fits, "fits": need(micro) <= budget})
+                     "max_micro_batch": fits, "fits": need <= budget})  # fmt: skip
     return rows
 
 
