@@ -27,6 +27,9 @@ CLEAR_MARGIN = 0.20  # "clearly higher": 20 points of top-1 on 359 val images (c
 NO_WORSE_TOL = 0.03  # "no worse": within 3 points (~11 of 359 images)
 
 
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def results():
     if not (REPO / ".cache/data/digits/meta.json").is_file():

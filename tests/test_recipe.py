@@ -133,6 +133,7 @@ def test_presets_state_every_recipe_option(name):
         assert key in text, f"{name}.yaml does not state {key}"
 
 
+@pytest.mark.slow  # one digits epoch + three evaluation passes: ~8 min wall on the busy 2-core machine
 def test_worker_runs_with_mixup_cutmix_ema_and_compile(tmp_path):
     """One real `orchestrator train` rank (DeepSpeed, gloo): 2 steps = 1 epoch with every option on; the epoch's
     EMA evaluation and the mixed-target loss must run and the summary must be complete."""
@@ -175,6 +176,7 @@ def _check_plan(out: str, world: int) -> None:
         assert recipe in out, f"{recipe!r} missing from:\n{out}"
 
 
+@pytest.mark.slow  # plan.describe's memory estimate builds DANet-152: minutes on a busy 2-core machine
 def test_dry_run_prints_batches_steps_and_wall_time():
     """`launch --config danet152_imagenet --dry-run` (no --nodes: the local ranks of the preset)."""
     cfg = load_config("danet152_imagenet")
@@ -183,6 +185,7 @@ def test_dry_run_prints_batches_steps_and_wall_time():
 
 @pytest.mark.xfail(reason="with --nodes the dry-run prints only the sbatch script, not plan.describe for the "
                    "allocation (orchestrator/cli.py)", strict=False)
+@pytest.mark.slow
 def test_dry_run_for_nodes_prints_the_plan_for_that_allocation():
     _check_plan(_dry_run("--nodes", "4"), 32)
 

@@ -34,7 +34,7 @@ DEFAULTS = dict(steps=60, batch=16, width=4, T=4, seed=0, lr=0.008, warmup_frac=
 
 
 def train_eval(name: str, steps: int = 60, batch: int = 16, width: int = 4, T: int = 4, seed: int = 0,
-               lr: float = 0.008, warmup_frac: float = 0.1, threads: int = 1) -> dict:
+               lr: float = 0.008, warmup_frac: float = 0.1, threads: int = 1, zero_init: bool = False) -> dict:
     """Train ``name`` for ``steps`` optimizer steps on digits and evaluate on the whole val split."""
     import torch
 
@@ -49,7 +49,7 @@ def train_eval(name: str, steps: int = 60, batch: int = 16, width: int = 4, T: i
     cfg = load_config("digits", [f"data.root={DATA}", f"model.name={name}", f"model.width={width}",
                                  f"model.T={T}", f"train.global_batch_size={batch}", f"train.seed={seed}",
                                  f"optim.lr={lr}", "train.epochs=1", f"optim.warmup_epochs={warmup_frac}",
-                                 "tracking.backend=none"])
+                                 f"model.zero_init_residual={str(zero_init).lower()}", "tracking.backend=none"])
     seed_everything(seed, True)
     model = create_model(name, **model_kwargs(cfg))
     opt = build_optimizer(cfg, model)
@@ -77,7 +77,7 @@ def train_eval(name: str, steps: int = 60, batch: int = 16, width: int = 4, T: i
         epoch += 1
     train_s = time.perf_counter() - t0
     m = evaluate(model, val_loader, cfg, "cpu", torch.float32)
-    return {"model": name, "steps": steps, "batch": batch, "width": width, "T": T, "seed": seed,
+    return {"model": name, "zero_init": zero_init, "steps": steps, "batch": batch, "width": width, "T": T, "seed": seed,
             "val_top1": round(m["val_top1"], 4), "val_top5": round(m["val_top5"], 4),
             "val_loss": round(m["val_loss"], 4), "final_train_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4),
             "train_s": round(train_s, 1), "total_s": round(time.perf_counter() - t0, 1),
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     for path in filter(None, a.reuse.split(",")):
         for line in Path(path).read_text().splitlines():
             r = json.loads(line)
-            if all(r.get(k) == rec[k] for k in ("steps", "batch", "width", "T", "seed")):
+            if not r.get("zero_init") and all(r.get(k) == rec[k] for k in ("steps", "batch", "width", "T", "seed")):
                 done[r["model"]] = r
     for depth in depths:
         for kind in kinds:
