@@ -135,7 +135,7 @@ def main(argv=None) -> int:
              "| connection | " + " | ".join(f"depth {d}" for d in depths) + " |",
              "|---|" + "---|" * len(depths)]
     for kind in kinds:
-        cells = [f"{results[(kind, d)]['val_top1']:.3f}" if (kind, d) in results else "not run" for d in depths]
+        cells = [f"{results[(kind, d)]['val_top1']:.4f}" if (kind, d) in results else "not run" for d in depths]
         lines.append(f"| {kind} ({KINDS[kind]}N) | " + " | ".join(cells) + " |")
     lines += ["", "Final train loss (mean of the last 5 steps) / wall seconds per run:", "",
               "| connection | " + " | ".join(f"depth {d}" for d in depths) + " |", "|---|" + "---|" * len(depths)]
