@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Prepared GPU check (H100/H200; every step has a timeout, worst case ~8 minutes): run from anywhere, unchanged.
+#  1. python -m models.gpu_check                     (danet152 img/s + peak per policy, fused LIF vs SpikingJelly)
+#  2. python -m orchestrator.data.gpu_bench --json   (needs NVIDIA DALI; skipped with a message if it won't import)
+#  3. danet152 T=4 224x224 bf16 batch 32: peak memory (max_memory_allocated above the loaded model) and median step
+#     time per checkpointing policy, each in its own process (orchestrator.bench_memory --child), against the
+#     memory model behind `orchestrator plan` (saved activations + fp32 gradients at the same size)
+# Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out).
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
+OUT_DIR=${OUT_DIR:-${OUT:-./gpu_check_out}}
+mkdir -p "$OUT_DIR"
+POLICIES=${POLICIES:-"none:float time:bit block:float block_time:bit"}
+START=$(date +%s)
+note() { echo "== [$(( $(date +%s) - START ))s] $*"; }
+
+"$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0), torch.__version__)" \
+  || { echo "no CUDA device: this script measures a GPU (exit 1)"; exit 1; }
+
+note "1/3 models.gpu_check"
+if "$PY" -c "import models.gpu_check" 2>/dev/null; then
+  timeout 120 "$PY" -m models.gpu_check 2>&1 | tail -25 | tee "$OUT_DIR/models_gpu_check.txt" || echo "models.gpu_check failed or timed out"
+else
+  echo "SKIP models.gpu_check: import failed"
+fi
+
+note "2/3 orchestrator.data.gpu_bench"
+if "$PY" -c "import nvidia.dali, orchestrator.data.gpu_bench" 2>/dev/null; then
+  timeout 45 "$PY" -m orchestrator.data.gpu_bench --json "$OUT_DIR/data_gpu_bench.json" --seconds 15 2>&1 | tail -15 \
+    || echo "data gpu_bench failed or timed out"
+else
+  echo "SKIP data gpu_bench: nvidia.dali (or orchestrator.data.gpu_bench) does not import here"
+fi
+
+note "3/3 danet152 T=4 224 bf16 batch 32 per policy"
+: > "$OUT_DIR/memory.jsonl"
+for ps in $POLICIES; do
+  p=${ps%%:*}; s=${ps##*:}
+  BENCH_BF16=1 timeout 55 "$PY" -m orchestrator.bench_memory --child --model danet152 --policy "$p" --storage "$s" \
+    --T 4 --batch 32 --res 224 --steps 5 2>"$OUT_DIR/mem_$p.err" | grep '^{' >> "$OUT_DIR/memory.jsonl" \
+    || { echo "{\"policy\": \"$p\", \"spike_storage\": \"$s\", \"error\": \"failed or timed out (see mem_$p.err)\"}" >> "$OUT_DIR/memory.jsonl"; tail -3 "$OUT_DIR/mem_$p.err"; }
+done
+
+note "plan estimate (orchestrator plan --config danet152_imagenet --gpu-mem 80)"
+timeout 60 "$PY" -m orchestrator plan --config danet152_imagenet --gpu-mem 80 2>&1 | tee "$OUT_DIR/plan.txt" | tail -8
+
+note "table"
+OUT_DIR="$OUT_DIR" POLICIES="$POLICIES" timeout 45 "$PY" - <<'PYEOF'
+import json, os
+import torch
+from models import create_model
+from models.checkpointing import saved_activation_bytes
+out = os.environ["OUT_DIR"]
+rows = [json.loads(l) for l in open(os.path.join(out, "memory.jsonl")) if l.strip()]
+m = create_model("danet152", T=4, input_size=224).cuda()
+grads = sum(p.numel() for p in m.parameters()) * 4
+probe = 64
+est = {}
+for ps in os.environ["POLICIES"].split():
+    p, s = ps.split(":")
+    for mod in m.modules():
+        if hasattr(mod, "spike_input"):
+            mod.spike_storage = s
+    act = saved_activation_bytes(m, p, 1, probe)
+    # plan's scaling: batch x (res/probe)^2, bf16 halves fp32 activations; plus fp32 gradients
+    est[(p, s)] = (act * 32 * (224 / probe) ** 2 * 0.5 + grads) / 2**20
+base = next((r for r in rows if r.get("policy") == "none" and "peak_mb" in r), None)
+print(f"\n{torch.cuda.get_device_name(0)}: danet152 T=4 224px bf16 autocast, batch 32, one fwd+bwd")
+print(f"{'policy':<11} {'storage':<7} {'peak GiB':>9} {'plan GiB':>9} {'meas/plan':>9} {'step s':>7} {'x none mem':>10} {'x none time':>11}")
+for r in rows:
+    key = (r.get("policy"), r.get("spike_storage"))
+    if "peak_mb" not in r:
+        print(f"{key[0]:<11} {key[1]:<7} {r.get('error', '?')}")
+        continue
+    e = est.get(key)
+    mr = f"{r['peak_mb'] / base['peak_mb']:.2f}" if base else "-"
+    tr = f"{r['step_s'] / base['step_s']:.2f}" if base else "-"
+    print(f"{key[0]:<11} {key[1]:<7} {r['peak_mb'] / 1024:>9.2f} {e / 1024 if e else float('nan'):>9.2f} "
+          f"{r['peak_mb'] / e if e else float('nan'):>9.2f} {r['step_s']:>7.3f} {mr:>10} {tr:>11}")
+json.dump({"measured": rows, "plan_est_mb": {f"{p}/{s}": v for (p, s), v in est.items()}},
+          open(os.path.join(out, "gpu_check_memory.json"), "w"), indent=1)
+PYEOF
+note "done"
