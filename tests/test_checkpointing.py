@@ -50,7 +50,7 @@ def test_policies_match_none(name, overrides, T):
     _, out0, g0, b0 = _step(name, overrides, T, "none", "float")
     assert g0 and b0
     for policy in POLICIES:
-        for storage in STORAGES:
+        for storage in STORAGES if policy != "auto" else ("float",):  # auto probes 4 policies: once is enough
             m, out, g, b = _step(name, overrides, T, policy, storage)
             tag = f"{name} {policy}/{storage}"
             assert set(g) == set(g0), tag  # every parameter still gets a gradient (non-reentrant)
