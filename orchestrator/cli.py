@@ -138,6 +138,10 @@ def cmd_launch(args, overrides: list[str]) -> int:
         from launch import slurm as sl
 
         if args.dry_run:
+            from orchestrator.plan import describe
+
+            # The recipe and its arithmetic go to stderr: stdout stays exactly the sbatch script.
+            print(describe(cfg, nodes=nodes, gpus_per_node=gpn), file=sys.stderr)
             print(sl.render_sbatch(cfg, run_dir.resolve(), config_arg, overrides, nodes=nodes, gpus_per_node=gpn,
                                    partition=args.partition, time=args.time))
             return 0
@@ -148,7 +152,10 @@ def cmd_launch(args, overrides: list[str]) -> int:
     if args.dry_run:
         from orchestrator.plan import describe
 
-        print(describe(cfg, nodes=1, gpus_per_node=nprocs))
+        if cfg.launch.mode == "slurm":  # a cluster preset: describe the allocation it is made for
+            print(describe(cfg, nodes=cfg.launch.nodes, gpus_per_node=cfg.launch.gpus_per_node))
+        else:
+            print(describe(cfg, nodes=1, gpus_per_node=nprocs))
         return 0
     _check_run_dir(run_dir)
     from orchestrator.train.worker import prepare_dataset

@@ -90,7 +90,7 @@ def model_kwargs(cfg: Config) -> dict:
     return dict(num_classes=m.num_classes, T=m.T, width=m.width, in_channels=m.in_channels,
                 input_size=m.input_size, connection=m.connection, da=asdict(m.da), neuron=asdict(m.neuron),
                 zero_init_residual=m.zero_init_residual, checkpointing=m.checkpointing,
-                spike_storage=m.spike_storage)
+                spike_storage=m.spike_storage, memory_budget_gb=m.memory_budget_gb)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
@@ -179,9 +179,7 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     tracker.log_params(to_dict(cfg))
     tracker.log_params({"derived.world_size": info.world_size, "derived.micro_batch": plan.micro_batch,
                         "derived.accumulation": plan.accumulation, "derived.steps_per_epoch": steps_per_epoch,
-                        "derived.precision": precision, "derived.device": device,
-                        # checkpointing=auto resolves to a concrete policy from the memory model
-                        "derived.checkpointing": getattr(model, "checkpointing_resolved", cfg.model.checkpointing)})
+                        "derived.precision": precision, "derived.device": device})
     tracker.log_artifact(str(run_path / "config.yaml"))  # a no-op on every rank but the primary
     if resumed:
         log.info("resumed from %s at step %d (epoch %d, batch %d); restart %d", ckpt.latest_tag(), state.step,
@@ -216,6 +214,9 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
         status, error = "failed", f"{type(e).__name__}: {e}"
         log.error("training failed: %s\n%s", error, traceback.format_exc())
     train_s = time.perf_counter() - t_train
+    # checkpointing=auto resolves to a concrete policy (from the memory model) on the first training forward
+    tracker.set_tags({"checkpointing.resolved": str(getattr(engine.module, "checkpointing_resolved",
+                                                            cfg.model.checkpointing))})
     if state.step and status == "completed" and not state.batch_in_epoch == 0:
         checkpoints.save(state)  # max_steps ended mid-epoch: keep that position too
 
