@@ -29,7 +29,7 @@ demo: setup
 # (when missing) and starts it; it is stopped whatever pytest returns.
 test: setup
 	@bash scripts/slurm-up.sh || echo "slurm: local cluster unavailable; slurm tests will skip with the reason"
-	@set +e; $(PY) -m pytest -q tests; rc=$$?; bash scripts/slurm-down.sh >/dev/null 2>&1; \
+	@set +e; $(PY) -m pytest -q --durations=15 tests; rc=$$?; bash scripts/slurm-down.sh >/dev/null 2>&1; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup
