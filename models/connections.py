@@ -37,12 +37,14 @@ Costs: learnable DA keeps a stage's branch outputs alive until the stage ends an
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import nn
+
+from .neurons import spec_from_any
 
 
 class Connection(str, Enum):
@@ -91,21 +93,7 @@ class DASpec:
 
     @classmethod
     def from_any(cls, value: Any) -> DASpec:
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if hasattr(value, "__dataclass_fields__"):
-            value = asdict(value)
-        if not isinstance(value, dict):
-            raise TypeError(
-                f"da: expected a dict with keys domain, span, weights; got {type(value).__name__}"
-            )
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - valid)
-        if unknown:
-            raise ValueError(f"da: unknown field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
-        return cls(**value)
+        return spec_from_any(cls, value, "da")
 
 
 def domain_of(connection: Connection, da: DASpec) -> str:

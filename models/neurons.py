@@ -38,6 +38,24 @@ SURROGATES = ("atan", "sigmoid", "rect")
 BACKENDS = ("auto", "fused", "reference")
 
 
+def spec_from_any(cls: type, value: Any, label: str) -> Any:
+    """A spec dataclass from itself, a dataclass with the same fields (the config's), a dict or None; unknown
+    fields are an error naming the valid ones."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if hasattr(value, "__dataclass_fields__"):
+        value = asdict(value)
+    valid = [f.name for f in fields(cls)]
+    if not isinstance(value, dict):
+        raise TypeError(f"{label}: expected a dict of {valid}, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(valid))
+    if unknown:
+        raise ValueError(f"{label}: unknown field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
+    return cls(**value)
+
+
 @dataclass
 class NeuronSpec:
     """The neuron fields of the model config (``model.neuron``); every default explicit."""
@@ -74,21 +92,7 @@ class NeuronSpec:
     @classmethod
     def from_any(cls, value: Any) -> NeuronSpec:
         """Build from a NeuronSpec, a dataclass with the same fields (the config's), a dict or None."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if hasattr(value, "__dataclass_fields__"):
-            value = asdict(value)
-        if not isinstance(value, dict):
-            raise TypeError(
-                f"neuron: expected a dict of {[f.name for f in fields(cls)]}, got {type(value).__name__}"
-            )
-        valid = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - valid)
-        if unknown:
-            raise ValueError(f"neuron: unknown field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
-        return cls(**value)
+        return spec_from_any(cls, value, "neuron")
 
 
 # --------------------------------------------------------------------------------------------- surrogates
