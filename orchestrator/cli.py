@@ -125,7 +125,7 @@ def cmd_launch(args, overrides: list[str]) -> int:
     from orchestrator.train.engine import batch_plan
 
     cfg = load_config(args.config, overrides)
-    slurm = args.slurm or (args.nodes or 1) > 1 or cfg.launch.mode == "slurm" and args.nodes is not None
+    slurm = args.slurm or (args.nodes or 1) > 1 or (cfg.launch.mode == "slurm" and args.nodes is not None)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.preset)
     config_arg = str(Path(args.config).resolve()) if args.config and Path(args.config).is_file() else (args.config or "digits")
     if slurm:

@@ -81,6 +81,7 @@ class CheckpointManager:
         partial tag removed and the previous checkpoint untouched."""
         tag = f"step{step:08d}"
         ok = torch.tensor([1], dtype=torch.int32)
+        err: Exception | None = None
         try:
             engine.save_checkpoint(str(self.dir), tag=tag, client_state={"loop": loop_state}, save_latest=False)
             rng = {"torch": torch.get_rng_state(), "loop": loop_state}
@@ -97,7 +98,7 @@ class CheckpointManager:
             if self.rank == 0:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
             _barrier()
-            reason = str(err).splitlines()[0] if "err" in locals() else "another rank failed to write its part"
+            reason = str(err).splitlines()[0] if err else "another rank failed to write its part"
             free = shutil.disk_usage(self.dir).free
             if free < LOW_SPACE:  # torch.save reports a full disk as a bare "unexpected pos" write failure
                 reason = f"no space left on device: {free // 1024} KiB free in {self.dir}; {reason}"

@@ -34,7 +34,7 @@ from orchestrator.train.engine import (
     resolve_device,
     resolve_precision,
 )
-from orchestrator.train.loop import LoopState, NonFiniteLoss, StopTraining, train
+from orchestrator.train.loop import LoopState, NonFiniteLoss, StopTraining, evaluate, train
 from orchestrator.train.signals import INTERRUPT, REQUEUE, StopRequests
 
 log = logging.getLogger("orchestrator.train")
@@ -256,8 +256,6 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
 
 def _final_eval(engine, val_loader, cfg, device, dtype, state: LoopState) -> dict:
     """The last validation figures: reuse the epoch-end evaluation when the run ended on an epoch boundary."""
-    from orchestrator.train.loop import evaluate
-
     if state.batch_in_epoch == 0 and state.last_eval:
         return dict(state.last_eval)
     m = evaluate(engine, val_loader, cfg, device, dtype)
