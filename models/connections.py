@@ -103,6 +103,53 @@ def domain_of(connection: Connection, da: DASpec) -> str:
     return "spike"
 
 
+class GradStash:
+    """The stream gradients ``g_l = dL/ds_l`` of one stage's backward, shared by its aggregations (one per forward)."""
+
+    def __init__(self) -> None:
+        self.g: dict[int, torch.Tensor] = {}
+
+
+class _DenseAggregate(torch.autograd.Function):
+    """``s_l = base + sum_k alpha_{l,k} y_k`` with a backward that keeps O(L) tensors per stage, not O(2L).
+
+    Plain autograd gives every ``y_k`` a gradient buffer as soon as ``s_L``'s backward runs (``alpha_{L,k} g_L``)
+    while all the ``y_k`` are still saved: 2L full-size tensors live at the start of a stage's backward. Here
+    ``s_l``'s backward only records ``g_l`` in the stage's stash and returns the gradient of its own newest
+    input ``y_l``, complete, because every ``g_m`` (m >= l) is known by then (``s_l`` feeds block l+1, whose
+    backward precedes this one): ``dL/dy_l = sum_{m>=l} alpha_{m,l} g_m`` and ``dL/dalpha_{m,l} = <g_m, y_l>``.
+    Each node saves only its own ``y_l``, so at block l's backward y_1..y_l and g_l..g_L are live: L+1 tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, base, alpha, stash, row, *ys):  # type: ignore[override]
+        ctx.stash, ctx.row, ctx.index = stash, row, len(ys)
+        ctx.save_for_backward(ys[-1], alpha)
+        acc = torch.addcmul(base, ys[0], alpha[row])
+        for k in range(1, len(ys)):  # in place: no new stream-sized tensor per term (same arithmetic)
+            acc.addcmul_(ys[k], alpha[row + k])
+        return acc
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        y, alpha = ctx.saved_tensors
+        stash, j = ctx.stash, ctx.index  # this node computed s_j (1-based j = number of ys)
+        stash.g[j] = g
+        grad_alpha = torch.zeros_like(alpha)
+        grad_y = None
+        for m in sorted(stash.g):  # m >= j: s_m = base + ... + alpha_{m,j} y_j + ...
+            if m < j:
+                continue
+            gm = stash.g[m]
+            a = alpha[m * (m - 1) // 2 + j - 1]
+            grad_y = gm * a if grad_y is None else grad_y.addcmul_(gm, a)
+            dot = torch.dot(gm.reshape(-1), y.reshape(-1).to(gm.dtype))
+            grad_alpha[m * (m - 1) // 2 + j - 1] = dot.to(alpha.dtype)
+        if j == 1:
+            stash.g.clear()  # the stage's backward is done
+        return (g, grad_alpha, None, None) + (None,) * (j - 1) + (grad_y,)
+
+
 class DenseWeights(nn.Module):
     """The alphas of one stage: a flat vector holding row l (l entries) for each block l, initialised to 1."""
 
@@ -111,9 +158,15 @@ class DenseWeights(nn.Module):
         self.num_blocks = num_blocks
         self.alpha = nn.Parameter(torch.ones(num_blocks * (num_blocks + 1) // 2))
 
-    def aggregate(self, base: torch.Tensor, ys: list[torch.Tensor]) -> torch.Tensor:
-        """s_l = base + sum_k alpha_{l,k} y_k for l = len(ys), summed in order (alpha = 1 gives the stream)."""
+    def aggregate(self, base: torch.Tensor, ys: list[torch.Tensor], stash: GradStash | None = None) -> torch.Tensor:
+        """s_l = base + sum_k alpha_{l,k} y_k for l = len(ys), summed in order (alpha = 1 gives the stream).
+
+        ``stash``: one ``GradStash`` per stage forward, shared by all its aggregations (see ``_DenseAggregate``);
+        every s_1..s_L of the stage must then be aggregated with it, in order. Without one: plain autograd.
+        """
         row = len(ys) * (len(ys) - 1) // 2
+        if stash is not None and torch.is_grad_enabled():
+            return _DenseAggregate.apply(base, self.alpha, stash, row, *ys)
         acc = base
         for k, y in enumerate(ys):
             acc = torch.addcmul(acc, y, self.alpha[row + k])

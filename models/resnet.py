@@ -20,7 +20,7 @@ from torch import nn
 
 from . import checkpointing
 from .checkpointing import BatchNorm
-from .connections import Connection, DASpec, DenseWeights, domain_of
+from .connections import Connection, DASpec, DenseWeights, GradStash, domain_of
 from .neurons import NeuronSpec, make_neuron
 
 # depth -> (block kind, blocks per stage): the standard ResNet tables.
@@ -199,10 +199,10 @@ class Stage(nn.Module):
     def _branch(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return checkpointing.run(self.branches[i], x, policy=self.policy)
 
-    def _dense_branch(self, i: int):
+    def _dense_branch(self, i: int, stash):
         weights, branch = self.weights, self.branches[i]
         assert weights is not None
-        return lambda base, *ys: branch(weights.aggregate(base, list(ys)))
+        return lambda base, *ys: branch(weights.aggregate(base, list(ys), stash))
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         """``inputs``: earlier stage aggregates (network span) ending with this stage's input."""
@@ -216,19 +216,11 @@ class Stage(nn.Module):
             else:
                 base = self.shortcut(x) if self.shortcut is not None else x
             assert base is not None
-            s, ys = base, []
+            if self.weights is not None:
+                return self._dense(x, base)
+            s = base
             for i in range(len(self.branches)):
-                if i > 0 and self.weights is not None and self.policy in ("block", "block_time"):
-                    # the block input is re-aggregated in the recompute from the kept branch outputs, so a
-                    # checkpoint keeps nothing of its own (the ys are kept for the alphas' gradients anyway)
-                    y = checkpointing.run(self._dense_branch(i), base, *ys, policy=self.policy)
-                else:
-                    y = self._branch(i, x if i == 0 else s)
-                if self.weights is not None:
-                    ys.append(y)
-                    s = self.weights.aggregate(base, ys)
-                else:
-                    s = s + y
+                s = s + self._branch(i, x if i == 0 else s)
             return s
         for i in range(len(self.branches)):
             y = self._branch(i, x)
@@ -241,6 +233,26 @@ class Stage(nn.Module):
             else:  # sew_add, membrane
                 x = sc + y
         return x
+
+    def _dense(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Learnable DA: s_l = base + sum_k alpha_{l,k} y_k, y_1 = F_1(x), y_l = F_l(s_{l-1})."""
+        assert self.weights is not None
+        stash, ys, s = GradStash(), [], base
+        whole = self.policy in ("block", "block_time")
+        n = len(self.branches)
+        for i in range(n):
+            if i == 0:
+                y = self._branch(0, x)
+            elif whole:
+                # the block input is re-aggregated in the recompute from the kept branch outputs, so a checkpoint
+                # keeps nothing of its own (the ys are kept for the alphas' gradients anyway)
+                y = checkpointing.run(self._dense_branch(i, stash), base, *ys, policy=self.policy)
+            else:
+                y = self._branch(i, s)
+            ys.append(y)
+            if not whole or i == n - 1:  # under block the aggregates live inside the next block's checkpoint
+                s = self.weights.aggregate(base, ys, stash)
+        return s
 
 
 class SpikingResNet(nn.Module):

@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--T", type=int, default=4)
     s.add_argument("--batch", type=int, default=8)
     s.add_argument("--res", type=int, default=112)
+    s.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    s.add_argument("--configs", default=None, help="POLICY[/STORAGE],... (default: none, time, time/bit, "
+                                                   "block, block_time/bit)")
+    s.add_argument("--no-spikingjelly", action="store_true", help="skip the SpikingJelly memopt rows")
     s.add_argument("--json", default=None)
     s = bsub.add_parser("data", help="FFRecord + DALI vs folder + PIL DataLoader")
     s.add_argument("--json", default=None)
@@ -160,13 +164,18 @@ def cmd_launch(args, overrides: list[str]) -> int:
     _check_run_dir(run_dir)
     from orchestrator.train.worker import prepare_dataset
 
-    prepare_dataset(cfg, check_files=True)  # built once here, not by every rank at once; headers checked
+    prepare_dataset(cfg, check_files=True)  # built once here, not by every rank at once; data.verify
     from launch.local import run_local
 
     print(f"launch: {nprocs} local ranks, run dir {run_dir}", file=sys.stderr)
+    (run_dir / "ERROR").unlink(missing_ok=True)  # a previous start's bad-input report
     code = run_local(["--config", config_arg, "--run-dir", str(run_dir), *overrides], nprocs, run_dir,
                      cfg.launch.rank_timeout_s)
     _print_summary(run_dir)
+    if code == 2:  # a rank met bad input mid-run (e.g. a corrupt record): its one line is the last word
+        error = _run_error(run_dir)
+        if error:
+            raise UserError(error)
     return code
 
 
@@ -178,6 +187,14 @@ def _check_run_dir(run_dir: Path) -> None:
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
         raise UserError(f"run directory {run_dir} is not writable ({p} is not a writable folder); "
                         "pass --run-dir to a writable folder")
+
+
+def _run_error(run_dir: Path) -> str:
+    """The bad-input message a rank left in RUN_DIR/ERROR (one line), or ''."""
+    try:
+        return (run_dir / "ERROR").read_text().strip().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -206,7 +223,17 @@ def cmd_train(args, overrides: list[str]) -> int:
     run_dir = args.run_dir or os.environ.get("RUN_DIR")
     if not run_dir:
         raise UserError("orchestrator train needs --run-dir DIR (or RUN_DIR in the environment)")
-    return run(args.config, run_dir, overrides, stops)
+    try:
+        return run(args.config, run_dir, overrides, stops)
+    except UserError as e:  # leave the line where the launcher reports it (a rank's stderr may be a log file)
+        from orchestrator.fsutil import atomic_write
+
+        try:
+            if Path(run_dir).is_dir():
+                atomic_write(Path(run_dir) / "ERROR", f"{e}\n")
+        except OSError:
+            pass  # an unwritable run dir is itself the error being reported
+        raise
 
 
 def cmd_config(args, overrides: list[str]) -> int:
@@ -267,9 +294,11 @@ def cmd_bench(args, overrides) -> int:
 
         _write_json(run_models_bench(args.json), args.json)
     elif args.sub == "memory":
-        from orchestrator.bench_memory import run_memory_bench
+        from orchestrator.bench_memory import parse_configs, run_memory_bench
 
-        _write_json(run_memory_bench(args.model, args.T, args.batch, args.res), args.json)
+        configs = parse_configs(args.configs)
+        _write_json(run_memory_bench(args.model, args.T, args.batch, args.res, args.steps, configs,
+                                     spikingjelly=not args.no_spikingjelly), args.json)
     elif args.sub == "data":
         from orchestrator.data.bench import run_data_bench
 

@@ -288,3 +288,29 @@ def test_data_bench_smoke(tmp_path):
     assert all(r["img_per_s"] > 0 for r in out["results"]) and out["ratio"] > 0
     assert out["reads"]["ffrecord_batch_read_records_per_s"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # the generated images are removed
+
+
+@pytest.mark.parametrize("n", [1797, 1438, 640])
+def test_resume_with_another_world_size_reads_the_same_samples(n):
+    """A position saved by 2 ranks x 32 maps to 4 x 16 and 1 x 64: the remaining global steps hold the same
+    samples (each step = the next 64 of the epoch's order), and the epoch is still covered exactly once."""
+    from orchestrator.data.sampling import ShardPlan, translate_position
+
+    def global_steps(world, batch, start):
+        plans = [ShardPlan(n, r, world, batch, seed=3, shuffle=True) for r in range(world)]
+        per_rank = [p.batches(epoch=1)[start:] for p in plans]
+        return [np.sort(np.concatenate(step)) for step in zip(*per_rank, strict=True)]
+
+    done = 5
+    ref = global_steps(2, 32, done)
+    for layout in ((4, 16), (1, 64)):
+        k = translate_position(n, (2, 32), layout, done)
+        assert k == done  # same global batch: the same optimizer step
+        steps = global_steps(*layout, k)
+        full = [i for i, s in enumerate(ref) if len(s) == 64]  # the epoch's tail is shaped per layout
+        for i in full[:-1]:
+            assert np.array_equal(steps[i], ref[i]), (layout, i)
+        seen = np.concatenate(steps)
+        assert np.array_equal(np.sort(seen), np.sort(np.concatenate(ref)))  # the rest of the epoch, once each
+    with pytest.raises(ValueError, match="not a batch boundary"):
+        translate_position(n, (2, 32), (3, 48), 1)  # 64 samples in: not a multiple of 144

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 HELPER = str(REPO / "tests" / "helpers" / "ckpt_worker.py")
 # Small and fast: a narrow DANet-18 on digits, a checkpoint every 2 steps.
 SMALL = ["model.width=8", "train.epochs=2", "train.log_every_steps=1", "train.checkpoint_every_steps=2"]
+EMA = "train.ema_decay=0.9"  # the runs compared bitwise also keep an EMA shadow, which must resume exactly too
 
 
 def _env(**extra) -> dict:
@@ -54,22 +55,24 @@ def summary(cwd: Path, run_dir: str) -> dict:
 def straight(tmp_path_factory):
     """The reference: 14 optimizer steps without interruption."""
     cwd = tmp_path_factory.mktemp("straight")
-    r = launch(cwd, "runs/ref", "train.max_steps=14")
+    r = launch(cwd, "runs/ref", "train.max_steps=14", EMA)
     assert r.returncode == 0, r.stderr[-4000:]
     return summary(cwd, "runs/ref")
 
 
 def test_ctrl_c_then_resume_is_bitwise_identical(straight, tmp_path):
-    p = launch_until(tmp_path, "runs/b", "step 5/", "train.max_steps=14")
+    p = launch_until(tmp_path, "runs/b", "step 5/", "train.max_steps=14", EMA)
     p.send_signal(signal.SIGINT)
     code = p.wait(timeout=120)
     s = summary(tmp_path, "runs/b")
     assert code != 0 and s["status"] == "interrupted", s
     k = s["steps"]
     assert 5 <= k < 14  # stopped mid-epoch (23 steps per epoch), after step 5
-    r = launch(tmp_path, "runs/b", "train.max_steps=14")
+    r = launch(tmp_path, "runs/b", "train.max_steps=14", EMA)
     assert r.returncode == 0, r.stderr[-4000:]
     s2 = summary(tmp_path, "runs/b")
+    assert s2["ema_weights_sha256"] == straight["ema_weights_sha256"]  # the EMA shadow resumed, not restarted
+    assert s2["ema_weights_sha256"] != s2["weights_sha256"]
     assert s2["status"] == "completed" and s2["steps"] == 14 and s2["restarts"] == 1
     assert s2["loss_history"] == straight["loss_history"]  # data order, RNG and optimizer state restored
     assert s2["weights_sha256"] == straight["weights_sha256"]  # bitwise identical final weights
@@ -77,12 +80,85 @@ def test_ctrl_c_then_resume_is_bitwise_identical(straight, tmp_path):
 
 
 def test_stop_at_max_steps_then_continue_is_identical(straight, tmp_path):
-    r = launch(tmp_path, "runs/c", "train.max_steps=9")
+    r = launch(tmp_path, "runs/c", "train.max_steps=9", EMA)
     assert r.returncode == 0, r.stderr[-4000:]
-    r = launch(tmp_path, "runs/c", "train.max_steps=14")
+    r = launch(tmp_path, "runs/c", "train.max_steps=14", EMA)
     assert r.returncode == 0, r.stderr[-4000:]
     s = summary(tmp_path, "runs/c")
     assert s["loss_history"] == straight["loss_history"] and s["weights_sha256"] == straight["weights_sha256"]
+    assert s["ema_weights_sha256"] == straight["ema_weights_sha256"]
+
+
+def test_resume_with_another_number_of_ranks(tmp_path):
+    r = launch(tmp_path, "runs/w", "train.max_steps=5")  # 2 ranks x 32, stops mid-epoch
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = launch(tmp_path, "runs/w", "train.max_steps=8", "launch.local_ranks=1")  # 1 rank x 64: same global batch
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resuming with 1 ranks x micro-batch 64 (was 2 x 32): epoch position 5 -> 5 batches" in r.stderr
+    s = summary(tmp_path, "runs/w")
+    assert s["status"] == "completed" and s["steps"] == 8 and s["restarts"] == 1 and s["world_size"] == 1
+    # ZeRO splits the optimizer state per rank: another world size is refused in one line, nothing touched
+    r = launch(tmp_path, "runs/z", "train.max_steps=2", "deepspeed.zero_stage=1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    before = sorted(p.name for p in (tmp_path / "runs/z/checkpoints").iterdir())
+    r = launch(tmp_path, "runs/z", "train.max_steps=4", "deepspeed.zero_stage=1", "launch.local_ranks=1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "written by 2 ranks with ZeRO stage 1" in last and "resume it with 2 ranks" in last, last
+    assert sorted(p.name for p in (tmp_path / "runs/z/checkpoints").iterdir()) == before
+
+
+def _corrupt_one_record(root: Path) -> tuple[Path, int]:
+    """Flip a byte inside the payload of one train record (headers stay valid); returns (file, record)."""
+    from orchestrator.data.ffrecord import FileReader
+
+    with FileReader(root / "train.ffr") as r:
+        path, j = r.locate(r.n // 2)
+        spans = r._files[r.files.index(path)]
+        offset = int(spans.starts[j]) + (int(spans.ends[j]) - int(spans.starts[j])) // 2
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return Path(path), j
+
+
+def test_corrupt_record_is_named_at_launch_or_mid_run_and_nothing_is_lost(tmp_path):
+    import shutil
+
+    data = tmp_path / "digits"
+    shutil.copytree(REPO / ".cache" / "data" / "digits", data)
+    original = {p: p.read_bytes() for p in (data / "train.ffr").glob("*.ffr")}
+    path, record = _corrupt_one_record(data)
+    where = [f"data.root={data}"]
+
+    # launch checks every CRC of a small dataset (data.verify=auto): one line, exit 2, nothing written
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "launch", "--run-dir", "runs/x", *SMALL, *where],
+                       cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "corrupt FFRecord dataset" in last and path.name in last and f"record {record}" in last, last
+    assert not (tmp_path / "runs").exists()
+
+    # headers only: the run meets the record mid-epoch; exit 2 with the same one line, checkpoints kept
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "launch", "--run-dir", "runs/y", *SMALL, *where,
+                        "data.verify=header"], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("orchestrator: error: corrupt FFRecord dataset") and f"record {record}" in last, last
+    s = summary(tmp_path, "runs/y")
+    assert s["status"] == "failed" and f"record {record}" in s["error"], s
+    # repaired data: the same --run-dir resumes from what was kept
+    for p, content in original.items():
+        p.write_bytes(content)
+    target = s["steps"] + 2
+    r = launch(tmp_path, "runs/y", f"train.max_steps={target}", *where)
+    assert r.returncode == 0, r.stderr[-4000:]
+    s2 = summary(tmp_path, "runs/y")
+    assert s2["status"] == "completed" and s2["steps"] == target
+    assert s2["restarts"] == (1 if s["steps"] >= 2 else 0)  # resumed when a checkpoint had been written
 
 
 def test_kill_9_during_checkpoint_writes_never_leaves_a_partial_latest(tmp_path):

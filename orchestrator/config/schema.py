@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("ffrecord",),
     "data.loader": ("dali", "torch"),
     "data.payload": ("auto", "jpeg_label", "pickle"),
+    "data.verify": ("auto", "full", "header"),
     "train.loss": ("mean_output", "per_timestep"),
     "train.nan_policy": ("stop", "skip"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -83,6 +84,10 @@ class DataConfig:
     loader: str = "dali"
     payload: str = "auto"  # auto = read meta.json
     trust_pickle: bool = False  # HFAiLab's pickled ImageNet layout, read with a restricted unpickler
+    # launch-time check before any rank starts: full = every record's CRC, header = tables only,
+    # auto = full when the FFRecord files total <= 4 GiB (seconds), else header (a corrupt record met later
+    # stops the run with exit 2 and the last checkpoint kept)
+    verify: str = "auto"
     image_size: int = 224  # training crop
     val_resize: int = 256  # shorter side before the validation center crop
     rrc_scale_min: float = 0.08  # random-resized-crop area range lower bound

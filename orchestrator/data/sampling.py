@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-__all__ = ["ShardPlan", "epoch_order", "train_params", "val_crop"]
+__all__ = ["ShardPlan", "consumed_samples", "epoch_order", "translate_position", "train_params", "val_crop"]
 
 _AUG_STREAM = 0xDA7A
 
@@ -66,6 +66,37 @@ class ShardPlan:
         mine = epoch_order(self.n, self.seed, epoch, self.shuffle)[self.rank :: self.world_size]
         bounds = np.cumsum([0] + self.sizes)
         return [mine[bounds[k] : bounds[k + 1]] for k in range(self.steps)]
+
+
+def consumed_samples(n: int, world_size: int, batch_size: int, batches: int) -> int:
+    """Samples all ranks together have read after ``batches`` batches of an epoch."""
+    plans = [ShardPlan(n, r, world_size, batch_size, 0, shuffle=False) for r in range(world_size)]
+    return sum(sum(p.sizes[:batches]) for p in plans)
+
+
+def translate_position(n: int, old: tuple[int, int], new: tuple[int, int], batches: int) -> int:
+    """The batch index in layout ``new`` = (world size, batch) at which layout ``old`` stood after ``batches``.
+
+    Rank r takes every W-th sample of the epoch's order, so the first k full batches of all ranks together are
+    the order's first k * W * B samples whatever W and B are: a run resumed with another world size (same global
+    batch) reads exactly the samples the original would have read, step for step. Raises ValueError when the
+    position falls between two batches of the new layout.
+    """
+    if old == new:
+        return batches
+    done = consumed_samples(n, *old, batches)
+    steps = ShardPlan(n, 0, new[0], new[1], 0, shuffle=False).steps
+    for k in range(steps + 1):
+        c = consumed_samples(n, *new, k)
+        if c == done:
+            return k
+        if c > done:
+            break
+    raise ValueError(
+        f"the checkpoint stopped {done} samples into its epoch ({old[0]} ranks x batch {old[1]}), which is not a "
+        f"batch boundary for {new[0]} ranks x batch {new[1]}; resume with a layout whose ranks x batch divides "
+        f"{done}, or from an epoch-end checkpoint"
+    )
 
 
 def _rng(seed: int, epoch: int, index: int) -> np.random.Generator:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch.distributed as dist
 
 from orchestrator.errors import UserError
 from orchestrator.fsutil import atomic_write, fsync_dir
+
+log = logging.getLogger(__name__)
 
 LOW_SPACE = 16 * 2**20  # below this after a failed save, the disk being full is the likely cause
 
@@ -58,9 +61,15 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.rank = rank
         self.keep_top_k = keep_top_k
+        # objects outside the engine whose state rides along in each rank's file (e.g. the EMA shadow)
+        self.extras: dict[str, Any] = {}
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
         _barrier()
+
+    def track(self, name: str, obj: Any) -> None:
+        """Save ``obj.state_dict()`` with every checkpoint and restore it with ``obj.load_state_dict`` on load."""
+        self.extras[name] = obj
 
     # -- pointer and index -------------------------------------------------------------------------------------
     def latest_tag(self) -> str | None:
@@ -76,6 +85,11 @@ class CheckpointManager:
         return json.loads(p.read_text()) if p.is_file() else {}
 
     # -- save --------------------------------------------------------------------------------------------------
+    def saved_world_size(self) -> int | None:
+        """How many ranks wrote the latest complete checkpoint (None: unknown or no checkpoint)."""
+        tag = self.latest_tag()
+        return self._index().get(tag, {}).get("world_size") if tag else None
+
     def save(self, engine, step: int, loop_state: dict, val_top1: float | None = None) -> str:
         """Write a complete checkpoint on every rank, then move LATEST. Disk errors raise UserError, with the
         partial tag removed and the previous checkpoint untouched."""
@@ -84,7 +98,8 @@ class CheckpointManager:
         err: Exception | None = None
         try:
             engine.save_checkpoint(str(self.dir), tag=tag, client_state={"loop": loop_state}, save_latest=False)
-            rng = {"torch": torch.get_rng_state(), "loop": loop_state}
+            rng = {"torch": torch.get_rng_state(), "loop": loop_state,
+                   "extras": {name: obj.state_dict() for name, obj in self.extras.items()}}
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(rng, self.dir / tag / f"rank{self.rank}.pt")
@@ -107,7 +122,8 @@ class CheckpointManager:
         if self.rank == 0:
             atomic_write(self.dir / tag / "COMPLETE", b"ok\n")
             index = self._index()
-            index[tag] = {"step": step, "val_top1": val_top1}
+            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+            index[tag] = {"step": step, "val_top1": val_top1, "world_size": world}
             atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
             atomic_write(self.dir / "LATEST", f"{tag}\n".encode())
             self._prune(index, keep=tag)
@@ -135,10 +151,19 @@ class CheckpointManager:
         if tag is None:
             return None
         engine.load_checkpoint(str(self.dir), tag=tag)
-        state = torch.load(self.dir / tag / f"rank{self.rank}.pt", weights_only=False)
+        mine = self.dir / tag / f"rank{self.rank}.pt"
+        # a rank the checkpoint's run did not have: the loop state is the same on every rank; take rank 0's
+        state = torch.load(mine if mine.is_file() else self.dir / tag / "rank0.pt", weights_only=False)
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+        saved = state.get("extras", {})
+        for name, obj in self.extras.items():
+            if name in saved:
+                obj.load_state_dict(saved[name])
+            elif hasattr(obj, "reset"):  # enabled after this checkpoint was written: start from the resumed state
+                log.warning("checkpoint %s has no %s state; it restarts from the resumed weights", tag, name)
+                obj.reset()
         return state["loop"]
 
     # -- consolidated weights ----------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ statistics, are copied). The shadow is an fp32 copy of the model, so a bf16/fp16
 average away. At every epoch end where the loop evaluated, the shadow is evaluated on the same validation loader
 and ``ema_val_top1`` / ``ema_val_top5`` / ``ema_val_loss`` are added to that epoch's metrics (place this callback
 before the tracker's so they are logged). Every rank keeps a shadow (the evaluation all-reduces counts).
-The shadow is not in the DeepSpeed checkpoint: after a resume it restarts from the resumed weights.
+The shadow is saved with every checkpoint (``CheckpointManager.track``) and restored on resume, so a resumed run
+averages exactly as an uninterrupted one; a checkpoint written without it restarts the average from the resumed
+weights (``reset``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ class EMA:
         self.shadow = copy.deepcopy(module).float().eval()
         for p in self.shadow.parameters():
             p.requires_grad_(False)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Restart the average from the live weights."""
+        self.shadow.load_state_dict(self.module.state_dict())  # copy_ casts to the shadow's fp32
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.shadow.load_state_dict(state["shadow"])
 
     @torch.no_grad()
     def update(self) -> None:

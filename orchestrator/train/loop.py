@@ -28,6 +28,7 @@ class LoopState:
     nan_skipped: int = 0
     best_val_top1: float = -1.0
     history: list = field(default_factory=list)  # per-step loss, for exact-resume comparisons
+    layout: list = field(default_factory=list)  # [world size, micro-batch] that batch_in_epoch counts in
     last_eval: dict = field(default_factory=dict)  # the latest validation metrics
 
     def to_dict(self) -> dict:

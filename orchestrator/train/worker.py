@@ -75,14 +75,39 @@ def prepare_dataset(cfg: Config, check_files: bool = False) -> Path:
         raise UserError(f"dataset {root} has {meta['num_classes']} classes but model.num_classes="
                         f"{cfg.model.num_classes}; set model.num_classes={meta['num_classes']}")
     if check_files:
-        from orchestrator.data.ffrecord import FFRecordError, FileReader
+        verify_dataset(root, cfg.data.verify)
+    return root
 
+
+FULL_VERIFY_MAX_BYTES = 4 * 2**30  # data.verify=auto checks every CRC up to this size (seconds of reading)
+
+
+def verify_dataset(root: Path, mode: str) -> None:
+    """Headers of every FFRecord file, and every record's CRC under ``full`` (``auto``: when small enough).
+    Corruption is a UserError naming the file and the record."""
+    from orchestrator.data.ffrecord import FFRecordError, FileReader
+
+    readers = {}
+    try:
         for split in ("train", "val"):
             try:
-                FileReader(root / f"{split}.ffr", check_data=True).close()
+                readers[split] = FileReader(root / f"{split}.ffr", check_data=True)
             except (FFRecordError, FileNotFoundError, OSError) as e:
                 raise UserError(f"dataset {root}: {str(e).splitlines()[0]}") from None
-    return root
+        total = sum(os.path.getsize(f) for r in readers.values() for f in r.files)
+        if mode == "full" or (mode == "auto" and total <= FULL_VERIFY_MAX_BYTES):
+            if total > 2**28:
+                print(f"launch: checking every record's CRC in {root} ({total / 2**30:.2f} GiB; data.verify="
+                      f"{mode})", file=sys.stderr, flush=True)
+            for r in readers.values():
+                bad = r.validate()
+                if bad:
+                    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+                    raise UserError(f"corrupt FFRecord dataset: {bad[0]}{more}; `orchestrator data verify "
+                                    f"{root}` lists every bad record")
+    finally:
+        for r in readers.values():
+            r.close()
 
 
 def model_kwargs(cfg: Config) -> dict:
@@ -167,8 +192,32 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
 
     ckpt = CheckpointManager(run_path, info.rank, cfg.train.keep_top_k)
+    ema = None
+    if cfg.train.ema_decay > 0:
+        from orchestrator.train.ema import EMA
+
+        ema = EMA(engine.module, cfg.train.ema_decay, val_loader, cfg, device)
+        ckpt.track("ema", ema)  # the shadow is saved and restored with every checkpoint
+    saved_world = ckpt.saved_world_size()
+    if saved_world not in (None, info.world_size) and cfg.deepspeed.zero_stage > 0:
+        raise UserError(f"{ckpt.dir / str(ckpt.latest_tag())} was written by {saved_world} ranks with ZeRO stage "
+                        f"{cfg.deepspeed.zero_stage} (optimizer state split per rank); resume it with {saved_world} "
+                        f"ranks, or start a new --run-dir")
     resumed = ckpt.load(engine)
     state = LoopState(**resumed) if resumed else LoopState()
+    layout = [info.world_size, plan.micro_batch]
+    if resumed and state.layout and state.layout != layout and state.batch_in_epoch:
+        from orchestrator.data.sampling import translate_position
+
+        try:  # the same samples, step for step, counted in the new layout's batches
+            moved = translate_position(train_loader.num_samples, tuple(state.layout), tuple(layout),
+                                       state.batch_in_epoch)
+        except ValueError as e:
+            raise UserError(f"cannot resume mid-epoch with a new layout: {e}") from None
+        log.info("resuming with %d ranks x micro-batch %d (was %d x %d): epoch position %d -> %d batches",
+                 *layout, *state.layout, state.batch_in_epoch, moved)
+        state.batch_in_epoch = moved
+    state.layout = layout
     previous = _previous_summary(run_path)
     restarts = int(previous.get("restarts", 0)) + (1 if resumed else 0)
 
@@ -192,11 +241,9 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     checkpoints = cb.Checkpoints(ckpt, engine, cfg.train.checkpoint_every_steps, info.is_primary, tracker)
     callbacks = [cb.Progress(total_steps, steps_per_epoch, cfg.train.epochs, cfg.train.log_every_steps, device),
                  cb.TrackerMetrics(tracker, device), cb.Telemetry(engine.module, sample, tracker), checkpoints]
-    if cfg.train.ema_decay > 0:  # first, so the epoch's ema_val_* reach the tracker with the rest
-        from orchestrator.train.ema import EMA
-
-        callbacks.insert(0, EMA(engine.module, cfg.train.ema_decay, val_loader, cfg, device))
-    status, error = "completed", ""
+    if ema is not None:  # first, so the epoch's ema_val_* reach the tracker with the rest
+        callbacks.insert(0, ema)
+    status, error, bad_input = "completed", "", False
     start_samples, t_train = state.samples, time.perf_counter()
     try:
         state = train(engine, (train_loader, val_loader), cfg, state, callbacks, stops, device, dtype,
@@ -208,8 +255,11 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     except NonFiniteLoss as e:
         status, error = "failed", str(e)
         log.error("%s", e)
-    except UserError:
-        raise
+    except UserError as e:  # bad input met mid-run (a corrupt record): exit 2, checkpoints kept, resumable
+        status, error, bad_input = "failed", str(e), True
+        atomic_write(run_path / "ERROR", f"{e}\n".encode())  # whichever rank met it; the launcher reports it
+        log.error("bad input: %s (the last checkpoint, %s, is kept; fix the data and launch again to resume)",
+                  e, ckpt.latest_tag())
     except Exception as e:  # the cause goes to the log and the summary; the exit code says failed
         status, error = "failed", f"{type(e).__name__}: {e}"
         log.error("training failed: %s\n%s", error, traceback.format_exc())
@@ -220,6 +270,8 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     if state.step and status == "completed" and not state.batch_in_epoch == 0:
         checkpoints.save(state)  # max_steps ended mid-epoch: keep that position too
 
+    if status == "failed" and not bad_input and (run_path / "ERROR").is_file():
+        error = (run_path / "ERROR").read_text().strip()  # another rank met bad input, which ended this one
     summary = dict(previous)
     final_metrics = {}
     if status == "completed":
@@ -227,6 +279,9 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
         tracker.log_metrics(final_metrics, step=state.step)
     if info.is_primary:
         weights = ckpt.export_weights(engine.module, "final.pt", {"step": state.step, "epoch": state.epoch})
+        if ema is not None:
+            ema_path = ckpt.export_weights(ema.shadow, "final_ema.pt", {"step": state.step, "ema_decay": ema.decay})
+            summary["ema_weights_sha256"] = sha256_file(ema_path)
         summary.update({
             "status": status, "error": error, "epochs": state.epoch, "steps": state.step,
             "final_train_loss": state.history[-1] if state.history else None,
@@ -250,8 +305,8 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
         log.info("%s: %d steps, val top1 %s, summary %s", status, state.step, summary.get("val_top1"),
                  run_path / "summary.json")
     tracker.finish(status)
-    _shutdown()
-    return EXIT[status]
+    _shutdown(sync=status != "failed")
+    return 2 if bad_input else EXIT[status]
 
 
 def _final_eval(engine, val_loader, cfg, device, dtype, state: LoopState) -> dict:
@@ -262,12 +317,16 @@ def _final_eval(engine, val_loader, cfg, device, dtype, state: LoopState) -> dic
     return {"val_top1": m["val_top1"], "val_top5": m["val_top5"], "val_loss": m["val_loss"]}
 
 
-def _shutdown() -> None:
+def _shutdown(sync: bool = True) -> None:
+    """Leave the process group; ``sync=False`` after a failure, when a peer may be blocked in another collective
+    (a barrier could pair with it and hang until the timeout): exiting closes our sockets, which fails the peer's
+    collective at once."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         try:
-            dist.barrier()
+            if sync:
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # a peer already gone: nothing left to synchronise
             pass
