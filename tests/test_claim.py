@@ -4,11 +4,11 @@ Same steps, same recipe for every model: tools/claim_table.py's DEFAULTS (60 opt
 T=4, AdamW 0.002 at batch 16, 10% warmup + cosine, seed 0) with ``model.zero_init_residual=true`` as in the
 danet*_imagenet presets; in-process with the project's config, DALI loader, optimizer, schedule, loss and evaluation.
 
-Measured (seed 0; docs/RESULTS.md has the table):
-1. DANet-152 clearly above the plain spiking ResNet-152: 0.5348 vs 0.0975 val top-1 (chance 0.10). HOLDS.
-2. DANet-152 no worse than DANet-18: 0.5348 vs 0.3315. HOLDS with zero-init residuals. Without them
-   (zero_init_residual=false, the digits preset's setting) it does NOT hold at this budget: DANet-152 0.3705 vs
-   DANet-18 0.6045 (claim 1 still holds there: 0.3705 vs 0.0975). docs/RESULTS.md says so.
+Measured (seed 0; docs/RESULTS.md has the table; rerun after the change to DANet's dense backward):
+1. DANet-152 clearly above the plain spiking ResNet-152: 0.5404 vs 0.0975 val top-1 (chance 0.10). HOLDS.
+2. DANet-152 no worse than DANet-18: 0.5404 vs 0.3370. HOLDS with zero-init residuals. Without them
+   (zero_init_residual=false, the digits preset's setting) it does NOT hold at this budget: DANet-152 0.3955 vs
+   DANet-18 0.5877 (claim 1 still holds there: 0.3955 vs 0.0975). docs/RESULTS.md says so.
 
 The numbers are printed (pytest -s) and are in every assertion message; a rerun reproduced them to the digit.
 Runtime: 248 s for the whole file (pytest -s -q tests/test_claim.py) on this 2-core machine at load 5-7 (shared);
