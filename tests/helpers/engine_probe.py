@@ -1,0 +1,46 @@
+"""One rank, a real DeepSpeed engine (gloo) built by the project's build_engine: run one optimizer step of a tiny
+linear model over a fixed batch and print the resulting weights as JSON. Used by tests/test_optim.py.
+
+    python tests/helpers/engine_probe.py PORT key=value ...   (config overrides on the digits preset)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+from launch.env import RankInfo  # noqa: E402
+from orchestrator.config import load_config  # noqa: E402
+from orchestrator.train.engine import batch_plan, build_engine, init_distributed  # noqa: E402
+
+
+def main() -> int:
+    port, overrides = int(sys.argv[1]), sys.argv[2:]
+    cfg = load_config("digits", overrides)
+    init_distributed(RankInfo(master_port=port), "cpu", 60)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    plan = batch_plan(cfg, 1)
+    engine = build_engine(cfg, model, plan, steps_per_epoch=10, precision="fp32")
+    x = torch.randn(cfg.train.global_batch_size, 6)
+    y = torch.randint(0, 3, (cfg.train.global_batch_size,))
+    for i in range(plan.accumulation):  # one optimizer step: the micro-batches of one global batch
+        sl = slice(i * plan.micro_batch, (i + 1) * plan.micro_batch)
+        loss = torch.nn.functional.cross_entropy(engine(x[sl]), y[sl])
+        engine.backward(loss)
+        engine.step()
+    print(json.dumps({"accumulation": plan.accumulation, "steps": engine.global_steps,
+                      "weight": engine.module.weight.detach().flatten().tolist(),
+                      "bias": engine.module.bias.detach().tolist()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
