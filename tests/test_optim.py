@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,11 +76,11 @@ def test_deepspeed_config_carries_accumulation_clipping_and_precision():
     assert deepspeed_config(c, batch_plan(c, 2), "fp16")["fp16"]["enabled"]
 
 
-def _probe(port: int, *overrides: str) -> dict:
+def _probe(port: int, *overrides: str, env: dict | None = None) -> dict:
     base = ["optim.name=sgd", "optim.momentum=0", "optim.schedule=constant", "optim.warmup_epochs=0",
             "optim.lr=0.5", "optim.reference_batch_size=16", "train.global_batch_size=16"]
     r = subprocess.run([sys.executable, str(REPO / "tests/helpers/engine_probe.py"), str(port), *base, *overrides],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("{")][-1])
 
@@ -98,3 +99,13 @@ def test_real_engine_accumulates_micro_batches_and_clips():
     assert moved(clipped).norm() == pytest.approx(0.5 * 0.01, rel=1e-2)  # lr x the clipped gradient norm
     assert moved(one).norm() > 10 * moved(clipped).norm()
     assert math.isfinite(moved(one).norm())
+
+
+def test_real_engine_trains_in_bf16_through_deepspeed():
+    """train.precision=bf16: DeepSpeed's bf16 engine (weights bf16, BatchNorm buffers too), on CPU here as on GPUs."""
+    ref = _probe(29764, "train.micro_batch_size=16", env={"PROBE_MODEL": "bn"})
+    low = _probe(29765, "train.micro_batch_size=16", "train.precision=bf16", env={"PROBE_MODEL": "bn"})
+    assert ref["precision"] == "fp32" and low["precision"] == "bf16" and low["weight_dtype"] == "torch.bfloat16"
+    assert low["steps"] == 1
+    # the same step to bf16 resolution (8 bits of mantissa)
+    assert low["weight"] == pytest.approx(ref["weight"], abs=2e-2) and low["weight"] != ref["weight"]

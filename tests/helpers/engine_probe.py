@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from launch.env import RankInfo  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.train.engine import batch_plan, build_engine, init_distributed  # noqa: E402
+from orchestrator.train.engine import batch_plan, build_engine, init_distributed, resolve_precision  # noqa: E402
 
 
 def main() -> int:
@@ -27,18 +27,24 @@ def main() -> int:
     init_distributed(RankInfo(master_port=port), "cpu", 60)
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
+    if "bn" in os.environ.get("PROBE_MODEL", ""):  # a BatchNorm: its buffers must follow bf16 (STACK-NOTES)
+        model = torch.nn.Sequential(torch.nn.BatchNorm1d(6), model)
     plan = batch_plan(cfg, 1)
-    engine = build_engine(cfg, model, plan, steps_per_epoch=10, precision="fp32")
+    precision = resolve_precision(cfg, "cpu")
+    engine = build_engine(cfg, model, plan, steps_per_epoch=10, precision=precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     x = torch.randn(cfg.train.global_batch_size, 6)
     y = torch.randint(0, 3, (cfg.train.global_batch_size,))
     for i in range(plan.accumulation):  # one optimizer step: the micro-batches of one global batch
         sl = slice(i * plan.micro_batch, (i + 1) * plan.micro_batch)
-        loss = torch.nn.functional.cross_entropy(engine(x[sl]), y[sl])
+        loss = torch.nn.functional.cross_entropy(engine(x[sl].to(dtype)).float(), y[sl])
         engine.backward(loss)
         engine.step()
-    print(json.dumps({"accumulation": plan.accumulation, "steps": engine.global_steps,
-                      "weight": engine.module.weight.detach().flatten().tolist(),
-                      "bias": engine.module.bias.detach().tolist()}))
+    linear = model if isinstance(model, torch.nn.Linear) else model[1]
+    print(json.dumps({"accumulation": plan.accumulation, "steps": engine.global_steps, "precision": precision,
+                      "weight_dtype": str(linear.weight.dtype),
+                      "weight": linear.weight.detach().float().flatten().tolist(),
+                      "bias": linear.bias.detach().float().tolist()}))
     return 0
 
 
