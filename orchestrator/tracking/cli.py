@@ -255,11 +255,13 @@ def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1
         raise _user_error(f"port {port} on {host} is in use; pick another with --port")
     cmd, url = ui_command(uri, port, host)
 
-    def _term(signum, frame):  # SIGTERM / SIGHUP: stop the server group too, as Ctrl-C does
+    def _term(signum, frame):  # Ctrl-C, SIGTERM, SIGHUP: stop the server group
         raise KeyboardInterrupt
 
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGINT too: a process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then installs no KeyboardInterrupt handler of its own, so Ctrl-C forwarded to it would do nothing
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
             previous[sig] = signal.signal(sig, _term)
         except ValueError:  # not the main thread: Ctrl-C only
