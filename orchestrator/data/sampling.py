@@ -70,8 +70,13 @@ class ShardPlan:
 
 def consumed_samples(n: int, world_size: int, batch_size: int, batches: int) -> int:
     """Samples all ranks together have read after ``batches`` batches of an epoch."""
-    plans = [ShardPlan(n, r, world_size, batch_size, 0, shuffle=False) for r in range(world_size)]
-    return sum(sum(p.sizes[:batches]) for p in plans)
+    return int(_consumed_by_batch(n, world_size, batch_size)[batches])
+
+
+def _consumed_by_batch(n: int, world_size: int, batch_size: int) -> np.ndarray:
+    """Entry k: samples all ranks together have read after k batches (k = 0 .. steps)."""
+    sizes = [ShardPlan(n, r, world_size, batch_size, 0, shuffle=False).sizes for r in range(world_size)]
+    return np.concatenate([[0], np.cumsum(np.sum(sizes, axis=0))])
 
 
 def translate_position(n: int, old: tuple[int, int], new: tuple[int, int], batches: int) -> int:
@@ -85,13 +90,10 @@ def translate_position(n: int, old: tuple[int, int], new: tuple[int, int], batch
     if old == new:
         return batches
     done = consumed_samples(n, *old, batches)
-    steps = ShardPlan(n, 0, new[0], new[1], 0, shuffle=False).steps
-    for k in range(steps + 1):
-        c = consumed_samples(n, *new, k)
-        if c == done:
-            return k
-        if c > done:
-            break
+    cumulative = _consumed_by_batch(n, *new)
+    k = int(np.searchsorted(cumulative, done))
+    if k < len(cumulative) and cumulative[k] == done:
+        return k
     raise ValueError(
         f"the checkpoint stopped {done} samples into its epoch ({old[0]} ranks x batch {old[1]}), which is not a "
         f"batch boundary for {new[0]} ranks x batch {new[1]}; resume with a layout whose ranks x batch divides "
