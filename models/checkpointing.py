@@ -260,6 +260,9 @@ def unpack_spikes(packed: torch.Tensor, storage: str, like: torch.Tensor) -> tor
     return out.copy_(flat.view(like.shape))
 
 
+_conv_backward = torch.ops.aten.convolution_backward  # a module name, so a test can watch its dtypes
+
+
 class _SpikeConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, stride, padding, storage):  # type: ignore[override]
@@ -272,11 +275,15 @@ class _SpikeConv(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         packed, weight = ctx.saved_tensors
         stride, padding, storage = ctx.conf
-        x = unpack_spikes(packed, storage, ctx.meta)
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad, x, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
+        # Under autocast the forward conv ran in grad's dtype (bf16/fp16) on cast copies of x and the fp32 weight;
+        # backward runs outside autocast, so cast the same way here (0/1 spikes are exact in any float type).
+        x = unpack_spikes(packed, storage, ctx.meta).to(grad.dtype)
+        gx, gw, _ = _conv_backward(
+            grad, x, weight.to(grad.dtype), None, list(stride), list(padding), [1, 1], False, [0, 0], 1,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
         )  # fmt: skip
+        gx = gx.to(ctx.meta.dtype) if gx is not None else None
+        gw = gw.to(weight.dtype) if gw is not None else None
         return gx, gw, None, None, None
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from models import create_model
+from models import checkpointing as ckpt_mod
 from models import neurons as neurons_mod
 from models.checkpointing import COST_ORDER, choose_policy
 
@@ -112,10 +113,23 @@ def test_auto_chooses_by_budget_and_logs(caplog):
     assert all(torch.equal(b[k], b0[k]) for k in b0)
 
 
-def test_bf16_autocast_every_policy():
+def test_bf16_autocast_every_policy(monkeypatch):
+    # CUDA's convolution_backward refuses mixed dtypes (bf16 grad, fp32 weight) where the CPU one quietly
+    # accepts them, so the spike-storage conv's backward is checked for one dtype per call here.
+    seen = []
+    original = ckpt_mod._conv_backward
+
+    def same_dtypes(grad, x, weight, *args):
+        seen.append((grad.dtype, x.dtype, weight.dtype))
+        return original(grad, x, weight, *args)
+
+    monkeypatch.setattr(ckpt_mod, "_conv_backward", same_dtypes)
     _, out0, g0, _ = _step("danet18", {}, 2, "none", "float", dtype=torch.bfloat16)
     for policy in ("block", "time", "block_time"):
         _, out, g, _ = _step("danet18", {}, 2, policy, "bit", dtype=torch.bfloat16)
+        assert seen and all(len(set(d)) == 1 for d in seen), f"{policy}: mixed dtypes in conv backward {set(seen)}"
+        seen.clear()
+        assert all(v.dtype == torch.float32 for v in g.values())
         assert set(g) == set(g0)
         assert all(torch.isfinite(v).all() for v in g.values())
         torch.testing.assert_close(out, out0, rtol=0, atol=0)

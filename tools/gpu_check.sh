@@ -5,7 +5,8 @@
 #  3. danet152 T=4 224x224 bf16 batch 32: peak memory (max_memory_allocated above the loaded model) and median step
 #     time per checkpointing policy, each in its own process (orchestrator.bench_memory --child), against the
 #     memory model behind `orchestrator plan` (saved activations + fp32 gradients at the same size)
-# Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out).
+# Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out). STEPS="models data memory" (default all)
+# runs a subset, e.g. when device time is short.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -13,6 +14,8 @@ PY=${PYTHON:-python}
 OUT_DIR=${OUT_DIR:-${OUT:-./gpu_check_out}}
 mkdir -p "$OUT_DIR"
 POLICIES=${POLICIES:-"none:float time:bit block:float block_time:bit"}
+STEPS=${STEPS:-"models data memory"}
+want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; echo "SKIP $1 (not in STEPS)"; return 1; }
 START=$(date +%s)
 note() { echo "== [$(( $(date +%s) - START ))s] $*"; }
 
@@ -20,20 +23,24 @@ note() { echo "== [$(( $(date +%s) - START ))s] $*"; }
   || { echo "no CUDA device: this script measures a GPU (exit 1)"; exit 1; }
 
 note "1/3 models.gpu_check"
-if "$PY" -c "import models.gpu_check" 2>/dev/null; then
+if ! want models; then :
+elif "$PY" -c "import models.gpu_check" 2>/dev/null; then
   timeout 120 "$PY" -m models.gpu_check 2>&1 | tail -25 | tee "$OUT_DIR/models_gpu_check.txt" || echo "models.gpu_check failed or timed out"
 else
   echo "SKIP models.gpu_check: import failed"
 fi
 
 note "2/3 orchestrator.data.gpu_bench"
-if "$PY" -c "import nvidia.dali, orchestrator.data.gpu_bench" 2>/dev/null; then
-  timeout 45 "$PY" -m orchestrator.data.gpu_bench --json "$OUT_DIR/data_gpu_bench.json" --seconds 15 2>&1 | tail -15 \
-    || echo "data gpu_bench failed or timed out"
+if ! want data; then :
+elif "$PY" -c "import nvidia.dali, orchestrator.data.gpu_bench" 2>/dev/null; then
+  # builds 1024 photos, converts them, checks GPU vs CPU batches, then 20 s GPU + 20 s CPU timing
+  timeout 180 "$PY" -m orchestrator.data.gpu_bench --json "$OUT_DIR/data_gpu_bench.json" --images 1024 --seconds 20 \
+    2>&1 | tail -25 || echo "data gpu_bench failed or timed out"
 else
   echo "SKIP data gpu_bench: nvidia.dali (or orchestrator.data.gpu_bench) does not import here"
 fi
 
+want memory || { note "done"; exit 0; }
 note "3/3 danet152 T=4 224 bf16 batch 32 per policy"
 : > "$OUT_DIR/memory.jsonl"
 for ps in $POLICIES; do
