@@ -185,6 +185,21 @@ def test_torch_fallback_same_plan(indexed):
         assert (xa - xb).abs().mean() < 0.05  # same crops and flips; resamplers differ slightly
 
 
+def test_cpu_resample_torch_matches_dali(indexed):
+    """The CPU pipeline's torch resize stage gives DALI's own resize result to within rounding, same samples."""
+    a = build_loader(_cfg(indexed, image_size=24, num_threads=2), "train", 0, 1, 5, seed=4)
+    b = build_loader(_cfg(indexed, image_size=24, num_threads=2, cpu_resample="dali"), "train", 0, 1, 5, seed=4)
+    assert a.torch_resample and not b.torch_resample
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(ya, yb) and xa.shape == xb.shape == (len(ya), 3, 24, 24)
+        # normalized with std 0.5: 1/255 of a pixel is 0.0078; both are antialiased bilinear
+        assert (xa - xb).abs().mean() < 0.02
+        assert not torch.equal(xa, xb)  # really two resamplers
+    a.close()
+    with pytest.raises(UserError, match="cpu_resample"):
+        build_loader(_cfg(indexed, cpu_resample="pil"), "train", 0, 1, 5, seed=4)
+
+
 def test_loader_bad_input(indexed, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         build_loader(_cfg(tmp_path / "nope"), "train", 0, 1, 4, 0)

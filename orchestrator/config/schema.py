@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("dali", "torch"),
     "data.payload": ("auto", "jpeg_label", "pickle"),
     "data.verify": ("auto", "full", "header"),
+    "data.cpu_resample": ("torch", "dali"),
     "train.loss": ("mean_output", "per_timestep"),
     "train.nan_policy": ("stop", "skip"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
@@ -97,6 +98,10 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_threads: int = 2  # DALI CPU threads per rank
+    # CPU training pipeline only: who resizes the decoded crop window to image_size^2. torch = a vectorized uint8
+    # antialiased bilinear (~4x cheaper than DALI's CPU resampler, same filter family), dali = DALI's resize.
+    # On a GPU DALI always does it.
+    cpu_resample: str = "torch"
     prefetch: int = 2
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0

@@ -17,6 +17,11 @@ parallel external source (worker processes, which also drop a last partial batch
 Training: decode crop window -> resize to image_size^2 -> optional horizontal flip -> normalize -> CHW float.
 Validation: decode -> resize shorter side to val_resize -> center crop image_size -> normalize -> CHW float.
 Decoding runs on the GPU ('mixed', nvJPEG) when device is CUDA and the images are JPEG, else on the CPU.
+On the CPU (``data.cpu_resample=torch``, the default) DALI hands out the decoded crop windows and the loader
+resizes, flips and normalizes them with torch: DALI's CPU resampler costs ~1.3 ms per 224x224 crop on this kind of
+core against ~0.3 ms for torch's vectorized uint8 antialiased bilinear (the filter PIL and DALI's ``INTERP_LINEAR``
+use when shrinking), and it was the CPU pipeline's largest cost (BENCHMARKS.md "## Data"). It runs in the
+calling thread while DALI's threads decode the next batches. On a GPU DALI does every step.
 
 The external source is declared with ``cycle="raise"`` (without it every epoch after the first is silently empty):
 a finished pass ends with StopIteration and ``reset()``, and the pipeline is reused for the next pass. A pass
@@ -141,6 +146,25 @@ class _Source:
             yield self.loader._inputs(epoch, idx)
 
 
+def _single_threaded_torch() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _resize_crop(crop: np.ndarray, size: int) -> np.ndarray:
+    """One decoded HWC uint8 crop window -> ``size`` x ``size`` HWC uint8, antialiased bilinear.
+
+    The NCHW view of an HWC array is channels-last, which selects torch's vectorized uint8 kernel (no float copy).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(crop).permute(2, 0, 1).unsqueeze(0)
+    y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y[0].permute(1, 2, 0).contiguous().numpy()
+
+
 class DaliLoader:
     """Iterates one rank's batches of one split; see the module docstring."""
 
@@ -186,6 +210,12 @@ class DaliLoader:
         self.mean = [float(m) * 255.0 for m in data_cfg.mean]
         self.std = [float(s) * 255.0 for s in data_cfg.std]
         self.num_threads = max(1, int(getattr(data_cfg, "num_threads", 2)))
+        resample = str(getattr(data_cfg, "cpu_resample", "torch"))
+        if resample not in ("torch", "dali"):
+            raise UserError(f"data.cpu_resample={resample!r} is not valid: expected one of torch, dali")
+        # On the CPU torch resizes the crop windows inside the pipeline (see the module docstring).
+        self.torch_resample = self.train and not self.cuda and resample == "torch"
+        self._pool = None
         self.prefetch = max(1, int(getattr(data_cfg, "prefetch", 2)))
         self._epoch = 0
         self._batch = 0
@@ -275,6 +305,23 @@ class DaliLoader:
         )
         return datas, labels, anchors, shapes, flips
 
+    def _resampler(self):
+        """The batch function of the CPU pipeline's resize stage: torch, one crop per thread of a small pool."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # One crop per thread; torch's intra-op threads would only oversubscribe the cores DALI also uses
+            # (with OpenMP the setting is per thread, so the caller's torch keeps its own).
+            self._pool = ThreadPoolExecutor(
+                self.num_threads, thread_name_prefix="dali-resample", initializer=_single_threaded_torch
+            )
+        pool, size = self._pool, self.image_size
+
+        def resample(crops: list[np.ndarray]) -> list[np.ndarray]:
+            return list(pool.map(lambda c: _resize_crop(c, size), crops))
+
+        return resample
+
     def _pipeline(self, source: _Source):
         fn, types, Pipeline = _dali()
         raw = self.payload != JPEG_LABEL
@@ -317,13 +364,19 @@ class DaliLoader:
                         normalized_shape=False,
                     )
                     images = images.gpu() if to_gpu else images
-                images = fn.resize(
-                    images,
-                    resize_x=self.image_size,
-                    resize_y=self.image_size,
-                    interp_type=types.INTERP_LINEAR,
-                )
+                if self.torch_resample:
+                    images = fn.python_function(
+                        images, function=self._resampler(), batch_processing=True, num_outputs=1
+                    )
+                else:
+                    images = fn.resize(
+                        images,
+                        resize_x=self.image_size,
+                        resize_y=self.image_size,
+                        interp_type=types.INTERP_LINEAR,
+                    )
                 images = fn.crop_mirror_normalize(images, mirror=flips, **common)
+                pipe.set_outputs(images, labels)
             else:
                 data, labels = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise")
                 if raw:
@@ -333,7 +386,7 @@ class DaliLoader:
                     images = images.gpu() if to_gpu else images
                 images = fn.resize(images, resize_shorter=self.val_resize, interp_type=types.INTERP_LINEAR)
                 images = fn.crop_mirror_normalize(images, crop=(self.image_size, self.image_size), **common)
-            pipe.set_outputs(images, labels)
+                pipe.set_outputs(images, labels)
         pipe.build()
         self._zero_copy = bool(getattr(pipe, "_exec_dynamic", False))
         return pipe
@@ -387,6 +440,9 @@ class DaliLoader:
 
     def close(self) -> None:
         self._pipe = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
         self.reader.close()
 
 
