@@ -191,19 +191,47 @@ def saved_activation_bytes(
     return sum(v for k, v in seen.items() if k not in params)
 
 
+# What a step holds at its peak besides the saved activations (activation gradients in flight, the DA gradient
+# stash, the working set of a block being recomputed, forward outputs still alive when backward starts), as a
+# fraction of the saved activations of ``none`` with float spikes. Measured on an H200 (danet152, T=4, 224 px,
+# bf16, peak per image from batch 16 vs 32, docs/bench/gpu_memory_h200.json): peak minus saved bytes was +112
+# (none), +108 (time, bit spikes) and +87 (block) MiB per image against 602 MiB saved by none, float spikes.
+BACKWARD_TRANSIENT = 0.19
+
+
+def activation_bytes(model: nn.Module, policy: str, batch: int = 1, res: int = 64, in_channels: int = 3) -> int:
+    """Activation memory of one training step under ``policy``: saved bytes + the backward transient.
+
+    The transient is ``BACKWARD_TRANSIENT`` x the saved bytes of ``none`` with float spike storage (the model's own
+    storage setting is put back afterwards).
+    """
+    saved = saved_activation_bytes(model, policy, batch, res, in_channels)
+    convs = [m for m in model.modules() if getattr(m, "spike_input", False)]
+    storages = [m.spike_storage for m in convs]
+    try:
+        for m in convs:
+            m.spike_storage = "float"
+        reference = saved_activation_bytes(model, "none", batch, res, in_channels)
+    finally:
+        for m, st in zip(convs, storages, strict=True):
+            m.spike_storage = st
+    return saved + int(BACKWARD_TRANSIENT * reference)
+
+
 def choose_policy(
     model: nn.Module, batch: int, res: int, budget_gb: float, in_channels: int = 3, probe_res: int = 64
 ) -> tuple[str, dict[str, float]]:
     """The first policy in ``COST_ORDER`` whose estimated memory (GiB) fits ``budget_gb``; and every estimate.
 
-    Estimate: parameters x 16 bytes (weights, gradients, two optimizer states, fp32) + saved activations measured
-    at batch 1 x ``probe_res`` and scaled by batch x (res / probe_res)^2. ``budget_gb <= 0``: no limit (``none``).
+    Estimate: parameters x 16 bytes (weights, gradients, two optimizer states, fp32) + activation memory
+    (``activation_bytes``: saved + backward transient) measured at batch 1 x ``probe_res`` and scaled by
+    batch x (res / probe_res)^2. ``budget_gb <= 0``: no limit (``none``).
     """
     probe_res = min(probe_res, res)
     static = sum(p.numel() for p in model.parameters()) * 16
     est: dict[str, float] = {}
     for policy in COST_ORDER:
-        act = saved_activation_bytes(model, policy, 1, probe_res, in_channels)
+        act = activation_bytes(model, policy, 1, probe_res, in_channels)
         est[policy] = (static + act * batch * (res / probe_res) ** 2) / 2**30
     if budget_gb <= 0:
         return "none", est

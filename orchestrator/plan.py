@@ -7,6 +7,9 @@ not guessed: one forward of the real model at batch 1 and a small resolution run
 ``torch.autograd.graph.saved_tensors_hooks`` with each policy switched on, counting the bytes autograd keeps
 (distinct storages only), then scales by batch x (resolution / probe resolution)^2. Activations are proportional
 to pixels for every layer of a ResNet, so this scaling is exact up to rounding of odd feature-map sizes.
+What a step holds at its peak beyond the saved tensors (gradients in flight, the DA gradient stash, a recomputed
+block) is added as a fraction of ``none``'s saved bytes measured on an H200 (``BACKWARD_TRANSIENT``); against
+that GPU's measured peaks the estimate is within -1% to +12% per image (BENCHMARKS.md "## Memory", GPU).
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ def _bytes_per_param(cfg: Config, precision: str, dp: int) -> float:
 def saved_activation_bytes(cfg: Config, policy: str, res: int = PROBE_RES, batch: int = 1) -> tuple[int, int]:
     """(bytes kept for backward after one forward, parameter count) for ``cfg.model`` under ``policy``.
 
-    ``models.checkpointing.saved_activation_bytes``: saved tensors (distinct storages) plus the inputs that
-    checkpoints keep, parameters excluded.
+    ``models.checkpointing.activation_bytes``: saved tensors (distinct storages) plus the inputs that checkpoints
+    keep, parameters excluded, plus the backward transient measured on a GPU (``BACKWARD_TRANSIENT``).
     """
     from models import create_model
-    from models.checkpointing import saved_activation_bytes as measure
+    from models.checkpointing import activation_bytes as measure
     from orchestrator.train.worker import model_kwargs
 
     kw = model_kwargs(cfg)

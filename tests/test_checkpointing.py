@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import create_model
 from models import checkpointing as ckpt_mod
+from models import create_model
 from models import neurons as neurons_mod
-from models.checkpointing import COST_ORDER, choose_policy
+from models.checkpointing import (
+    BACKWARD_TRANSIENT,
+    COST_ORDER,
+    activation_bytes,
+    choose_policy,
+    saved_activation_bytes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = ("block", "time", "block_time", "auto")
@@ -111,6 +117,19 @@ def test_auto_chooses_by_budget_and_logs(caplog):
     _, _, _, b0 = _step("danet18", {}, 2, "none", "float")
     b = {n: x for n, x in tiny.named_buffers()}
     assert all(torch.equal(b[k], b0[k]) for k in b0)
+
+
+def test_activation_bytes_adds_the_backward_transient():
+    """Saved bytes of the policy + the GPU-measured transient, a fraction of none's float-spike saved bytes; the
+    model's spike storage is left as it was."""
+    m = create_model("danet18", num_classes=10, T=2, width=4, input_size=32, spike_storage="bit")
+    ref = create_model("danet18", num_classes=10, T=2, width=4, input_size=32, spike_storage="float")
+    none_float = saved_activation_bytes(ref, "none", 1, 32)
+    for policy in ("none", "block"):
+        got = activation_bytes(m, policy, 1, 32)
+        assert got == saved_activation_bytes(m, policy, 1, 32) + int(BACKWARD_TRANSIENT * none_float)
+    assert saved_activation_bytes(m, "none", 1, 32) < none_float  # bit storage is still in force
+    assert all(c.spike_storage == "bit" for c in m.modules() if getattr(c, "spike_input", False))
 
 
 def test_bf16_autocast_every_policy(monkeypatch):

@@ -299,7 +299,9 @@ def test_data_bench_smoke(tmp_path):
     out = run_data_bench(tmp_path / "b.json", count=40, batch=8, epochs=1, repeats=1, workdir=tmp_path)
     saved = json.loads((tmp_path / "b.json").read_text())
     assert saved == out
-    assert [r["loader"] for r in out["results"]] == ["ffrecord_dali", "folder_pil_dataloader"]
+    assert [r["loader"] for r in out["results"]] == [
+        "ffrecord_dali", "folder_pil_dataloader", "ffrecord_dali_resample_dali"
+    ]
     assert all(r["img_per_s"] > 0 for r in out["results"]) and out["ratio"] > 0
     assert out["reads"]["ffrecord_batch_read_records_per_s"] > 0
     assert [p.name for p in tmp_path.iterdir()] == ["b.json"]  # the generated images are removed

@@ -58,7 +58,7 @@ OUT_DIR="$OUT_DIR" POLICIES="$POLICIES" timeout 45 "$PY" - <<'PYEOF'
 import json, os
 import torch
 from models import create_model
-from models.checkpointing import saved_activation_bytes
+from models.checkpointing import activation_bytes
 out = os.environ["OUT_DIR"]
 rows = [json.loads(l) for l in open(os.path.join(out, "memory.jsonl")) if l.strip()]
 m = create_model("danet152", T=4, input_size=224).cuda()
@@ -70,7 +70,7 @@ for ps in os.environ["POLICIES"].split():
     for mod in m.modules():
         if hasattr(mod, "spike_input"):
             mod.spike_storage = s
-    act = saved_activation_bytes(m, p, 1, probe)
+    act = activation_bytes(m, p, 1, probe)  # saved + backward transient, as `orchestrator plan` counts
     # plan's scaling: batch x (res/probe)^2, bf16 halves fp32 activations; plus fp32 gradients
     est[(p, s)] = (act * 32 * (224 / probe) ** 2 * 0.5 + grads) / 2**20
 base = next((r for r in rows if r.get("policy") == "none" and "peak_mb" in r), None)
