@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, clear_bad_input, report_bad_input, reported_bad_input
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not Path("/dev/nvidia0").exists() else "cuda")
 
@@ -168,12 +168,12 @@ def cmd_launch(args, overrides: list[str]) -> int:
     from launch.local import run_local
 
     print(f"launch: {nprocs} local ranks, run dir {run_dir}", file=sys.stderr)
-    (run_dir / "ERROR").unlink(missing_ok=True)  # a previous start's bad-input report
+    clear_bad_input(run_dir)
     code = run_local(["--config", config_arg, "--run-dir", str(run_dir), *overrides], nprocs, run_dir,
                      cfg.launch.rank_timeout_s)
     _print_summary(run_dir)
     if code == 2:  # a rank met bad input mid-run (e.g. a corrupt record): its one line is the last word
-        error = _run_error(run_dir)
+        error = reported_bad_input(run_dir)
         if error:
             raise UserError(error)
     return code
@@ -187,14 +187,6 @@ def _check_run_dir(run_dir: Path) -> None:
     if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
         raise UserError(f"run directory {run_dir} is not writable ({p} is not a writable folder); "
                         "pass --run-dir to a writable folder")
-
-
-def _run_error(run_dir: Path) -> str:
-    """The bad-input message a rank left in RUN_DIR/ERROR (one line), or ''."""
-    try:
-        return (run_dir / "ERROR").read_text().strip().splitlines()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -225,14 +217,8 @@ def cmd_train(args, overrides: list[str]) -> int:
         raise UserError("orchestrator train needs --run-dir DIR (or RUN_DIR in the environment)")
     try:
         return run(args.config, run_dir, overrides, stops)
-    except UserError as e:  # leave the line where the launcher reports it (a rank's stderr may be a log file)
-        from orchestrator.fsutil import atomic_write
-
-        try:
-            if Path(run_dir).is_dir():
-                atomic_write(Path(run_dir) / "ERROR", f"{e}\n")
-        except OSError:
-            pass  # an unwritable run dir is itself the error being reported
+    except UserError as e:  # bad input before training: the launcher reports the line
+        report_bad_input(run_dir, str(e))
         raise
 
 

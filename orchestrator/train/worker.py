@@ -23,7 +23,7 @@ import torch
 
 from launch.env import RankInfo, rank_info
 from orchestrator.config import Config, load_config, to_dict, to_yaml
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, report_bad_input, reported_bad_input
 from orchestrator.fsutil import atomic_write
 from orchestrator.train import callbacks as cb
 from orchestrator.train.checkpoint import CheckpointManager, sha256_file
@@ -257,7 +257,7 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
         log.error("%s", e)
     except UserError as e:  # bad input met mid-run (a corrupt record): exit 2, checkpoints kept, resumable
         status, error, bad_input = "failed", str(e), True
-        atomic_write(run_path / "ERROR", f"{e}\n".encode())  # whichever rank met it; the launcher reports it
+        report_bad_input(run_path, str(e))  # whichever rank met it
         log.error("bad input: %s (the last checkpoint, %s, is kept; fix the data and launch again to resume)",
                   e, ckpt.latest_tag())
     except Exception as e:  # the cause goes to the log and the summary; the exit code says failed
@@ -270,8 +270,8 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     if state.step and status == "completed" and not state.batch_in_epoch == 0:
         checkpoints.save(state)  # max_steps ended mid-epoch: keep that position too
 
-    if status == "failed" and not bad_input and (run_path / "ERROR").is_file():
-        error = (run_path / "ERROR").read_text().strip()  # another rank met bad input, which ended this one
+    if status == "failed" and not bad_input and reported_bad_input(run_path):
+        error = reported_bad_input(run_path)  # another rank met bad input, which ended this one
     summary = dict(previous)
     final_metrics = {}
     if status == "completed":
