@@ -187,6 +187,7 @@ def test_torch_fallback_same_plan(indexed):
 
 def test_cpu_resample_torch_matches_dali(indexed):
     """The CPU pipeline's torch resize stage gives DALI's own resize result to within rounding, same samples."""
+    threads = torch.get_num_threads()
     a = build_loader(_cfg(indexed, image_size=24, num_threads=2), "train", 0, 1, 5, seed=4)
     b = build_loader(_cfg(indexed, image_size=24, num_threads=2, cpu_resample="dali"), "train", 0, 1, 5, seed=4)
     assert a.torch_resample and not b.torch_resample
@@ -195,6 +196,7 @@ def test_cpu_resample_torch_matches_dali(indexed):
         # normalized with std 0.5: 1/255 of a pixel is 0.0078; both are antialiased bilinear
         assert (xa - xb).abs().mean() < 0.02
         assert not torch.equal(xa, xb)  # really two resamplers
+    assert torch.get_num_threads() == threads  # the resize threads' single-threaded torch stays theirs
     a.close()
     with pytest.raises(UserError, match="cpu_resample"):
         build_loader(_cfg(indexed, cpu_resample="pil"), "train", 0, 1, 5, seed=4)

@@ -147,9 +147,12 @@ class _Source:
 
 
 def _single_threaded_torch() -> None:
+    """Pool-thread initializer: torch ops in this thread run on one thread. Only where the setting is per thread
+    (the OpenMP backend); elsewhere it would change the caller's setting too, so it is left alone."""
     import torch
 
-    torch.set_num_threads(1)
+    if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        torch.set_num_threads(1)
 
 
 def _resize_crop(crop: np.ndarray, size: int) -> np.ndarray:
