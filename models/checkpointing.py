@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -199,13 +199,14 @@ def saved_activation_bytes(
 BACKWARD_TRANSIENT = 0.19
 
 
-def activation_bytes(model: nn.Module, policy: str, batch: int = 1, res: int = 64, in_channels: int = 3) -> int:
-    """Activation memory of one training step under ``policy``: saved bytes + the backward transient.
+def activation_bytes(
+    model: nn.Module, policies: Iterable[str], batch: int = 1, res: int = 64, in_channels: int = 3
+) -> dict[str, int]:
+    """Activation memory of one training step under each policy: its saved bytes + the backward transient.
 
-    The transient is ``BACKWARD_TRANSIENT`` x the saved bytes of ``none`` with float spike storage (the model's own
-    storage setting is put back afterwards).
+    The transient, the same for every policy, is ``BACKWARD_TRANSIENT`` x the saved bytes of ``none`` with float
+    spike storage, measured once (the model's own storage setting is put back afterwards).
     """
-    saved = saved_activation_bytes(model, policy, batch, res, in_channels)
     convs = [m for m in model.modules() if getattr(m, "spike_input", False)]
     storages = [m.spike_storage for m in convs]
     try:
@@ -215,7 +216,8 @@ def activation_bytes(model: nn.Module, policy: str, batch: int = 1, res: int = 6
     finally:
         for m, st in zip(convs, storages, strict=True):
             m.spike_storage = st
-    return saved + int(BACKWARD_TRANSIENT * reference)
+    transient = int(BACKWARD_TRANSIENT * reference)
+    return {p: saved_activation_bytes(model, p, batch, res, in_channels) + transient for p in policies}
 
 
 def choose_policy(
@@ -229,10 +231,8 @@ def choose_policy(
     """
     probe_res = min(probe_res, res)
     static = sum(p.numel() for p in model.parameters()) * 16
-    est: dict[str, float] = {}
-    for policy in COST_ORDER:
-        act = activation_bytes(model, policy, 1, probe_res, in_channels)
-        est[policy] = (static + act * batch * (res / probe_res) ** 2) / 2**30
+    acts = activation_bytes(model, COST_ORDER, 1, probe_res, in_channels)
+    est = {p: (static + acts[p] * batch * (res / probe_res) ** 2) / 2**30 for p in COST_ORDER}
     if budget_gb <= 0:
         return "none", est
     for policy in COST_ORDER:

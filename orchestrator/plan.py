@@ -46,8 +46,8 @@ def _bytes_per_param(cfg: Config, precision: str, dp: int) -> float:
     return weights + grads + optim
 
 
-def saved_activation_bytes(cfg: Config, policy: str, res: int = PROBE_RES, batch: int = 1) -> tuple[int, int]:
-    """(bytes kept for backward after one forward, parameter count) for ``cfg.model`` under ``policy``.
+def activation_bytes(cfg: Config, res: int = PROBE_RES, batch: int = 1) -> tuple[dict[str, int], int]:
+    """({policy: activation bytes of one step}, parameter count) for ``cfg.model``, from one build of the model.
 
     ``models.checkpointing.activation_bytes``: saved tensors (distinct storages) plus the inputs that checkpoints
     keep, parameters excluded, plus the backward transient measured on a GPU (``BACKWARD_TRANSIENT``).
@@ -59,8 +59,8 @@ def saved_activation_bytes(cfg: Config, policy: str, res: int = PROBE_RES, batch
     kw = model_kwargs(cfg)
     kw.update(input_size=cfg.model.input_size, checkpointing="none")
     model = create_model(cfg.model.name, **kw)
-    act = measure(model, policy, batch, res, cfg.model.in_channels)
-    return act, sum(p.numel() for p in model.parameters())
+    acts = measure(model, POLICIES, batch, res, cfg.model.in_channels)
+    return acts, sum(p.numel() for p in model.parameters())
 
 
 def _need(static: float, per_image: float, batch: int) -> float:
@@ -72,11 +72,11 @@ def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "
     res = cfg.data.image_size
     micro = cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world_size)
     act_scale = (res / PROBE_RES) ** 2 * (0.5 if precision in ("bf16", "fp16") else 1.0)
+    acts, n_params = activation_bytes(cfg)
+    static = n_params * _bytes_per_param(cfg, precision, world_size)
     rows = []
     for policy in POLICIES:
-        act1, n_params = saved_activation_bytes(cfg, policy)
-        per_image = act1 * act_scale
-        static = n_params * _bytes_per_param(cfg, precision, world_size)
+        per_image = acts[policy] * act_scale
         budget = gpu_mem_gb * 2**30
         fits = int(max(0.0, budget / (1 + WORKSPACE_FRACTION) - static) // max(per_image, 1))
         need = _need(static, per_image, micro)

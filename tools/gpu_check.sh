@@ -70,7 +70,7 @@ for ps in os.environ["POLICIES"].split():
     for mod in m.modules():
         if hasattr(mod, "spike_input"):
             mod.spike_storage = s
-    act = activation_bytes(m, p, 1, probe)  # saved + backward transient, as `orchestrator plan` counts
+    act = activation_bytes(m, [p], 1, probe)[p]  # saved + backward transient, as `orchestrator plan` counts
     # plan's scaling: batch x (res/probe)^2, bf16 halves fp32 activations; plus fp32 gradients
     est[(p, s)] = (act * 32 * (224 / probe) ** 2 * 0.5 + grads) / 2**20
 base = next((r for r in rows if r.get("policy") == "none" and "peak_mb" in r), None)
