@@ -17,11 +17,11 @@ parallel external source (worker processes, which also drop a last partial batch
 Training: decode crop window -> resize to image_size^2 -> optional horizontal flip -> normalize -> CHW float.
 Validation: decode -> resize shorter side to val_resize -> center crop image_size -> normalize -> CHW float.
 Decoding runs on the GPU ('mixed', nvJPEG) when device is CUDA and the images are JPEG, else on the CPU.
-On the CPU (``data.cpu_resample=torch``, the default) DALI hands out the decoded crop windows and the loader
-resizes, flips and normalizes them with torch: DALI's CPU resampler costs ~1.3 ms per 224x224 crop on this kind of
-core against ~0.3 ms for torch's vectorized uint8 antialiased bilinear (the filter PIL and DALI's ``INTERP_LINEAR``
-use when shrinking), and it was the CPU pipeline's largest cost (BENCHMARKS.md "## Data"). It runs in the
-calling thread while DALI's threads decode the next batches. On a GPU DALI does every step.
+On the CPU (``data.cpu_resample=torch``, the default) the resize is a ``fn.python_function`` stage of the pipeline
+running torch's vectorized uint8 antialiased bilinear (the filter PIL and DALI's ``INTERP_LINEAR`` use when
+shrinking), one crop per thread of a ``num_threads`` pool: DALI's CPU resampler costs ~1.3-1.6 ms per 224x224 crop
+on this kind of core against ~0.3-0.5 ms for torch's, and it was the CPU pipeline's largest cost (BENCHMARKS.md
+"## Data"). Flip and normalize stay in DALI. On a GPU DALI does every step.
 
 The external source is declared with ``cycle="raise"`` (without it every epoch after the first is silently empty):
 a finished pass ends with StopIteration and ``reset()``, and the pipeline is reused for the next pass. A pass
@@ -48,7 +48,8 @@ __all__ = ["build_loader", "DaliLoader", "open_dataset", "load_meta"]
 SPLITS = ("train", "val")
 
 
-def corrupt_message(err: Exception, root: str | os.PathLike) -> str:
+def corrupt_message(err: Exception | str, root: str | os.PathLike) -> str:
+    """The one line for a corrupt record met anywhere (launch check, loader): what is bad and what lists it all."""
     return f"corrupt FFRecord dataset: {err}; `orchestrator data verify {root}` lists every bad record"
 
 

@@ -85,6 +85,7 @@ FULL_VERIFY_MAX_BYTES = 4 * 2**30  # data.verify=auto checks every CRC up to thi
 def verify_dataset(root: Path, mode: str) -> None:
     """Headers of every FFRecord file, and every record's CRC under ``full`` (``auto``: when small enough).
     Corruption is a UserError naming the file and the record."""
+    from orchestrator.data.dali import corrupt_message
     from orchestrator.data.ffrecord import FFRecordError, FileReader
 
     readers = {}
@@ -103,8 +104,7 @@ def verify_dataset(root: Path, mode: str) -> None:
                 bad = r.validate()
                 if bad:
                     more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-                    raise UserError(f"corrupt FFRecord dataset: {bad[0]}{more}; `orchestrator data verify "
-                                    f"{root}` lists every bad record")
+                    raise UserError(corrupt_message(f"{bad[0]}{more}", root))
     finally:
         for r in readers.values():
             r.close()
@@ -270,8 +270,8 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     if state.step and status == "completed" and not state.batch_in_epoch == 0:
         checkpoints.save(state)  # max_steps ended mid-epoch: keep that position too
 
-    if status == "failed" and not bad_input and reported_bad_input(run_path):
-        error = reported_bad_input(run_path)  # another rank met bad input, which ended this one
+    if status == "failed" and not bad_input and (reported := reported_bad_input(run_path)):
+        error = reported  # another rank met bad input, which ended this one
     summary = dict(previous)
     final_metrics = {}
     if status == "completed":
