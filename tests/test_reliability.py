@@ -74,7 +74,8 @@ def test_ctrl_c_then_resume_is_bitwise_identical(straight, tmp_path):
     assert s2["ema_weights_sha256"] == straight["ema_weights_sha256"]  # the EMA shadow resumed, not restarted
     assert s2["ema_weights_sha256"] != s2["weights_sha256"]
     assert s2["status"] == "completed" and s2["steps"] == 14 and s2["restarts"] == 1
-    assert s2["loss_history"] == straight["loss_history"]  # data order, RNG and optimizer state restored
+    # data order, RNG and optimizer state restored: every step's loss bit for bit (the digest covers them all)
+    assert s2["loss_digest"] == straight["loss_digest"] and s2["loss_tail"] == straight["loss_tail"]
     assert s2["weights_sha256"] == straight["weights_sha256"]  # bitwise identical final weights
     assert s2["mlflow_run_id"] == s["mlflow_run_id"]  # one MLflow run across the restart
 
@@ -85,8 +86,62 @@ def test_stop_at_max_steps_then_continue_is_identical(straight, tmp_path):
     r = launch(tmp_path, "runs/c", "train.max_steps=14", EMA)
     assert r.returncode == 0, r.stderr[-4000:]
     s = summary(tmp_path, "runs/c")
-    assert s["loss_history"] == straight["loss_history"] and s["weights_sha256"] == straight["weights_sha256"]
+    assert s["loss_digest"] == straight["loss_digest"] and s["weights_sha256"] == straight["weights_sha256"]
+    assert s["loss_tail"] == straight["loss_tail"] and len(s["loss_tail"]) == 14 and "loss_history" not in s
     assert s["ema_weights_sha256"] == straight["ema_weights_sha256"]
+    # the checkpoint's loop state holds the same digest and tail, no per-step list
+    import torch
+
+    loop = torch.load(tmp_path / "runs/c/checkpoints" / s["latest_checkpoint"] / "rank0.pt", weights_only=False)["loop"]
+    assert "history" not in loop and loop["loss_digest"] == s["loss_digest"] and loop["loss_tail"] == s["loss_tail"]
+    # the whole curve is in MLflow: its per-step "loss" values chain to the same digest
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.train.loop import chain_loss_digest
+
+    points = MlflowClient(straight["mlflow_tracking_uri"]).get_metric_history(straight["mlflow_run_id"], "loss")
+    assert [p.step for p in sorted(points, key=lambda p: p.step)] == list(range(1, 15))
+    digest = ""
+    for p in sorted(points, key=lambda p: p.step):
+        digest = chain_loss_digest(digest, p.value)
+    assert digest == straight["loss_digest"]
+
+
+def test_loop_state_and_summary_do_not_grow_with_steps():
+    """A checkpoint's loop state (torch.save, as CheckpointManager writes it) and summary.json's loss fields are
+    the same size after 150 steps and after 50,000; the digest still tells the two curves apart."""
+    import io
+    import random
+
+    import torch
+
+    from orchestrator.train.loop import LOSS_TAIL, LoopState
+
+    rng = random.Random(0)
+    last = [rng.uniform(0.1, 3.0) for _ in range(LOSS_TAIL)]  # the same tail, so JSON float widths match
+    sizes, digests = [], []
+    for steps in (150, 50_000):
+        state = LoopState(step=steps, samples=steps * 64, epoch=steps // 23)
+        for _ in range(steps - LOSS_TAIL):
+            state.record_loss(rng.uniform(0.1, 3.0))
+        for v in last:
+            state.record_loss(v)
+        buf = io.BytesIO()
+        torch.save({"loop": state.to_dict()}, buf)
+        sizes.append((len(buf.getvalue()), len(json.dumps(state.loss_summary(), indent=2))))
+        digests.append(state.loss_digest)
+        assert state.loss_tail == last and state.loss_summary()["final_train_loss"] == last[-1]
+    (ckpt_a, summ_a), (ckpt_b, summ_b) = sizes
+    assert summ_a == summ_b and abs(ckpt_a - ckpt_b) <= 8, sizes  # ints of another width: a byte or two
+    assert digests[0] != digests[1]
+    # a loop state saved before the digest (every loss in "history") resumes into the same digest and tail
+    old = {**state.to_dict(), "history": [0.5, 0.25, 1.0]}
+    del old["loss_digest"], old["loss_tail"]
+    fresh = LoopState()
+    for v in (0.5, 0.25, 1.0):
+        fresh.record_loss(v)
+    restored = LoopState(**old)
+    assert restored.loss_digest == fresh.loss_digest and restored.loss_tail == [0.5, 0.25, 1.0]
 
 
 def test_resume_with_another_number_of_ranks(tmp_path):

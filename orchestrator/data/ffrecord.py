@@ -9,6 +9,11 @@ file. CRCs are zlib crc32; ``meta_crc = crc32(bytes 4 .. 12 + 12N)``. A stored `
 file without checksums (accepted, records unchecked) unless the whole header is zero, which is what a writer that
 never finished leaves behind: that is rejected, where the reference reader would silently see an empty file.
 
+A file cut short still opens when its header and tables are whole (they come first, and their checksum holds):
+every record before the cut reads, and each record the cut reaches fails with an FFRecordError naming the file
+and the index (``truncated()`` lists such files from their sizes alone; ``validate()`` lists every bad record).
+A cut inside the tables is refused at open.
+
 A dataset may be one file, a folder (every ``*.ffr`` in it, sorted by name, read as one sequence) or a list of
 files. Reads are positional (``os.pread``) on descriptors opened once; a batch is read with one syscall per
 record (or per run of adjacent records), spread over a few threads when it is large enough to pay.
@@ -65,7 +70,7 @@ def list_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
 class _File:
     """One open FFRecord file: its descriptor, size, checksums and record spans."""
 
-    __slots__ = ("path", "fd", "size", "n", "crcs", "starts", "ends", "legacy")
+    __slots__ = ("path", "fd", "size", "n", "crcs", "starts", "ends", "legacy", "cut")
 
     def __init__(self, path: Path):
         self.path = path
@@ -90,7 +95,8 @@ class _File:
             )
         if n < 0 or _header_size(n) > self.size:
             raise FFRecordError(
-                f"{path}: header declares {n} records, which does not fit in {self.size} bytes"
+                f"{path}: header declares {n} records, whose {_header_size(max(n, 0))}-byte header and tables "
+                f"do not fit in the file's {self.size} bytes (the file is cut inside its tables, or not FFRecord)"
             )
         table = os.pread(self.fd, 12 * n, 12)
         if len(table) != 12 * n:
@@ -106,24 +112,37 @@ class _File:
         self.n = n
         self.crcs = np.frombuffer(table, dtype="<u4", count=n).astype(np.uint32)
         starts = np.frombuffer(table, dtype="<i8", count=n, offset=4 * n).astype(np.int64)
+        self.cut = n  # records cut..n-1 lie (partly) past the end of the file
+        if n:
+            if starts[0] < _header_size(n):
+                raise FFRecordError(f"{path}: record 0 offset {starts[0]} points into the header")
+            bad = np.nonzero(starts[1:] < starts[:-1])[0]
+            if bad.size:
+                i = int(bad[0]) + 1
+                raise FFRecordError(
+                    f"{path}: record {i} offsets out of order (offset {starts[i]} before record {i - 1}'s "
+                    f"{starts[i - 1]}): the offset table is corrupt"
+                )
+            # Offsets only grow, so the records a cut reaches are a suffix: the first one that ends past the end
+            # of the file, or the last one when even its start is past it (it runs to the end of the file, so
+            # only its CRC tells a cut inside it).
+            past = np.nonzero(np.append(starts[1:], starts[-1]) > self.size)[0]
+            if past.size:
+                self.cut = int(past[0])
         ends = np.empty_like(starts)
         if n:
             ends[:-1] = starts[1:]
-            ends[-1] = self.size
-            if starts[0] < _header_size(n):
-                raise FFRecordError(f"{path}: record 0 offset {starts[0]} points into the header")
-            bad = np.nonzero(ends < starts)[0]
-            if bad.size:
-                i = int(bad[0])
-                raise FFRecordError(
-                    f"{path}: record {i} offsets out of order or out of range "
-                    f"(offset {starts[i]}, next {ends[i]}, file size {self.size})"
-                )
+            ends[-1] = max(self.size, int(starts[-1]))
         self.starts = starts
         self.ends = ends
 
     def read(self, i: int) -> bytes:
         start, end = int(self.starts[i]), int(self.ends[i])
+        if i >= self.cut:
+            where = f"spans bytes {start}..{end}" if i < self.n - 1 else f"starts at byte {start}"
+            raise FFRecordError(
+                f"{self.path}: record {i}: truncated: the file ends at byte {self.size} but the record {where}"
+            )
         data = os.pread(self.fd, end - start, start) if end > start else b""
         if len(data) != end - start:
             raise FFRecordError(f"{self.path}: record {i}: short read ({len(data)} of {end - start} bytes)")
@@ -242,6 +261,19 @@ class FileReader:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(_PARALLEL_THREADS, thread_name_prefix="ffrecord")
             return self._pool
+
+    def truncated(self) -> list[str]:
+        """One message per file cut short so that records lie past its end (known from the header and the file
+        size alone, no reads); empty when none is. A cut inside a file's last record shows only in its CRC."""
+        out = []
+        for k, f in enumerate(self._files):
+            if f.cut < f.n:
+                first = int(self._bounds[k]) + f.cut
+                out.append(
+                    f"{f.path}: truncated at byte {f.size}: records {f.cut}..{f.n - 1} of {f.n} lie past its end "
+                    f"[dataset index {first}..{first + f.n - 1 - f.cut}]"
+                )
+        return out
 
     def validate(self) -> list[str]:
         """Check every record's CRC; returns one message per bad record (empty: all good)."""

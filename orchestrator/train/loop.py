@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from typing import Protocol
 
 import torch
@@ -17,9 +19,21 @@ from orchestrator.config.schema import Config
 from orchestrator.train.mix import mix_batch
 
 
+LOSS_TAIL = 100  # losses kept in the loop state and summary.json; the whole curve is in MLflow ("loss")
+
+
+def chain_loss_digest(digest: str, loss: float) -> str:
+    """The running digest after one more step: sha256(previous digest's bytes + the loss as little-endian
+    float64). It starts from "" and covers every step's loss, bit for bit and in order, in constant space."""
+    return hashlib.sha256(bytes.fromhex(digest) + struct.pack("<d", float(loss))).hexdigest()
+
+
 @dataclass
 class LoopState:
-    """Everything the loop needs to continue exactly where it stopped (saved in every checkpoint)."""
+    """Everything the loop needs to continue exactly where it stopped (saved in every checkpoint).
+
+    Its size does not grow with the run: the losses are a running digest plus the last ``LOSS_TAIL``.
+    """
 
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches consumed in the current epoch
@@ -27,9 +41,27 @@ class LoopState:
     samples: int = 0  # training images seen (global)
     nan_skipped: int = 0
     best_val_top1: float = -1.0
-    history: list = field(default_factory=list)  # per-step loss, for exact-resume comparisons
+    loss_digest: str = ""  # chain_loss_digest over every step's loss: equal digests = bitwise equal curves
+    loss_tail: list = field(default_factory=list)  # the last LOSS_TAIL step losses, oldest first
     layout: list = field(default_factory=list)  # [world size, micro-batch] that batch_in_epoch counts in
     last_eval: dict = field(default_factory=dict)  # the latest validation metrics
+    # checkpoints written before the digest carry every loss: folded into digest and tail on load
+    history: InitVar[list | None] = None
+
+    def __post_init__(self, history: list | None) -> None:
+        for loss in history or ():
+            self.record_loss(loss)
+
+    def record_loss(self, loss: float) -> None:
+        """Add one optimizer step's loss to the digest and the tail."""
+        self.loss_digest = chain_loss_digest(self.loss_digest, loss)
+        self.loss_tail.append(float(loss))
+        del self.loss_tail[:-LOSS_TAIL]
+
+    def loss_summary(self) -> dict:
+        """The loss fields of summary.json."""
+        return {"final_train_loss": self.loss_tail[-1] if self.loss_tail else None,
+                "loss_digest": self.loss_digest, "loss_tail": list(self.loss_tail)}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -151,7 +183,7 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
                        "train_top5": top5 / len(y), "step_time_s": now - t_step,
                        "images_per_sec": len(y) * world_size * accumulation / max(now - t_step, 1e-9),
                        "data_wait_frac": waited / max(now - t_step, 1e-9), "nan_skipped": state.nan_skipped}
-            state.history.append(round(float(loss.detach()), 8))
+            state.record_loss(metrics["loss"])
             for cb in callbacks:
                 cb.on_step_end(state, metrics)
             code = stops.agreed()

@@ -83,8 +83,8 @@ FULL_VERIFY_MAX_BYTES = 4 * 2**30  # data.verify=auto checks every CRC up to thi
 
 
 def verify_dataset(root: Path, mode: str) -> None:
-    """Headers of every FFRecord file, and every record's CRC under ``full`` (``auto``: when small enough).
-    Corruption is a UserError naming the file and the record."""
+    """Headers of every FFRecord file and whether it is cut short, and every record's CRC under ``full``
+    (``auto``: when small enough). Corruption is a UserError naming the file and the record."""
     from orchestrator.data.dali import corrupt_message
     from orchestrator.data.ffrecord import FFRecordError, FileReader
 
@@ -95,6 +95,10 @@ def verify_dataset(root: Path, mode: str) -> None:
                 readers[split] = FileReader(root / f"{split}.ffr", check_data=True)
             except (FFRecordError, FileNotFoundError, OSError) as e:
                 raise UserError(f"dataset {root}: {str(e).splitlines()[0]}") from None
+        cut = [m for r in readers.values() for m in r.truncated()]  # from the sizes alone: every mode
+        if cut:
+            more = f" (and {len(cut) - 1} more files)" if len(cut) > 1 else ""
+            raise UserError(corrupt_message(f"{cut[0]}{more}", root))
         total = sum(os.path.getsize(f) for r in readers.values() for f in r.files)
         if mode == "full" or (mode == "auto" and total <= FULL_VERIFY_MAX_BYTES):
             if total > 2**28:
@@ -273,6 +277,7 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     if status == "failed" and not bad_input and (reported := reported_bad_input(run_path)):
         error = reported  # another rank met bad input, which ended this one
     summary = dict(previous)
+    summary.pop("loss_history", None)  # every step's loss, as summaries before loss_digest kept it
     final_metrics = {}
     if status == "completed":
         final_metrics = _final_eval(engine, val_loader, cfg, device, dtype, state)
@@ -284,8 +289,7 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
             summary["ema_weights_sha256"] = sha256_file(ema_path)
         summary.update({
             "status": status, "error": error, "epochs": state.epoch, "steps": state.step,
-            "final_train_loss": state.history[-1] if state.history else None,
-            "loss_history": state.history,
+            **state.loss_summary(),  # bounded: the whole loss curve is in MLflow
             "world_size": info.world_size, "images_per_sec": (state.samples - start_samples) / max(train_s, 1e-9),
             "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri,
             "checkpoint_dir": str(ckpt.dir), "latest_checkpoint": ckpt.latest_tag(), "restarts": restarts,
