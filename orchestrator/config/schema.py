@@ -164,6 +164,8 @@ class TrackingConfig:
     log_system_metrics: bool = True
     log_checkpoints: bool = True
     buffer_size: int = 10000  # metrics kept while the server is unreachable
+    parent_run_id: str = ""  # MLflow run this run is a child of (a sweep's parent); "" = none
+    register_model: str = ""  # registered-model name for the best weights; "" = log the model, do not register
 
 
 @dataclass
