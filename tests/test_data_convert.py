@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from orchestrator.data.records import decode_jpeg_label
 from orchestrator.errors import UserError
 
 CLASSES = ["n001", "n002", "n003"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _save(path: Path, rng, fmt="JPEG", mode="RGB", size=None):
@@ -168,3 +172,80 @@ def test_convert_bad_input(tmp_path, src):
         conv.convert(src, dst, workers=1, parts=3, progress=False)
     meta = json.loads((dst / "meta.json").read_text())
     assert meta["parts"] == {"train": 2, "val": 1}
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_truncated_part_verify_inspect_loaders_and_launch(src, tmp_path):
+    """A train part cut exactly at a record boundary: `data verify` lists exactly the records past the cut and
+    exits non-zero; inspect names the part; both loaders and the launch check give one line naming file and
+    record; a cut inside a part's offset table is listed by verify as that part."""
+    from orchestrator.train.worker import verify_dataset
+
+    dst = tmp_path / "ds"
+    conv.convert(src, dst, workers=1, parts=2, progress=False)
+    part = dst / "train.ffr" / "PART_00001.ffr"  # the second half of the 14 train records
+    with FileReader(part) as r:
+        n, cut = r.n, int(r._files[0].starts[3])
+    part.write_bytes(part.read_bytes()[:cut])
+
+    r = _cli("data", "verify", str(dst), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert [ln.split(": truncated")[0] for ln in lines] == [f"{part}: record {j}" for j in range(3, n)], lines
+    assert r.stderr.strip().splitlines()[-1] == f"verify: {n - 3} bad records ({dst})"
+    info = conv.inspect(dst)
+    assert info["splits"]["train"]["records"] == 14 and len(info["splits"]["train"]["truncated"]) == 1
+    assert info["splits"]["train"]["truncated"][0].startswith(
+        f"{part}: truncated at byte {cut}: records 3..{n - 1}"
+    )
+
+    # mid-run: whichever loader meets a cut record ends with one line naming the part and the record
+    cfg = DataConfig(name="x", root=str(dst), image_size=16, val_resize=16, num_threads=1)
+    for loader in ("dali", "torch"):
+        cfg.loader = loader
+        with pytest.raises(
+            UserError, match=rf"corrupt FFRecord dataset: {part}: record [3-9]: truncated"
+        ) as e:
+            list(build_loader(cfg, "train", 0, 1, 8, 0, expect_classes=3))
+        assert "\n" not in str(e.value) and "data verify" in str(e.value)
+    # at launch, even when only headers are checked (data.verify=header): the sizes show the cut
+    for mode in ("header", "full"):
+        with pytest.raises(UserError, match=rf"{part}: (truncated at byte {cut}|record 3: truncated)"):
+            verify_dataset(dst, mode)
+    r = _cli(
+        "launch",
+        "--run-dir",
+        "runs/t",
+        f"data.root={dst}",
+        "data.name=custom",
+        "model.num_classes=3",
+        "data.verify=header",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "corrupt FFRecord dataset" in last and f"{part}: truncated at byte {cut}" in last, last
+    assert not (tmp_path / "runs").exists()
+
+    # cut inside the offset table: that part does not open; verify names it (and the count it lacks)
+    part.write_bytes(part.read_bytes()[: 12 + 12 * n - 5])
+    r = _cli("data", "verify", str(dst), cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stdout.splitlines()[0].startswith(f"{part}: header declares {n} records"), r.stdout
+    assert "do not fit" in r.stdout.splitlines()[0]
+    # the loaders share loader_base and neither imports the other
+    probe = "import sys, orchestrator.data.torch_loader; print('orchestrator.data.dali' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

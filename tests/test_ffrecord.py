@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -171,10 +172,14 @@ def _with_offsets(tmp_path: Path, offsets: list[int]) -> Path:
 
 def test_offsets_out_of_range_or_decreasing(tmp_path):
     good = [108, 108, 109, 116, 216, 4312, 69849, 69861]
-    with pytest.raises(FFRecordError, match="record 4 offsets out of order"):
+    with pytest.raises(FFRecordError, match="record 5 offsets out of order"):
         FileReader(_with_offsets(tmp_path, good[:4] + [5000, 4312] + good[6:]))
-    with pytest.raises(FFRecordError, match="out of range"):
-        FileReader(_with_offsets(tmp_path, good[:7] + [10**9]))
+    # an offset past the end (checksum intact) is a file cut short: it opens, the records it reaches fail
+    with FileReader(_with_offsets(tmp_path, good[:7] + [10**9])) as r:
+        assert [_sha(b) for b in r.read(range(6))] == MANIFEST["v1_bytes.ffr"]["sha256"][:6]
+        with pytest.raises(FFRecordError, match="record 7: truncated"):
+            r.read_one(7)
+        assert [b.split(" [")[0].split(": ")[1] for b in r.validate()] == ["record 6", "record 7"]
     with pytest.raises(FFRecordError, match="into the header"):
         FileReader(_with_offsets(tmp_path, [4] + good[1:]))
     p = tmp_path / "short.ffr"
@@ -182,7 +187,7 @@ def test_offsets_out_of_range_or_decreasing(tmp_path):
     with pytest.raises(FFRecordError, match="too short"):
         FileReader(p)
     p.write_bytes(struct.pack("<Iq", 1, 10**6))
-    with pytest.raises(FFRecordError, match="does not fit"):
+    with pytest.raises(FFRecordError, match="do not fit"):
         FileReader(p)
     with pytest.raises(FileNotFoundError):
         FileReader(tmp_path / "missing.ffr")
@@ -214,3 +219,113 @@ def test_legacy_file_without_checksums(tmp_path):
     with FileReader(p) as r:
         assert [_sha(b) for b in r.read(range(8))] == MANIFEST["v1_bytes.ffr"]["sha256"]
         assert r.validate() == []
+
+
+# -- truncation: a file cut short reads as far as it is sound -------------------------------------------------
+BYTES = V / "v1_bytes.ffr"
+STARTS = [108, 108, 109, 116, 216, 4312, 69849, 69861]  # record offsets of v1_bytes.ffr (lengths 0,1,7,...)
+
+
+def _cut(tmp_path: Path, source: Path, size: int) -> Path:
+    p = tmp_path / f"cut{size}.ffr"
+    p.write_bytes(source.read_bytes()[:size])
+    return p
+
+
+def _bad_indices(messages: list[str]) -> list[int]:
+    return [int(m.split(": record ")[1].split(":")[0]) for m in messages]
+
+
+@pytest.mark.parametrize(
+    "size, first_bad",
+    [
+        (72861 - 10, 7),  # inside the last record (the vector v1_truncated.ffr is this cut)
+        (69861, 7),  # exactly at the last record's start: it lost every byte
+        (216, 4),  # exactly at a record boundary: records 4..7 are past the end
+        (4312 + 100, 5),  # across several records: 5 is cut inside, 6 and 7 are past the end
+        (108, 1),  # right after the tables: only the empty record 0 is whole
+    ],
+)
+def test_truncated_reads_every_record_before_the_cut(tmp_path, size, first_bad):
+    m = MANIFEST["v1_bytes.ffr"]
+    path = _cut(tmp_path, BYTES, size)
+    with FileReader(path) as r:
+        assert r.n == 8
+        assert [_sha(b) for b in r.read(range(first_bad))] == m["sha256"][:first_bad]
+        for i in range(first_bad, 8):
+            with pytest.raises(FFRecordError, match=rf"^{re.escape(str(path))}: record {i}: "):
+                r.read_one(i)
+        with pytest.raises(FFRecordError, match=rf"record {first_bad}\b"):
+            r.read([0, first_bad])  # a batch holding a cut record fails as a whole
+        bad = r.validate()
+        assert _bad_indices(bad) == list(range(first_bad, 8)) and all(str(path) in b for b in bad)
+        cut = r.truncated()  # what the sizes alone tell: records past the end (not a cut inside the last one)
+        if first_bad < 7 or size < STARTS[7]:
+            assert len(cut) == 1 and f"records {first_bad}..7 of 8" in cut[0] and str(path) in cut[0]
+        else:
+            assert cut == []
+    if size == 72861 - 10:
+        assert path.read_bytes() == (V / "v1_truncated.ffr").read_bytes()
+
+
+def test_truncated_inside_the_tables_is_refused_at_open(tmp_path):
+    for size in (12, 50, 107):  # the count is there, the crc/offset tables are not whole
+        path = _cut(tmp_path, BYTES, size)
+        with pytest.raises(
+            FFRecordError, match=rf"^{re.escape(str(path))}: .*do not fit in the file's {size} bytes"
+        ):
+            FileReader(path)
+    path = _cut(tmp_path, BYTES, 7)
+    with pytest.raises(FFRecordError, match=rf"^{re.escape(str(path))}: too short"):
+        FileReader(path)
+
+
+def test_truncated_part_of_a_folder_names_the_part(tmp_path):
+    m = MANIFEST["v1_parts.ffr"]
+    folder = tmp_path / "parts.ffr"
+    folder.mkdir()
+    for part in sorted((V / "v1_parts.ffr").glob("*.ffr")):
+        (folder / part.name).write_bytes(part.read_bytes())
+    last = folder / "PART_00002.ffr"  # records 4..7 of the dataset, 4 in this file
+    with FileReader(last) as r:
+        boundary = int(r._files[0].starts[1])
+    last.write_bytes(last.read_bytes()[:boundary])
+    with FileReader(folder) as r:
+        assert [_sha(b) for b in r.read(range(5))] == m["sha256"][:5]
+        with pytest.raises(FFRecordError, match=rf"^{re.escape(str(last))}: record 1: truncated"):
+            r.read_one(5)
+        bad = r.validate()
+        assert _bad_indices(bad) == [1, 2, 3] and [b.rsplit(" ", 1)[1] for b in bad] == ["5]", "6]", "7]"]
+        assert r.truncated() == [
+            f"{last}: truncated at byte {boundary}: records 1..3 of 4 lie past its end [dataset index 5..7]"
+        ]
+
+
+def test_every_cut_of_a_file_our_writer_makes(tmp_path):
+    """Each cut from 0 bytes to the whole file: refused at open exactly while the tables are incomplete; after
+    that, a record reads iff none of its bytes was cut, and validate() lists exactly the others."""
+    rng = np.random.default_rng(3)
+    recs = [rng.bytes(int(k)) for k in (5, 0, 9, 1, 0, 14, 3)]  # empty records on both sides of boundaries
+    full = tmp_path / "full.ffr"
+    with FileWriter(full, len(recs)) as w:
+        for b in recs:
+            w.write_one(b)
+    raw = full.read_bytes()
+    header = 12 + 12 * len(recs)
+    ends = np.cumsum([header] + [len(b) for b in recs])[1:]
+    path = tmp_path / "cut.ffr"
+    for size in range(len(raw) + 1):
+        path.write_bytes(raw[:size])
+        if size < header:
+            with pytest.raises(FFRecordError, match=rf"^{re.escape(str(path))}: "):
+                FileReader(path)
+            continue
+        whole = [i for i in range(len(recs)) if ends[i] <= size]
+        with FileReader(path) as r:
+            for i in range(len(recs)):
+                if i in whole:
+                    assert r.read_one(i) == recs[i], (size, i)
+                else:
+                    with pytest.raises(FFRecordError, match=rf"^{re.escape(str(path))}: record {i}: "):
+                        r.read_one(i)
+            assert _bad_indices(r.validate()) == [i for i in range(len(recs)) if i not in whole], size

@@ -319,14 +319,15 @@ def convert(
 
 
 def _split_dirs(dst: Path) -> tuple[dict, list[tuple[str, Path]]]:
-    from .dali import load_meta
+    from .loader_base import load_meta
 
     meta = load_meta(dst)
     return meta, [(s, dst / f"{s}.ffr") for s in ("train", "val") if (dst / f"{s}.ffr").is_dir()]
 
 
 def verify(dst: str | os.PathLike, sample_per_part: int = 1) -> list[str]:
-    """Check every record's CRC and decode ``sample_per_part`` images per part; returns the problems found."""
+    """Check every record's CRC and decode ``sample_per_part`` images per part; returns the problems found: one
+    per bad record (a part cut short: each record the cut reaches), or one per part that does not open."""
     from PIL import Image
 
     dst = Path(dst)
@@ -365,7 +366,7 @@ def verify(dst: str | os.PathLike, sample_per_part: int = 1) -> list[str]:
 
 
 def inspect(dst: str | os.PathLike) -> dict:
-    """Counts, classes, parts and sizes of a dataset folder."""
+    """Counts, classes, parts and sizes of a dataset folder, and the parts cut short (``truncated``)."""
     dst = Path(dst)
     meta, splits = _split_dirs(dst)
     out = {
@@ -380,17 +381,19 @@ def inspect(dst: str | os.PathLike) -> dict:
     }
     for s, folder in splits:
         files = sorted(folder.glob("*.ffr"))
-        records = 0
+        records, truncated = 0, []
         for f in files:
             try:
                 with FileReader(f, check_data=False) as r:
                     records += r.n
+                    truncated.extend(r.truncated())  # from the header and the size: no record is read
             except FFRecordError as e:
                 raise UserError(f"corrupt FFRecord dataset: {e}") from None
         out["splits"][s] = {
             "parts": len(files),
             "records": records,
             "bytes": sum(f.stat().st_size for f in files),
+            "truncated": truncated,
         }
         if "class_counts" in meta and s in meta["class_counts"]:
             out["splits"][s]["class_counts"] = meta["class_counts"][s]

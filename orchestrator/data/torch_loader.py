@@ -11,8 +11,8 @@ import io
 import numpy as np
 
 from ..errors import UserError
-from .dali import DaliLoader, corrupt_message
 from .ffrecord import FFRecordError
+from .loader_base import LoaderBase, corrupt_message
 from .records import JPEG_LABEL, RecordError, decode_jpeg_label, load_pickled
 from .sampling import train_params
 
@@ -89,8 +89,8 @@ class _BatchDataset:
         return torch.from_numpy(out), labels
 
 
-class TorchLoader(DaliLoader):
-    """Same interface and sample plan as :class:`DaliLoader`, decoding with PIL in DataLoader workers."""
+class TorchLoader(LoaderBase):
+    """Same interface and sample plan as ``dali.DaliLoader``, decoding with PIL in DataLoader workers."""
 
     def __iter__(self):
         import torch

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from orchestrator.config.schema import Config
 from orchestrator.train.mix import mix_batch
 
-
 LOSS_TAIL = 100  # losses kept in the loop state and summary.json; the whole curve is in MLflow ("loss")
 
 
