@@ -18,6 +18,7 @@ import os
 from datetime import datetime
 from typing import Any
 
+from .datasets import dataset_inputs
 from .tags import default_tags
 from .tracker import STATUS_MAP, MlflowTracker, NoopTracker
 from .util import resolve_store
@@ -51,15 +52,20 @@ def create_tracker(cfg: Any, run_dir: str | os.PathLike, rank_info: Any = None) 
     uri, artifact_location = resolve_store(_get(cfg, "tracking.tracking_uri", ""),
                                            _get(cfg, "tracking.artifact_location", ""))
     experiment = _get(cfg, "tracking.experiment", "") or _get(cfg, "preset", "") or "Default"
-    run_name = _get(cfg, "tracking.run_name", "") or default_run_name(cfg)
+    run_name = _get(cfg, "tracking.run_name", "")
+    root = _get(cfg, "data.root", "")
     return MlflowTracker(
         tracking_uri=uri,
         artifact_location=artifact_location,
         experiment=experiment,
-        run_name=run_name,
         run_dir=run_dir,
         buffer_size=int(_get(cfg, "tracking.buffer_size", 10000)),
         log_system_metrics=bool(_get(cfg, "tracking.log_system_metrics", True)),
         log_checkpoints=bool(_get(cfg, "tracking.log_checkpoints", True)),
         tags=default_tags(cfg, rank_info),
+        parent_run_id=str(_get(cfg, "tracking.parent_run_id", "") or ""),
+        register_model=str(_get(cfg, "tracking.register_model", "") or ""),
+        datasets=dataset_inputs(root, str(_get(cfg, "data.name", "") or "")) if root else [],
+        run_name=run_name or default_run_name(cfg),
+        unique_name=not run_name,  # a default name gets -2, -3 ... when the experiment has it already
     )

@@ -66,9 +66,14 @@ def _client(tracking_uri: str | None):
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.exists():
-            raise _user_error(f"no MLflow store at {uri} (no run was tracked here yet; pass --tracking-uri or "
-                              f"set MLFLOW_TRACKING_URI)")
-    return MlflowClient(tracking_uri=uri), uri
+            raise _user_error(f"no MLflow store at {uri} (no run was tracked here yet; run from the folder training "
+                              f"ran in, or set MLFLOW_TRACKING_URI to its store)")
+    try:
+        return MlflowClient(tracking_uri=uri), uri
+    except Exception as exc:  # noqa: BLE001 - an unsupported scheme or a store MLflow refuses to open
+        origin = "MLFLOW_TRACKING_URI=" if os.environ.get("MLFLOW_TRACKING_URI", "").strip() == uri else "store "
+        raise _user_error(f"{origin}{uri}: MLflow cannot open it ({str(exc).strip().splitlines()[0][:200]}); "
+                          "valid: sqlite:///PATH/mlflow.db or http(s)://HOST:PORT") from None
 
 
 def _call(fn, uri: str, *args, **kwargs):

@@ -80,6 +80,17 @@ def _gpus_per_node(rank_info: Any) -> int:
     return 0
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags (the UI's Source column): a Slurm job is a JOB named by its job id (array jobs as
+    ``<array id>_<task>``), anything else the LOCAL program ``orchestrator train``."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        ident = f"{array}_{task}" if array and task else job
+        return {"mlflow.source.type": "JOB", "mlflow.source.name": f"slurm job {ident}: orchestrator train"}
+    return {"mlflow.source.type": "LOCAL", "mlflow.source.name": "orchestrator train"}
+
+
 def default_tags(cfg: Any = None, rank_info: Any = None) -> dict[str, str]:
     """The tags every run gets. Values missing here (no Slurm, no git, no DeepSpeed) are left out."""
     tags: dict[str, Any] = {}
@@ -109,6 +120,7 @@ def default_tags(cfg: Any = None, rank_info: Any = None) -> dict[str, str]:
     tags["host"] = socket.gethostname()
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
     tags["command"] = shlex.join(str(a) for a in argv)
+    tags.update(source_tags())
     tags["version.python"] = sys.version.split()[0]
     for tag, names, prefix in (
         ("version.torch", ("torch",), None),

@@ -157,3 +157,9 @@ def is_unreachable(exc: BaseException) -> bool:
 def is_not_found(exc: BaseException) -> bool:
     code = getattr(exc, "error_code", None)
     return code == "RESOURCE_DOES_NOT_EXIST" or http_status_of(exc) == 404
+
+
+def short(exc: BaseException, n: int = 200) -> str:
+    """An exception on one line, at most ``n`` characters (for warnings)."""
+    s = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return s if len(s) <= n else s[: n - 3] + "..."
