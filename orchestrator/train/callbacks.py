@@ -110,4 +110,5 @@ class Checkpoints:
                 path = self.manager.export_weights(self.engine.module, "best.pt",
                                                    {"step": state.step, "epoch": state.epoch, "val_top1": top1})
                 self.tracker.log_artifact(str(path), "weights")
+                self.tracker.log_model(str(path), {"val_top1": top1}, step=state.step)  # the run's logged model
         self.save(state, top1)
