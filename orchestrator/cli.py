@@ -99,8 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--experiment", default=None)
     s = rsub.add_parser("compare")
     s.add_argument("run_ids", nargs="+")
+    s.add_argument("--out", default=None, metavar="DIR",
+                   help="also write the comparison figures (PNG: val top-1 against depth per connection, or per "
+                        "varying param; val top-1 curves) into DIR")
     p = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 against the same store")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--experiment", default=None,
+                   help="experiment whose runs table the printed URL opens (default: the newest run's)")
 
     p = sub.add_parser("status", help="Slurm jobs of this project")
     p.add_argument("job", nargs="?")
@@ -309,7 +314,7 @@ def cmd_runs(args, overrides) -> int:
     if args.sub == "list":
         print(tcli.runs_list(args.experiment, None))
     elif args.sub == "compare":
-        print(tcli.runs_compare(args.run_ids, None))
+        print(tcli.runs_compare(args.run_ids, None, out=args.out))
     else:
         raise UserError("usage: orchestrator runs {list,compare} ...")
     return 0
@@ -318,7 +323,7 @@ def cmd_runs(args, overrides) -> int:
 def cmd_ui(args, overrides) -> int:
     from orchestrator.tracking import cli as tcli
 
-    tcli.ui(None, args.port)
+    tcli.ui(None, args.port, experiment=args.experiment)
     return 0
 
 

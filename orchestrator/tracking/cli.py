@@ -6,6 +6,7 @@ they see exactly the runs training wrote. ``runs_list`` and ``runs_compare`` ret
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -179,11 +180,14 @@ def _find_run(client, uri: str, ref: str):
     raise _user_error(f"no run {ref!r} at {uri} (see `orchestrator runs list`)")
 
 
-def runs_compare(run_ids: list[str], tracking_uri: str | None = None, all_params: bool = False) -> str:
+def runs_compare(run_ids: list[str], tracking_uri: str | None = None, all_params: bool = False,
+                 out: str | os.PathLike | None = None) -> str:
     """Key params (and every param that differs, marked *) and final metrics of the runs, side by side.
-    Runs are given by id or by (unique) run name."""
+    Runs are given by id or by (unique) run name. With ``out``, the comparison figures
+    (``figures.comparison_figures``) are written into that folder and listed after the table."""
     if not run_ids:
         raise _user_error("runs compare needs at least one run id")
+    out_dir = _output_dir(out) if out is not None else None
     client, uri = _client(tracking_uri)
     runs = [_find_run(client, uri, rid) for rid in run_ids]
     exp_names: dict[str, str] = {}
@@ -225,7 +229,70 @@ def runs_compare(run_ids: list[str], tracking_uri: str | None = None, all_params
     if mkeys:
         mrow = [[k, *[r.data.metrics.get(k) for r in runs]] for k in mkeys]
         out += ["", "metrics (last value)", table(["metric", *heads[1:]], mrow)]
+    if out_dir is not None:
+        from .figures import comparison_figures
+
+        pngs = _call(comparison_figures, uri, uri, [r.info.run_id for r in runs], out_dir)
+        out += ["", f"figures ({out_dir}):" if pngs else f"figures: none (no run has {VAL_METRIC})",
+                *[f"  {p}" for p in pngs]]
     return "\n".join(out)
+
+
+VAL_METRIC = "val_top1"
+
+
+def _output_dir(out: str | os.PathLike) -> Path:
+    """``--out DIR``, created; a UserError naming the flag when it cannot be."""
+    d = Path(out)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise _user_error(f"--out {out}: cannot write figures there ({exc.strerror or exc}); give a folder "
+                          "this user can create or write") from None
+    return d
+
+
+def experiment_page(tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """The UI route of ``experiment``'s runs table (by name; default: the experiment of the newest run), e.g.
+    ``#/experiments/3/runs``; "" when the store has no run yet. An unknown name is a UserError."""
+    from urllib.parse import quote
+
+    uri, _ = util.resolve_store(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        if experiment:
+            raise _user_error(f"--experiment {experiment}: the store {uri} has no experiments yet")
+        return ""
+    client, uri = _client(uri)
+    if experiment:
+        exp = _call(client.get_experiment_by_name, uri, experiment)
+        if exp is None:
+            names = [e.name for e in _call(client.search_experiments, uri)]
+            raise _user_error(f"--experiment {experiment}: no such experiment at {uri}; experiments: "
+                              f"{', '.join(names) or 'none'}")
+        exp_id = exp.experiment_id
+    else:
+        exps = [e.experiment_id for e in _call(client.search_experiments, uri)]
+        newest = _call(client.search_runs, uri, exps, order_by=["attributes.start_time DESC"],
+                       max_results=1) if exps else []
+        if not newest:
+            return ""
+        exp_id = newest[0].info.experiment_id
+    return f"#/experiments/{quote(str(exp_id))}/runs"
+
+
+def page_url(base_url: str, page: str) -> str:
+    return f"{base_url.rstrip('/')}/{page}" if page else base_url
+
+
+def compare_url(base_url: str, run_ids: list[str], experiment_ids: list[str]) -> str:
+    """The UI's compare page for ``run_ids`` (what the runs table's Compare button opens)."""
+    from urllib.parse import quote
+
+    return (f"{base_url.rstrip('/')}/#/compare-runs?runs={quote(json.dumps(run_ids))}"
+            f"&experiments={quote(json.dumps(sorted(set(experiment_ids))))}")
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -248,14 +315,18 @@ def ui_command(tracking_uri: str | None = None, port: int = 5000, host: str = "1
     return cmd, f"http://{host}:{port}"
 
 
-def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1") -> None:
-    """Serve the MLflow UI on 127.0.0.1:port against the tracker's store; print the URL; block until Ctrl-C.
+def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1",
+       experiment: str | None = None) -> None:
+    """Serve the MLflow UI on 127.0.0.1:port against the tracker's store; print the URL of the experiment's runs
+    table (``experiment`` by name, default: the experiment of the newest run); block until Ctrl-C.
 
     For a remote tracking server (an http(s) URI) nothing is started: that server already serves the UI."""
     uri, _ = util.resolve_store(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        print(f"MLflow UI: {uri} (served by the tracking server itself)", flush=True)
+        print(f"MLflow UI: {page_url(uri, experiment_page(uri, experiment))} (served by the tracking server "
+              "itself)", flush=True)
         return
+    page = experiment_page(uri, experiment)  # before the server starts: a bad name fails at once
     if not _port_free(host, port):
         raise _user_error(f"port {port} on {host} is in use; pick another with --port")
     cmd, url = ui_command(uri, port, host)
@@ -284,7 +355,7 @@ def ui(tracking_uri: str | None = None, port: int = 5000, host: str = "127.0.0.1
                         break
             except OSError:
                 time.sleep(0.25)
-        print(f"MLflow UI: {url}  (store {uri}; Ctrl-C to stop)", flush=True)
+        print(f"MLflow UI: {page_url(url, page)}  (store {uri}; Ctrl-C to stop)", flush=True)
         proc.wait()
     except KeyboardInterrupt:
         pass
