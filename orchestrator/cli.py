@@ -1,7 +1,9 @@
 """The `orchestrator` command line: thin subcommands over the project's modules.
 
-Bad input anywhere ends in one line on stderr and exit code 2 (UserError); nothing is written before the
-config and the environment have been checked.
+Bad input anywhere ends in exit code 2 with one line on stderr per problem and no traceback: every command raises
+UserError (``orchestrator.errors``), and ``main`` is the one place that prints it (an OSError on a path becomes
+one too). Commands that start work check everything first (``orchestrator.preflight``) and report every problem
+at once, before any rank, process, file or folder is made.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.errors import UserError, clear_bad_input, report_bad_input, reported_bad_input
+from orchestrator.errors import (
+    UserError,
+    clear_bad_input,
+    os_error_line,
+    report_bad_input,
+    reported_bad_input,
+)
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not Path("/dev/nvidia0").exists() else "cuda")
 
@@ -121,7 +129,7 @@ def _split_overrides(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """Overrides may sit anywhere on the line; anything else unrecognised is an error."""
     bad = [e for e in extra if e.startswith("-") or "=" not in e]
     if bad:
-        raise UserError(f"unrecognized argument '{bad[0]}' (overrides look like key=value; see --help)")
+        raise UserError(*[f"unrecognized argument '{b}' (overrides look like key=value; see --help)" for b in bad])
     return list(getattr(args, "overrides", []) or []) + extra
 
 
@@ -130,20 +138,31 @@ def _default_run_dir(preset: str) -> Path:
 
 
 def cmd_launch(args, overrides: list[str]) -> int:
-    from orchestrator.config import load_config
-    from orchestrator.train.engine import batch_plan
+    from orchestrator import preflight as pf
+    from orchestrator.config.load import resolve_config
 
-    cfg = load_config(args.config, overrides)
+    # One validation pass: the config, the flags, the run dir, the data, a resume; every problem at once.
+    cfg, problems = resolve_config(args.config, overrides)
+    if cfg is None:  # no config to check the rest against: the flags alone
+        problems += pf.check_slurm_flags(args.nodes, args.gpus_per_node, args.partition, args.time)
+        if args.run_dir and not args.dry_run:
+            problems += pf.check_writable_dir(args.run_dir, "--run-dir")
+        pf.raise_if(problems)
     slurm = args.slurm or (args.nodes or 1) > 1 or (cfg.launch.mode == "slurm" and args.nodes is not None)
     run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(cfg.preset)
     config_arg = str(Path(args.config).resolve()) if args.config and Path(args.config).is_file() else (args.config or "digits")
     if slurm:
         nodes = args.nodes or cfg.launch.nodes
         gpn = args.gpus_per_node or cfg.launch.gpus_per_node
-        batch_plan(cfg, nodes * gpn)
-        if not args.dry_run and not shutil.which("sbatch"):
-            raise UserError(f"--nodes {nodes} needs Slurm, but sbatch is not on PATH; run on a Slurm login node, "
-                            "or locally without --nodes/--slurm (launch.local_ranks sets the local ranks)")
+        problems += pf.check_slurm(cfg, run_dir, args.nodes, args.gpus_per_node, args.partition, args.time,
+                                   submit=not args.dry_run)
+        problems += pf.check_batch(cfg, max(nodes, 1) * max(gpn, 1))
+        if not args.dry_run:  # what the job will meet; a dry run may describe a cluster from anywhere
+            problems += pf.check_writable_dir(run_dir, "--run-dir")
+            if not os.environ.get("DATA_ROOT"):  # set: the job script points data.root at it on the nodes
+                problems += pf.check_dataset(cfg)
+            problems += pf.check_resume(cfg, run_dir, max(nodes, 1) * max(gpn, 1))
+        pf.raise_if(problems)
         from launch import slurm as sl
 
         if args.dry_run:
@@ -156,8 +175,17 @@ def cmd_launch(args, overrides: list[str]) -> int:
             return 0
         return sl.launch(cfg, run_dir.resolve(), config_arg, overrides, nodes=nodes, gpus_per_node=gpn,
                          partition=args.partition, time=args.time)
-    nprocs = cfg.launch.local_ranks
-    batch_plan(cfg, nprocs)
+    from launch.local import local_rank_count
+
+    nprocs = local_rank_count(cfg.launch.local_ranks, cfg.train.device)  # one per GPU, else the CPU ranks
+    problems += pf.check_local_flags(args.nodes, args.gpus_per_node, args.partition, args.time)
+    problems += pf.check_batch(cfg, nprocs)
+    if not args.dry_run:
+        problems += pf.check_writable_dir(run_dir, "--run-dir")
+        problems += pf.check_device(cfg, nprocs)
+        problems += pf.check_dataset(cfg, verify_files=True)  # data.verify: headers / CRCs before any rank
+        problems += pf.check_resume(cfg, run_dir, nprocs, pf.local_device(cfg))
+    pf.raise_if(problems)
     if args.dry_run:
         from orchestrator.plan import describe
 
@@ -166,10 +194,9 @@ def cmd_launch(args, overrides: list[str]) -> int:
         else:
             print(describe(cfg, nodes=1, gpus_per_node=nprocs))
         return 0
-    _check_run_dir(run_dir)
     from orchestrator.train.worker import prepare_dataset
 
-    prepare_dataset(cfg, check_files=True)  # built once here, not by every rank at once; data.verify
+    prepare_dataset(cfg)  # the digits set is built once here, not by every rank at once
     from launch.local import run_local
 
     print(f"launch: {nprocs} local ranks, run dir {run_dir}", file=sys.stderr)
@@ -177,21 +204,11 @@ def cmd_launch(args, overrides: list[str]) -> int:
     code = run_local(["--config", config_arg, "--run-dir", str(run_dir), *overrides], nprocs, run_dir,
                      cfg.launch.rank_timeout_s)
     _print_summary(run_dir)
-    if code == 2:  # a rank met bad input mid-run (e.g. a corrupt record): its one line is the last word
+    if code == 2:  # a rank met bad input mid-run (e.g. a corrupt record): its line is the last word
         error = reported_bad_input(run_dir)
         if error:
             raise UserError(error)
     return code
-
-
-def _check_run_dir(run_dir: Path) -> None:
-    """The run dir (or its nearest existing parent) must be writable; checked before anything is written."""
-    p = run_dir.resolve()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"run directory {run_dir} is not writable ({p} is not a writable folder); "
-                        "pass --run-dir to a writable folder")
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -215,14 +232,29 @@ def cmd_train(args, overrides: list[str]) -> int:
     from orchestrator.train.signals import StopRequests
 
     stops = StopRequests()  # before torch/DeepSpeed import: Slurm's USR2 may arrive during start-up
-    from orchestrator.train.worker import run
+    from launch.env import rank_info
+    from orchestrator import preflight as pf
+    from orchestrator.config.load import resolve_config
 
     run_dir = args.run_dir or os.environ.get("RUN_DIR")
+    cfg, problems = resolve_config(args.config, overrides)
     if not run_dir:
-        raise UserError("orchestrator train needs --run-dir DIR (or RUN_DIR in the environment)")
+        problems.append("orchestrator train needs --run-dir DIR (or RUN_DIR in the environment)")
+    if cfg is not None:  # this rank's share of the launcher's checks, before anything is written
+        info = rank_info()
+        if run_dir:
+            problems += pf.check_writable_dir(run_dir, "--run-dir")
+        problems += pf.check_batch(cfg, info.world_size)
+        problems += pf.check_device(cfg, info.local_world_size)
+        problems += pf.check_dataset(cfg)
+        if run_dir:
+            problems += pf.check_resume(cfg, run_dir, info.world_size, pf.local_device(cfg))
+    pf.raise_if(problems)
+    from orchestrator.train.worker import run
+
     try:
         return run(args.config, run_dir, overrides, stops)
-    except UserError as e:  # bad input before training: the launcher reports the line
+    except UserError as e:  # bad input met after the checks: the launcher reports the line(s)
         report_bad_input(run_dir, str(e))
         raise
 
@@ -255,7 +287,20 @@ def cmd_models(args, overrides) -> int:
 def cmd_data(args, overrides) -> int:
     from orchestrator.data import convert as conv
 
+    if args.sub in ("verify", "inspect") and not Path(args.dst).is_dir():
+        raise UserError(f"DST {args.dst}: no such dataset folder (expected meta.json, train.ffr/, val.ffr/ made by "
+                        "`orchestrator data convert`)")
     if args.sub == "convert":
+        from orchestrator import preflight as pf
+
+        problems = [f"--workers {args.workers}: must be >= 1"] if args.workers < 1 else []
+        if args.parts < 0:
+            problems.append(f"--parts {args.parts}: must be >= 0 (0 = about 1 GiB per part)")
+        if not Path(args.src).is_dir():
+            problems.append(f"SRC {args.src}: no such folder (expected SRC/train/<class>/<images>, ImageNet layout)")
+        if args.val_labels is not None and not Path(args.val_labels).is_file():
+            problems.append(f"--val-labels {args.val_labels}: no such file (expected '<file name> <class>' lines)")
+        pf.raise_if(problems + pf.check_writable_dir(args.dst, "DST"))
         result = conv.convert(args.src, args.dst, workers=args.workers, parts=args.parts, strict=args.strict,
                               val_labels=args.val_labels)
         print(json.dumps(result, indent=1))
@@ -280,6 +325,22 @@ def _write_json(result: dict, path: str | None) -> None:
 
 
 def cmd_bench(args, overrides) -> int:
+    from orchestrator import preflight as pf
+
+    problems = pf.check_output_file(getattr(args, "json", None), "--json")  # checked before the work, not after
+    if args.sub == "memory":
+        from models import REGISTRY
+        from orchestrator.bench_memory import parse_configs
+
+        if args.model not in REGISTRY:
+            problems.append(f"--model {args.model}: unknown model; valid names: {', '.join(REGISTRY)}")
+        problems += [f"--{k} {v}: must be > 0" for k, v in (("T", args.T), ("batch", args.batch), ("res", args.res),
+                                                              ("steps", args.steps)) if v <= 0]
+        try:
+            parse_configs(args.configs)
+        except UserError as e:
+            problems += e.problems
+    pf.raise_if(problems)
     if args.sub == "models":
         from models.bench import run_models_bench
 
@@ -300,10 +361,17 @@ def cmd_bench(args, overrides) -> int:
 
 
 def cmd_plan(args, overrides) -> int:
-    from orchestrator.config import load_config
+    from orchestrator import preflight as pf
+    from orchestrator.config.load import resolve_config
+
+    cfg, problems = resolve_config(args.config, overrides)
+    if not args.gpu_mem > 0:
+        problems.append(f"--gpu-mem {args.gpu_mem}: must be > 0 (GiB per GPU)")
+    if cfg is not None:
+        problems += pf.check_batch(cfg, cfg.launch.nodes * cfg.launch.gpus_per_node)
+    pf.raise_if(problems)
     from orchestrator.plan import plan_memory
 
-    cfg = load_config(args.config, overrides)
     print(plan_memory(cfg, args.gpu_mem))
     return 0
 
@@ -321,15 +389,36 @@ def cmd_runs(args, overrides) -> int:
 
 
 def cmd_ui(args, overrides) -> int:
+    from orchestrator import preflight as pf
     from orchestrator.tracking import cli as tcli
+    from orchestrator.tracking.util import resolve_store
 
+    problems = [] if 1 <= args.port <= 65535 else [f"--port {args.port}: must be a TCP port, 1..65535"]
+    uri = resolve_store(None)[0]
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme == "sqlite":  # the server creates the store if it is missing: its folder must take it
+        problems += pf.check_output_file(uri[len("sqlite:///"):], "MLflow store")
+    elif scheme not in ("http", "https", "postgresql", "mysql", "mssql"):
+        problems.append(f"MLFLOW_TRACKING_URI={uri}: not a store `orchestrator ui` can serve; valid: "
+                        "sqlite:///PATH/mlflow.db, a database URI, or http(s)://HOST:PORT (a server shows its own UI)")
+    pf.raise_if(problems)
     tcli.ui(None, args.port, experiment=args.experiment)
     return 0
 
 
 def cmd_slurm(args, overrides) -> int:
+    import re
+
     from launch import slurm as sl
 
+    problems = []
+    if args.job is not None and not re.fullmatch(r"\d+(_\d+)?", args.job):
+        problems.append(f"'{args.job}' is not a Slurm job id (digits, or ARRAYJOB_TASK)")
+    tool = {"status": "squeue" if args.job is None else "scontrol", "cancel": "scancel"}.get(args.cmd, "scontrol")
+    if not shutil.which(tool):
+        problems.append(f"{tool} is not on PATH: this machine has no Slurm client (run on a login node)")
+    if problems:
+        raise UserError(*problems)
     if args.cmd == "status":
         print(sl.status(args.job))
     elif args.cmd == "cancel":
@@ -342,6 +431,14 @@ def cmd_slurm(args, overrides) -> int:
 COMMANDS = {"launch": cmd_launch, "train": cmd_train, "config": cmd_config, "models": cmd_models,
             "data": cmd_data, "bench": cmd_bench, "plan": cmd_plan, "runs": cmd_runs, "ui": cmd_ui,
             "status": cmd_slurm, "cancel": cmd_slurm, "logs": cmd_slurm}
+
+
+def _bad_input(err: UserError) -> int:
+    """The one place a UserError becomes output: one line per problem on stderr, exit code 2."""
+    for line in err.problems:
+        print(f"orchestrator: error: {line}", file=sys.stderr)
+    sys.stderr.flush()
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,8 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _split_overrides(args, extra)
         return COMMANDS[args.cmd](args, overrides)
     except UserError as e:
-        print(f"orchestrator: error: {e}", file=sys.stderr)
-        return 2
+        return _bad_input(e)
+    except OSError as e:  # on a path the user gave (or one inside it): bad input, one line
+        line = os_error_line(e)
+        if line is None:  # not about a path (a socket, a pipe): a failure, with its traceback
+            raise
+        return _bad_input(UserError(line))
     except KeyboardInterrupt:
         print("orchestrator: interrupted", file=sys.stderr)
         return 130

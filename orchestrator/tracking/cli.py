@@ -59,20 +59,31 @@ def _user_error(msg: str) -> Exception:
         return ValueError(msg)
 
 
-def _client(tracking_uri: str | None):
-    from mlflow.tracking import MlflowClient
+# URI schemes MLflow's tracking client opens (mlflow.tracking._tracking_service.utils); others fail in its
+# constructor with a message about the model registry
+STORE_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks",
+                 "databricks-uc", "uc")
 
+
+def _client(tracking_uri: str | None):
     util.apply_http_env()
     uri, _ = util.resolve_store(tracking_uri)
+    origin = "MLFLOW_TRACKING_URI=" if os.environ.get("MLFLOW_TRACKING_URI", "").strip() == uri else "store "
+    # checked before mlflow is imported (seconds): a wrong store is refused at once
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
+    if scheme.split("+", 1)[0] not in STORE_SCHEMES:
+        raise _user_error(f"{origin}{uri}: not an MLflow store URI; valid: sqlite:///PATH/mlflow.db, "
+                          "http(s)://HOST:PORT, or a database URI (postgresql://, mysql://)")
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
         if not db.exists():
             raise _user_error(f"no MLflow store at {uri} (no run was tracked here yet; run from the folder training "
                               f"ran in, or set MLFLOW_TRACKING_URI to its store)")
+    from mlflow.tracking import MlflowClient
+
     try:
         return MlflowClient(tracking_uri=uri), uri
-    except Exception as exc:  # noqa: BLE001 - an unsupported scheme or a store MLflow refuses to open
-        origin = "MLFLOW_TRACKING_URI=" if os.environ.get("MLFLOW_TRACKING_URI", "").strip() == uri else "store "
+    except Exception as exc:  # noqa: BLE001 - a store MLflow refuses to open (e.g. a file store)
         raise _user_error(f"{origin}{uri}: MLflow cannot open it ({str(exc).strip().splitlines()[0][:200]}); "
                           "valid: sqlite:///PATH/mlflow.db or http(s)://HOST:PORT") from None
 
