@@ -137,7 +137,9 @@ if [ -f "$run_dir/REQUEUE" ] || [ "$warned" = 1 ]; then
   echo "$marker" > "$run_dir/.requeued-at"
   rm -f "$run_dir/REQUEUE"
   say "requeueing (checkpoint at step $marker; training step exit code $rc)"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  job_ref=$SLURM_JOB_ID
+  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then job_ref=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}; fi  # array task
+  scontrol requeue "$job_ref" && exit 0
   say "error: scontrol requeue failed; resubmit with the same --run-dir to resume"
   exit 1
 fi
@@ -215,6 +217,21 @@ def describe(cfg: Config, run_dir: Path, nodes: int | None = None, gpus_per_node
     ])
 
 
+def _sbatch_options(cfg: Config, r: dict, job_name: str, output: str, array: str | None = None) -> list[str]:
+    """The #SBATCH options of a training job (or of each task of a job array)."""
+    launch = cfg.launch
+    opts = [f"--job-name={job_name}"] + ([f"--array={array}"] if array else [])
+    opts += [f"--nodes={r['nodes']}", f"--ntasks-per-node={r['tasks_per_node']}"]
+    if r["gpus_per_node"]:
+        opts.append(f"--gpus-per-node={r['gpus_per_node']}")
+    opts += [f"--cpus-per-task={launch.cpus_per_task}", f"--time={r['time']}"]
+    opts += [f"--{k}={v}" for k, v in (("partition", r["partition"]), ("account", launch.account),
+                                       ("mem", launch.mem)) if v]
+    opts += [f"--signal=B:{SIGNAL}@{r['lead']}", "--requeue", "--open-mode=append", f"--output={output}"]
+    opts += [o if o.startswith("-") else f"--{o}" for o in launch.extra_sbatch]
+    return opts
+
+
 def render_sbatch(cfg: Config, run_dir: str | Path, config_arg: str, overrides: list[str] | tuple[str, ...] = (),
                   nodes: int | None = None, gpus_per_node: int | None = None, partition: str | None = None,
                   time: str | None = None, home: str | Path | None = None) -> str:
@@ -225,18 +242,9 @@ def render_sbatch(cfg: Config, run_dir: str | Path, config_arg: str, overrides: 
     (default: the one this module lives in). Resource arguments left None come from ``cfg.launch``.
     """
     r = _resources(cfg, nodes, gpus_per_node, partition, time)
-    launch = cfg.launch
     run_dir = Path(run_dir)
     home = Path(home) if home is not None else Path(__file__).resolve().parents[1]
-    opts = [f"--job-name={cfg.preset}", f"--nodes={r['nodes']}", f"--ntasks-per-node={r['tasks_per_node']}"]
-    if r["gpus_per_node"]:
-        opts.append(f"--gpus-per-node={r['gpus_per_node']}")
-    opts += [f"--cpus-per-task={launch.cpus_per_task}", f"--time={r['time']}"]
-    opts += [f"--{k}={v}" for k, v in (("partition", r["partition"]), ("account", launch.account),
-                                       ("mem", launch.mem)) if v]
-    opts += [f"--signal=B:{SIGNAL}@{r['lead']}", "--requeue", "--open-mode=append",
-             f"--output={run_dir}/slurm-%j.out"]
-    opts += [o if o.startswith("-") else f"--{o}" for o in launch.extra_sbatch]
+    opts = _sbatch_options(cfg, r, cfg.preset, f"{run_dir}/slurm-%j.out")
     lines = ["#!/bin/bash",
              f"# Rendered by `orchestrator launch` for preset {cfg.preset}: "
              f"{r['nodes']} x {r['tasks_per_node']} ranks, one srun task per GPU.",
@@ -251,6 +259,79 @@ def render_sbatch(cfg: Config, run_dir: str | Path, config_arg: str, overrides: 
     return "\n".join(lines) + BODY
 
 
+def task_ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (sbatch --array's list form)."""
+    out: list[str] = []
+    ids = sorted(set(indices))
+    start = 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or ids[k] != ids[k - 1] + 1:  # a run of consecutive ids ends at k - 1
+            a, b = ids[start], ids[k - 1]
+            out.append(str(a) if a == b else f"{a}-{b}")
+            start = k
+    return ",".join(out)
+
+
+def render_array_sbatch(cfg: Config, sweep_dir: str | Path, config_arg: str,
+                        tasks: list[tuple[int, str | Path, list[str]]], job_name: str,
+                        max_parallel: int | None = None, nodes: int | None = None, gpus_per_node: int | None = None,
+                        partition: str | None = None, time: str | None = None, home: str | Path | None = None) -> str:
+    """The sbatch script of a sweep: ONE job array, one task per run (pure: same arguments, same text).
+
+    ``tasks`` are ``(array index, absolute run directory, overrides)``; the task picks its run directory and
+    overrides by ``SLURM_ARRAY_TASK_ID`` from the table in the script, then runs ``BODY`` as a single job does:
+    a full multi-rank srun step, the pre-timeout checkpoint, and a requeue of just that task
+    (``scontrol requeue ARRAYJOB_TASK``). At most ``max_parallel`` tasks run at once (``%K``)."""
+    if not tasks:
+        raise ValueError("render_array_sbatch: no tasks")
+    r = _resources(cfg, nodes, gpus_per_node, partition, time)
+    sweep_dir = Path(sweep_dir)
+    home = Path(home) if home is not None else Path(__file__).resolve().parents[1]
+    array = task_ranges([i for i, _, _ in tasks]) + (f"%{int(max_parallel)}" if max_parallel else "")
+    opts = _sbatch_options(cfg, r, job_name, f"{sweep_dir}/slurm-%A_%a.out", array=array)
+    limit = f", at most {max_parallel} at a time" if max_parallel else ""
+    lines = ["#!/bin/bash",
+             f"# Rendered by `orchestrator sweep` for preset {cfg.preset}: a job array of {len(tasks)} runs{limit};",
+             f"# each task is one training job of {r['nodes']} x {r['tasks_per_node']} ranks (one srun task per GPU).",
+             *[f"#SBATCH {o}" for o in opts],
+             "",
+             "# The sweep's runs, by array index: run directory and overrides (in order); see sweep.json.",
+             f"config={shlex.quote(config_arg)}",
+             'case "${SLURM_ARRAY_TASK_ID:-}" in']
+    for index, run_dir, overrides in tasks:
+        lines += [f"  {index}) run_dir={shlex.quote(str(run_dir))}",
+                  "     set -- " + " ".join(shlex.quote(a) for a in overrides) + " ;;"]
+    lines += ['  *) echo "error: array task \'${SLURM_ARRAY_TASK_ID:-}\' is not a run of this sweep'
+              f' ({shlex.quote(str(sweep_dir))}/sweep.json)"; exit 2 ;;',
+              "esac",
+              f"export DANET_HOME=${{DANET_HOME:-{shlex.quote(str(home))}}}",
+              ""]
+    return "\n".join(lines) + BODY
+
+
+def render_finish_sbatch(cfg: Config, sweep_dir: str | Path, job_name: str, partition: str | None = None,
+                         home: str | Path | None = None) -> str:
+    """A one-CPU job, submitted to start after every task of a sweep's array: ``orchestrator sweep status DIR``,
+    which refreshes sweep.json and, once every run has ended, logs the comparison figures to the parent run
+    and ends it (pure)."""
+    sweep_dir = Path(sweep_dir)
+    home = Path(home) if home is not None else Path(__file__).resolve().parents[1]
+    part = partition if partition is not None else cfg.launch.partition
+    opts = [f"--job-name={job_name}-finish", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", "--time=00:15:00"]
+    opts += [f"--{k}={v}" for k, v in (("partition", part), ("account", cfg.launch.account)) if v]
+    opts += [f"--output={sweep_dir}/slurm-finish-%j.out"]
+    lines = ["#!/bin/bash",
+             "# Rendered by `orchestrator sweep`: after the array, refresh sweep.json, log the comparison figures.",
+             *[f"#SBATCH {o}" for o in opts],
+             "",
+             f"export DANET_HOME=${{DANET_HOME:-{shlex.quote(str(home))}}}",
+             '# shellcheck disable=SC1091',
+             'if [ -f "$DANET_HOME/.venv/bin/activate" ]; then source "$DANET_HOME/.venv/bin/activate"; fi',
+             f"exec python -m orchestrator sweep status {shlex.quote(str(sweep_dir))}",
+             ""]
+    return "\n".join(lines)
+
+
 # --- submit / launch ---------------------------------------------------------------------------------------------
 def _slurm(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
     if not shutil.which(cmd[0]):
@@ -261,16 +342,17 @@ def _slurm(cmd: list[str], timeout: float = 60) -> subprocess.CompletedProcess:
         raise UserError(f"{' '.join(cmd[:2])} did not answer within {timeout:.0f} s; is slurmctld up?") from None
 
 
-def submit(script_text: str, run_dir: str | Path) -> str:
-    """Write the script to ``run_dir/sbatch.sh`` (a record of what ran) and submit it; returns the job id.
+def submit(script_text: str, run_dir: str | Path, name: str = "sbatch.sh", sbatch_args: tuple[str, ...] = ()) -> str:
+    """Write the script to ``run_dir/<name>`` (a record of what ran) and submit it (``sbatch_args`` go before
+    the script, e.g. a dependency); returns the job id.
 
     The job runs in the current directory (relative paths in the config, the default MLflow store) as a local
     run would."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "sbatch.sh"
+    path = run_dir / name
     path.write_text(script_text)
-    p = _slurm(["sbatch", "--parsable", str(path)])
+    p = _slurm(["sbatch", "--parsable", *sbatch_args, str(path)])
     if p.returncode != 0:
         msg = (p.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise UserError(f"sbatch refused the job: {msg} (script: {path})")
@@ -323,6 +405,49 @@ def status(job_id: str | None = None) -> str:
             f" (reason {info.get('Reason', 'None')}), exit code {info.get('ExitCode', '?')},"
             f" restarts {info.get('Restarts', '0')}, elapsed {info.get('RunTime', '?')} of"
             f" {info.get('TimeLimit', '?')}, nodes {info.get('NodeList', '?')}, log {info.get('StdOut', '?')}")
+
+
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
+
+
+def _task_ids(text: str) -> list[int]:
+    """``"3"``, ``"2-3%2"``, ``"[1,4-5%2]"`` -> the array task ids they name."""
+    out: list[int] = []
+    for part in text.strip("[]").split("%")[0].split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?(?::(\d+))?", part.strip())
+        if m:
+            a, b, step = int(m.group(1)), int(m.group(2) or m.group(1)), int(m.group(3) or 1)
+            out += list(range(a, b + 1, step))
+    return out
+
+
+def array_states(array_job_id: str) -> dict[int, str]:
+    """JobState of each task of a job array, by task id: from ``scontrol`` (which lists the pending tasks as
+    one record), then ``sacct`` for tasks scontrol has forgotten (ended more than MinJobAge ago), where
+    accounting is on. Tasks neither knows are absent."""
+    _check_job_id(array_job_id)
+    states: dict[int, str] = {}
+    p = _slurm(["scontrol", "show", "job", "-o", str(array_job_id)])
+    if p.returncode == 0:
+        for line in p.stdout.splitlines():
+            info = dict(re.findall(r"(\w+)=(\S*)", line))
+            if info.get("ArrayJobId") == str(array_job_id) and "ArrayTaskId" in info:
+                for t in _task_ids(info["ArrayTaskId"]):
+                    states[t] = info.get("JobState", "?")
+    if shutil.which("sacct"):
+        try:
+            q = subprocess.run(["sacct", "-n", "-P", "-X", "-j", str(array_job_id), "-o", "JobID,State"],
+                               capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            q = None
+        if q is not None and q.returncode == 0:
+            for line in q.stdout.splitlines():
+                job, _, state = line.partition("|")
+                if job.startswith(f"{array_job_id}_") and state:
+                    for t in _task_ids(job.split("_", 1)[1]):
+                        states.setdefault(t, state.split()[0])
+    return states
 
 
 def cancel(job_id: str) -> None:

@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default=None,
                    help="experiment whose runs table the printed URL opens (default: the newest run's)")
 
+    p = sub.add_parser("sweep", help="a grid of runs (key=a,b,c is an axis): locally one after another, or ONE "
+                                     "Slurm job array (--nodes); `sweep status DIR` shows it")
+    _add_config_args(p)
+    p.add_argument("--nodes", type=int, default=None, help="Slurm nodes per run: submit one job array, a task per run")
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", default=None, help="Slurm time limit of each run, e.g. 2-00:00:00")
+    p.add_argument("--max-parallel", type=int, default=None, help="array tasks running at once (sbatch --array %%K)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (names and overrides); write nothing")
+
     p = sub.add_parser("status", help="Slurm jobs of this project")
     p.add_argument("job", nargs="?")
     p = sub.add_parser("cancel", help="cancel a Slurm job")
@@ -406,6 +416,25 @@ def cmd_ui(args, overrides) -> int:
     return 0
 
 
+def cmd_sweep(args, overrides: list[str]) -> int:
+    from orchestrator import sweep
+
+    if overrides[:1] == ["status"]:
+        if len(overrides) != 2:
+            raise UserError("usage: orchestrator sweep status DIR")
+        print(sweep.show(overrides[1]))
+        return 0
+
+    def launch_one(run_dir: Path, run_overrides: list[str]) -> int:  # each local run: `orchestrator launch`'s path
+        one = argparse.Namespace(config=args.config, run_dir=str(run_dir), nodes=None, gpus_per_node=None,
+                                 partition=None, time=None, slurm=False, dry_run=False)
+        return cmd_launch(one, run_overrides)
+
+    return sweep.launch_sweep(args.config, args.run_dir, overrides, launch_one, nodes=args.nodes,
+                              gpus_per_node=args.gpus_per_node, partition=args.partition, time_limit=args.time,
+                              max_parallel=args.max_parallel, dry_run=args.dry_run)
+
+
 def cmd_slurm(args, overrides) -> int:
     import re
 
@@ -430,7 +459,7 @@ def cmd_slurm(args, overrides) -> int:
 
 COMMANDS = {"launch": cmd_launch, "train": cmd_train, "config": cmd_config, "models": cmd_models,
             "data": cmd_data, "bench": cmd_bench, "plan": cmd_plan, "runs": cmd_runs, "ui": cmd_ui,
-            "status": cmd_slurm, "cancel": cmd_slurm, "logs": cmd_slurm}
+            "status": cmd_slurm, "cancel": cmd_slurm, "logs": cmd_slurm, "sweep": cmd_sweep}
 
 
 def _bad_input(err: UserError) -> int:

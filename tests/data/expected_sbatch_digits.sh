@@ -111,7 +111,9 @@ if [ -f "$run_dir/REQUEUE" ] || [ "$warned" = 1 ]; then
   echo "$marker" > "$run_dir/.requeued-at"
   rm -f "$run_dir/REQUEUE"
   say "requeueing (checkpoint at step $marker; training step exit code $rc)"
-  scontrol requeue "$SLURM_JOB_ID" && exit 0
+  job_ref=$SLURM_JOB_ID
+  if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then job_ref=${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}; fi  # array task
+  scontrol requeue "$job_ref" && exit 0
   say "error: scontrol requeue failed; resubmit with the same --run-dir to resume"
   exit 1
 fi
