@@ -445,3 +445,210 @@ def test_ui_serves_local_store_and_stops_cleanly(tmp_path):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- MLflow as a user meets it, figures
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path) -> None:
+    """A real, non-blank PNG: the signature, then decoded by PIL and by matplotlib."""
+    import matplotlib.image as mpimg
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    with Image.open(path) as im:
+        im.load()
+        assert im.format == "PNG" and im.width >= 300 and im.height >= 200, (path, im.size)
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and float(pixels.std()) > 0.01, path  # something is drawn
+
+
+def fake_run(c, exp_id: str, name: str, params: dict, val_curve: list[float], tags: dict | None = None) -> str:
+    """A finished run with params and a val_top1 curve, written straight through the client (no training)."""
+    from mlflow.entities import Metric, Param
+
+    run = c.create_run(exp_id, run_name=name, tags=tags or {})
+    ts = int(time.time() * 1000)
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                metrics=[Metric("val_top1", v, ts + i, i + 1) for i, v in enumerate(val_curve)], synchronous=True)
+    c.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def log_tiny_training(tr, steps: int = 6, best: float = 0.8) -> None:
+    """The metrics the loop and the Telemetry callback log, for a few steps (two "epochs")."""
+    for s in range(1, steps + 1):
+        tr.log_metrics({"loss": 2.0 / s, "lr": 0.01 * s / steps, "train_top1": 0.1 * s}, step=s)
+        if s % (steps // 2) == 0:
+            rates = {f"telemetry/firing_rate/layer/stages.{i // 2}.branches.0.neurons.{i % 2}": 0.05 + i / 50
+                     for i in range(8)}
+            tr.log_metrics({"val_top1": best * s / steps, "telemetry/firing_rate/mean": 0.12, **rates}, step=s)
+
+
+def test_run_in_mlflow_parent_dataset_source_model_figures_and_resume(mlflow_server, tmp_path, digits_dataset):  # noqa: F811
+    """A child run (mlflow.parentRunId), its dataset inputs, source tags, the experiment's kind, the best weights
+    as a logged + registered model, and its figures; a requeue and two more starts keep one run, one parent link,
+    two inputs and one model."""
+    import hashlib
+    import json
+    import uuid
+
+    c = client(mlflow_server)
+    exp_name = f"structure-{uuid.uuid4().hex[:8]}"
+    exp_id = c.create_experiment(exp_name)  # made by someone else, without a kind: the tracker adds it
+    parent = c.create_run(exp_id, run_name="sweep-parent").info.run_id
+    model_name = f"danet-test-{uuid.uuid4().hex[:8]}"
+    cfg = make_cfg(mlflow_server, exp_name, parent_run_id=parent, register_model=model_name)
+    cfg.data.root = str(digits_dataset)
+    run_dir = tmp_path / "run"
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(b"best weights, epoch 2")
+
+    tr = create_tracker(cfg, run_dir, RANK0).start()
+    tr.log_params(cfg)
+    log_tiny_training(tr)
+    tr.log_model(weights, {"val_top1": 0.8}, step=6)
+    tr.finish("requeued")  # no model and no figures yet: the run goes on in the next job
+    run_id = tr.run_id
+    assert not c.search_logged_models([exp_id]) and not c.list_artifacts(run_id, "figures")
+
+    cfg2 = make_cfg(mlflow_server, exp_name, register_model=model_name)  # the requeued job: no parent given
+    cfg2.data.root = str(digits_dataset)
+    tr2 = create_tracker(cfg2, run_dir, RANK0).start()
+    assert tr2.run_id == run_id
+    tr2.log_metrics({"loss": 0.1}, step=7)  # never beats the best: the candidate saved by the first job counts
+    tr2.finish("completed")
+    tr3 = create_tracker(cfg2, run_dir, RANK0).start()  # a relaunch of the finished run: nothing duplicated
+    tr3.finish("completed")
+
+    run = c.get_run(run_id)
+    t = run.data.tags
+    assert t["mlflow.parentRunId"] == parent
+    assert t["mlflow.source.type"] == "LOCAL" and t["mlflow.source.name"] == "orchestrator train"
+    assert c.get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert {r.info.run_id for r in c.search_runs([exp_id])} == {parent, run_id}
+
+    meta = (digits_dataset / "meta.json").read_bytes()
+    counts = json.loads(meta)["counts"]
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["digits-train", "digits-val"]
+    for split, context in (("train", "training"), ("val", "validation")):
+        d = inputs[f"digits-{split}"]
+        assert d.dataset.digest == hashlib.sha256(meta).hexdigest()[:12]
+        assert json.loads(d.dataset.profile)["num_records"] == counts[split]
+        assert {(x.key, x.value) for x in d.tags} == {("mlflow.data.context", context)}
+
+    models = c.search_logged_models([exp_id])
+    assert len(models) == 1
+    m = models[0]
+    assert m.source_run_id == run_id and str(m.status).endswith("READY")
+    assert [(x.key, x.value, x.step) for x in m.metrics] == [("val_top1", 0.8, 6)]
+    assert m.params["model.name"] == "danet18" and m.params["data.name"] == "digits"
+    assert [o.model_id for o in run.outputs.model_outputs] == [m.model_id]
+    arts = {a.path for a in c.list_logged_model_artifacts(m.model_id)}
+    assert {"best.pt", "MLmodel"} <= arts, arts
+    import mlflow.artifacts
+
+    got = mlflow.artifacts.download_artifacts(artifact_uri=f"{m.artifact_location}/best.pt",
+                                              dst_path=str(tmp_path / "model"), tracking_uri=mlflow_server)
+    assert Path(got).read_bytes() == b"best weights, epoch 2"
+    versions = c.search_model_versions(f"name='{model_name}'")
+    assert len(versions) == 1 and versions[0].run_id == run_id and versions[0].source == f"models:/{m.model_id}"
+
+    figs = sorted(a.path for a in c.list_artifacts(run_id, "figures"))
+    assert figs == ["figures/curves.png", "figures/firing_rate.png"]
+    for f in figs:
+        assert_png(c.download_artifacts(run_id, f, str(tmp_path / "dl")))
+        assert_png(run_dir / f)
+
+
+def test_default_run_name_made_unique_explicit_name_kept(mlflow_server, tmp_path):  # noqa: F811
+    import uuid
+
+    exp = f"names-{uuid.uuid4().hex[:8]}"
+    names = []
+    for i, unique in enumerate((True, True, False)):
+        tr = MlflowTracker(tracking_uri=mlflow_server, artifact_location=None, experiment=exp, run_name="danet18-T4-x",
+                           run_dir=tmp_path / f"r{i}", log_system_metrics=False, unique_name=unique)
+        tr.start().finish("completed")
+        names.append(client(mlflow_server).get_run(tr.run_id).info.run_name)
+    assert names == ["danet18-T4-x", "danet18-T4-x-2", "danet18-T4-x"]  # an explicit name is used as given
+
+
+def test_architecture_and_varying_params():
+    from orchestrator.tracking import figures
+
+    assert figures.architecture({"model.name": "danet34", "model.connection": "default", "model.da.domain": "spike",
+                                 "model.da.span": "stage"}) == (34, "DA (spike, stage)")
+    assert figures.architecture({"model.name": "sew_resnet50"}) == (50, "SEW (ADD)")
+    assert figures.architecture({"model.name": "danet18", "model.connection": "membrane"}) == (18, "membrane shortcut")
+    assert figures.architecture({"model.name": "danet152", "model.da.weights": "fixed"})[1] == "DA (membrane, network, fixed)"
+    runs = [{"model.name": "danet18", "tracking.run_name": "a", "optim.lr": "0.1", "derived.device": "cpu"},
+            {"model.name": "danet34", "tracking.run_name": "b", "optim.lr": "0.1", "derived.device": "cuda"}]
+    assert figures.varying_params(runs) == ["model.name"]
+
+
+def test_comparison_figures_and_runs_compare_out(mlflow_server, tmp_path):  # noqa: F811
+    """Depth x connection runs give the val-top-1-against-depth figure; other varying params give bars; both with
+    the overlaid curves; `runs compare --out` writes the same."""
+    import uuid
+
+    from orchestrator.errors import UserError
+    from orchestrator.tracking.figures import comparison_figures
+
+    c = client(mlflow_server)
+    exp_id = c.create_experiment(f"cmpfig-{uuid.uuid4().hex[:8]}")
+    grid = []
+    for depth in (18, 34):
+        for conn in ("default", "sew_add"):
+            grid.append(fake_run(c, exp_id, f"danet{depth}-{conn}", {
+                "model.name": f"danet{depth}", "model.connection": conn, "tracking.run_name": f"{depth}{conn}",
+                "train.epochs": 2}, [0.3, 0.5 + depth / 200 - (conn == "sew_add") * 0.1]))
+    out = comparison_figures(mlflow_server, grid, tmp_path / "grid")
+    assert [p.name for p in out] == ["val_top1_vs_depth.png", "val_top1_curves.png"]
+    for p in out:
+        assert_png(p)
+
+    other = [fake_run(c, exp_id, f"lr{lr}", {"model.name": "danet18", "optim.lr": lr}, [0.2, 0.4 + lr])
+             for lr in (0.1, 0.2)]
+    text = tcli.runs_compare(other, mlflow_server, out=tmp_path / "bars")
+    assert [p.name for p in sorted((tmp_path / "bars").iterdir())] == ["val_top1_by_param.png", "val_top1_curves.png"]
+    for p in (tmp_path / "bars").iterdir():
+        assert_png(p)
+        assert str(p) in text  # listed beside the table
+    with pytest.raises(UserError, match="--out"):
+        tcli.runs_compare(other, mlflow_server, out="/proc/no-such-dir")
+    with pytest.raises(UserError, match="no run"):
+        comparison_figures(mlflow_server, ["0" * 32], tmp_path / "x")
+
+
+def test_training_launch_in_mlflow(mlflow_server, tmp_path, digits_dataset):  # noqa: F811
+    """A tiny real training launch (digits, width 4, one epoch, one rank): the loop's best weights become the run's
+    logged model with its val top-1, the telemetry its firing-rate figure, the dataset folder its inputs."""
+    import json
+    import uuid
+
+    exp = f"launch-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    r = subprocess.run([sys.executable, "-m", "orchestrator", "launch", "--run-dir", str(tmp_path / "run"),
+                        f"data.root={digits_dataset}", "train.epochs=1", "train.global_batch_size=128",
+                        "launch.local_ranks=1", "model.width=4", f"tracking.tracking_uri={mlflow_server}",
+                        f"tracking.experiment={exp}", "tracking.log_system_metrics=false"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    c = client(mlflow_server)
+    run = c.get_run(s["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.source.type"] == "LOCAL"
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["digits-train", "digits-val"]
+    (model,) = c.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id
+    assert [(m.key, round(m.value, 6)) for m in model.metrics] == [("val_top1", round(s["best_val_top1"], 6))]
+    assert "best.pt" in {a.path for a in c.list_logged_model_artifacts(model.model_id)}
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "figures")} == {"figures/curves.png",
+                                                                              "figures/firing_rate.png"}
+    for name in ("curves.png", "firing_rate.png"):
+        assert_png(tmp_path / "run" / "figures" / name)

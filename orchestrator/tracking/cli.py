@@ -33,6 +33,7 @@ KEY_PARAMS = (
 # Metric columns `runs list` prefers (first match of each pattern), the rest are in `runs compare`.
 LIST_METRIC_PATTERNS = (r"val.*top.?1|top.?1.*val", r"val.*loss", r"^(train.?)?loss$|train.*loss")
 CELL = 36
+VAL_METRIC = "val_top1"
 _RESUMED = re.compile(r"^resume\.(\d+)\.(.+?)(\.\d+)?$")
 
 
@@ -249,8 +250,6 @@ def runs_compare(run_ids: list[str], tracking_uri: str | None = None, all_params
     return "\n".join(out)
 
 
-VAL_METRIC = "val_top1"
-
 
 def _output_dir(out: str | os.PathLike) -> Path:
     """``--out DIR``, created; a UserError naming the flag when it cannot be."""
@@ -266,9 +265,19 @@ def _output_dir(out: str | os.PathLike) -> Path:
     return d
 
 
+# MLflow 3.17's UI picks its GenAI or model-training layout from a global toggle (default GenAI, kept in the
+# browser's local storage) that this query parameter overrides; the experiment's mlflow.experimentKind tag (set by
+# the tracker) is what older and other views read.
+UI_WORKFLOW = "machine_learning"
+# Sorted by final val top-1, best first: the table then lists every run flat (in its default date order it folds a
+# sweep's children under their parent, collapsed).
+RUNS_TABLE_QUERY = f"workflowType={UI_WORKFLOW}&orderByKey=metrics.%60{VAL_METRIC}%60&orderByAsc=false"
+
+
 def experiment_page(tracking_uri: str | None = None, experiment: str | None = None) -> str:
-    """The UI route of ``experiment``'s runs table (by name; default: the experiment of the newest run), e.g.
-    ``#/experiments/3/runs``; "" when the store has no run yet. An unknown name is a UserError."""
+    """The UI route of ``experiment``'s runs table in the model-training layout, best val top-1 first (by name;
+    default: the experiment of the newest run), e.g. ``#/experiments/3/runs?workflowType=machine_learning&...``;
+    "" when the store has no run yet. An unknown name is a UserError."""
     from urllib.parse import quote
 
     uri, _ = util.resolve_store(tracking_uri)
@@ -291,7 +300,7 @@ def experiment_page(tracking_uri: str | None = None, experiment: str | None = No
         if not newest:
             return ""
         exp_id = newest[0].info.experiment_id
-    return f"#/experiments/{quote(str(exp_id))}/runs"
+    return f"#/experiments/{quote(str(exp_id))}/runs?{RUNS_TABLE_QUERY}"
 
 
 def page_url(base_url: str, page: str) -> str:

@@ -53,12 +53,18 @@ def _short_layer(name: str) -> str:
     return re.sub(r"([A-Za-z_]+)\.(\d+)", lambda m: m.group(1)[0] + m.group(2), name)
 
 
-def _canvas(width: float, height: float):
+def _canvas(width: float, height: float, **margins: float):
+    """A figure with fixed margins (in inches where given as ``*_in``): a layout engine would draw every
+    figure twice, which is most of the cost on a loaded node."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
+    left, right = margins.get("left_in", 0.75), margins.get("right_in", 0.2)
+    bottom, top = margins.get("bottom_in", 0.55), margins.get("top_in", 0.5)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,
+                        wspace=margins.get("wspace", 0.35))
     return fig
 
 
@@ -90,7 +96,7 @@ def run_figures(client, run_id: str, out_dir: Path) -> list[Path]:
     panels = [(t, y, [k for k in keys if k in metrics]) for t, y, keys in CURVE_PANELS]
     panels = [p for p in panels if p[2]]
     if panels:
-        fig = _canvas(4.2 * len(panels), 3.4)
+        fig = _canvas(4.2 * len(panels), 3.4, top_in=0.65)
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (name, ylabel, keys) in zip(axes, panels, strict=True):
             for key in keys:
@@ -110,7 +116,9 @@ def run_figures(client, run_id: str, out_dir: Path) -> list[Path]:
         stages = [_stage(n) for n in names]
         order = list(dict.fromkeys(stages))
         colors = {s: f"C{i}" for i, s in enumerate(order)}
-        fig = _canvas(max(6.0, min(0.22 * len(layers), 18.0)), 3.8)
+        labelled = len(layers) <= 40
+        fig = _canvas(max(6.0, min(0.22 * len(layers), 18.0)), 4.2, bottom_in=1.0 if labelled else 0.55,
+                      top_in=0.75)
         ax = fig.subplots()
         xs = list(range(len(layers)))
         rates = [metrics[k] for k in layers]
@@ -121,14 +129,15 @@ def run_figures(client, run_id: str, out_dir: Path) -> list[Path]:
         mean = metrics.get("telemetry/firing_rate/mean")
         if mean is not None:
             handles.append(ax.axhline(mean, color="k", linestyle="--", linewidth=1, label=f"mean {mean:.3f}"))
-        if len(layers) <= 40:
+        if labelled:
             ax.set_xticks(xs, [_short_layer(n) for n in names], rotation=90, fontsize=7)
         else:
             ax.set_xlabel("spiking layer (network order)")
         ax.set_ylim(0, max(rates + [mean or 0.0]) * 1.1 or 1.0)
         ax.set_ylabel("spikes per neuron per step")
-        ax.set_title(f"{title}: firing rate per layer")
-        fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncols=min(len(handles), 6))
+        fig.suptitle(f"{title}: firing rate per layer", y=0.99)
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.07), fontsize=8,
+                  ncols=min(len(handles), 6), frameon=False)
         ax.grid(axis="y", alpha=0.3)
         written.append(_save(fig, out_dir / "firing_rate.png"))
     return written
@@ -252,7 +261,7 @@ def _bar_figure(scored: list, differ: list[str], path: Path) -> Path:
         panels.append((key, by_value))
     if not panels:
         panels = [("run", {_label(r): [_final(r)] for r, _ in scored})]
-    fig = _canvas(max(4.0, 3.6 * len(panels)), 3.8)
+    fig = _canvas(max(4.0, 3.6 * len(panels)), 4.0, bottom_in=1.0, top_in=0.7)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, by_value) in zip(axes, panels, strict=True):
         values = sorted(by_value, key=_natural)
