@@ -220,3 +220,40 @@ def test_refused_launch_leaves_no_run_dir_and_no_error_file(results):
     assert not any(k.startswith("runs") for k in results["launch_unknown_model"]["after"])  # the default run dir
     resume = results["launch_slurm_dataset_resume"]["after"]
     assert "run/ERROR" not in resume and "run/checkpoints/LATEST" in resume
+
+
+# --- the config reader's own cases, in process (no CLI start: milliseconds) ---------------------------------------
+def _problems(tmp_path: Path, text: str | bytes, *overrides: str) -> list[str]:
+    from orchestrator.config.load import resolve_config
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return resolve_config(str(path), overrides)[1]
+
+
+def test_config_files_that_cannot_be_read_are_named(tmp_path, monkeypatch):
+    from orchestrator.config.load import load_config, resolve_config
+
+    assert any("expected a mapping of config groups" in p and "c.yaml:1" in p
+               for p in _problems(tmp_path, "- model\n- data\n"))
+    assert any("not a text (UTF-8) YAML file" in p for p in _problems(tmp_path, b"model:\n  name: \xff\xfe\n"))
+    (tmp_path / "d.yaml").mkdir()
+    cfg, problems = resolve_config(str(tmp_path / "d.yaml"), ["model.T=0"])
+    assert cfg is None and any("is a directory" in p for p in problems)
+    assert len(problems) == 1  # no base to check values against: model.T=0 waits for a readable config
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(str(tmp_path / "empty.yaml")).preset == "empty"  # an empty file: the schema's defaults
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()  # a folder named like a preset (a copied dataset) does not shadow it
+    assert load_config("digits").preset == "digits"
+
+
+def test_overrides_each_apply_or_name_their_problem(tmp_path):
+    from orchestrator.config.load import resolve_config
+
+    cfg, problems = resolve_config("digits", ["model=3", "deepspeed.extra.wall_clock_breakdown=true", "model.T=2",
+                                              "train.epochs=${model.T}"])
+    assert problems == ["override model=3: 'model' is a group of keys, not a value: set its keys (e.g. model.name=...)"]
+    assert cfg.deepspeed.extra == {"wall_clock_breakdown": True} and cfg.model.T == 2 and cfg.train.epochs == 2
+    cfg, problems = resolve_config("digits", ["train.epochs=${nope.x}"])
+    assert cfg is None and len(problems) == 1 and "train.epochs" in problems[0], problems

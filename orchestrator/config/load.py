@@ -87,7 +87,7 @@ def _read_source(name_or_path: str) -> _Source:
     """The preset or YAML file behind --config; UserError naming it when it cannot be found or read."""
     path = Path(name_or_path)
     names = preset_names()
-    if path.is_dir():
+    if path.is_dir() and name_or_path not in names:  # a folder named like a preset (e.g. ./digits) is no config
         raise UserError(f"--config {name_or_path} is a directory; give a YAML file or a preset name ({', '.join(names)})")
     if name_or_path.endswith((".yaml", ".yml")) or path.is_file() or "/" in name_or_path:
         if not path.exists():
@@ -172,14 +172,12 @@ def _apply(merged: DictConfig, key: str, value: Any) -> str | None:
 def _split_override(o: str) -> tuple[str, Any] | None:
     if "=" not in o or o.startswith("="):
         return None
-    parsed = OmegaConf.from_dotlist([o])  # YAML-typed value, as OmegaConf reads dotlists
     key = o.split("=", 1)[0].strip()
-    node: Any = parsed
+    # the value typed as OmegaConf types dotlists (YAML), interpolations left as written
+    node: Any = OmegaConf.to_container(OmegaConf.from_dotlist([o]), resolve=False)
     for part in key.split("."):
         node = node[part]
-    value = OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) or OmegaConf.is_list(node) \
-        else node
-    return key, value
+    return key, node
 
 
 # --- semantic checks ---------------------------------------------------------------------------------------------
