@@ -26,9 +26,11 @@ demo: setup
 	$(VENV)/bin/orchestrator launch
 
 # The Slurm tests need a local 4-node cluster: scripts/slurm-up.sh installs Debian's packages
-# (when missing) and starts it; it is stopped whatever pytest returns.
+# (when missing) and starts it; it is stopped whatever pytest returns. The browser tests need Debian's
+# chromium: scripts/chromium-up.sh installs it when missing.
 test: setup
 	@bash scripts/slurm-up.sh || echo "slurm: local cluster unavailable; slurm tests will skip with the reason"
+	@bash scripts/chromium-up.sh >/dev/null || echo "chromium: unavailable; browser tests will skip with the reason"
 	@set +e; $(PY) -m pytest -q --durations=15 tests; rc=$$?; bash scripts/slurm-down.sh >/dev/null 2>&1; \
 	  if [ $$rc -eq 5 ]; then echo "no tests collected: failing"; exit 1; fi; exit $$rc
 

@@ -643,6 +643,8 @@ def test_training_launch_in_mlflow(mlflow_server, tmp_path, digits_dataset):  # 
     c = client(mlflow_server)
     run = c.get_run(s["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["mlflow.source.type"] == "LOCAL"
+    # the tracker created this experiment: tagged as model training at creation
+    assert c.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["digits-train", "digits-val"]
     (model,) = c.search_logged_models([run.info.experiment_id])
     assert model.source_run_id == run.info.run_id
