@@ -1,4 +1,5 @@
-"""Local launcher: N training ranks as child processes on this machine (CPU: gloo), no torchrun needed.
+"""Local launcher: N training ranks as child processes on this machine, no torchrun needed: one rank per visible
+GPU when the job trains on GPUs (NCCL), ``launch.local_ranks`` CPU ranks (gloo) otherwise.
 
 The launcher owns the process group of its ranks: Ctrl-C / SIGTERM is forwarded to every rank (each saves its
 checkpoint), and if one rank dies the others are given ``rank_timeout_s`` to notice and are then killed, so a
@@ -16,6 +17,20 @@ import time
 from pathlib import Path
 
 from launch.env import RankInfo
+
+
+def local_rank_count(configured: int, device: str, gpus: int | None = None) -> int:
+    """How many ranks to start here. ``device``: train.device (auto, cuda or cpu); ``gpus``: the visible GPUs
+    (counted when not given). On GPUs it is one rank per GPU: NCCL refuses two ranks on one device, and a GPU left
+    without a rank is idle (CUDA_VISIBLE_DEVICES chooses the GPUs). ``configured`` (launch.local_ranks) counts
+    CPU ranks."""
+    if device == "cpu":
+        return configured
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if gpus > 0 else configured
 
 
 def free_port() -> int:

@@ -368,18 +368,26 @@ def test_status_logs_and_cancel(cluster, tmp_path):
 
 @pytest.mark.slurm
 def test_danet152_script_trains_on_4_nodes(cluster, tmp_path):
-    """`sbatch slurm/danet152.sh --config digits ...` with resource flags overriding the #SBATCH defaults,
-    DATA_ROOT and RUN_DIR from the environment, submitted from outside the repository."""
+    """`sbatch slurm/danet152.sh` with its own preset (danet152_imagenet: ZeRO 1, SGD, channels_last, auto
+    checkpointing, bit spike storage) and only sizes shrunk, on a tiny ImageNet-layout dataset; resource flags
+    override the #SBATCH defaults, DATA_ROOT and RUN_DIR come from the environment, submitted from outside the
+    repository."""
+    from helpers import tiny_imagenet
+
+    data = tiny_imagenet.build(tmp_path / "data")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sizes = ["model.width=4", f"model.num_classes={tiny_imagenet.CLASSES}", "data.image_size=32",
+             "data.val_resize=36", "train.global_batch_size=8", "train.max_steps=2"]
     job = _sbatch([*SHAPE, "--time=00:15:00", "--signal=B:USR2@60", str(REPO / "slurm" / "danet152.sh"),
-                   "--config", "digits",
-                   *TINY, "train.max_steps=2", f"tracking.tracking_uri={uri}"], tmp_path,
-                  env={"DATA_ROOT": str(DIGITS_ROOT), "RUN_DIR": str(tmp_path / "run")})
+                   *sizes, f"tracking.tracking_uri={uri}"], tmp_path,
+                  env={"DATA_ROOT": str(data), "RUN_DIR": str(tmp_path / "run")})
     info = _wait(job, 420)
     assert Path(info["StdOut"]) == tmp_path / f"danet152-{job}.out"
     summary = _check_completed(job, info, tmp_path / "run", uri)
-    assert summary["steps"] == 2
-    assert f"root: {DIGITS_ROOT}" in (tmp_path / "run" / "config.yaml").read_text()
+    assert summary["steps"] == 2 and summary["preset"] == "danet152_imagenet" and summary["model"] == "danet152"
+    ran = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"root: {data}" in ran and "zero_stage: 1" in ran and "channels_last: true" in ran, ran
+    assert summary["latest_checkpoint"] == "step00000002"  # a ZeRO-1 checkpoint written by the 4 ranks
 
 
 @pytest.mark.slurm

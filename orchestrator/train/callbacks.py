@@ -1,4 +1,5 @@
-"""Loop callbacks: console progress, tracker metrics, checkpoints, telemetry. One signature each."""
+"""Loop callbacks: console progress, tracker metrics, checkpoints, telemetry. Progress and tracker metrics read
+each step's figures at the loop's sync points (``on_log``); checkpoints and telemetry act on the step itself."""
 
 from __future__ import annotations
 
@@ -30,18 +31,25 @@ class Progress:
         self.start_step: int | None = None
         self.window: list[float] = []
 
-    def on_step_end(self, state: LoopState, m: dict) -> None:
+    def on_log(self, state: LoopState, rows: list[dict]) -> None:
+        for m in rows:
+            self._step(m)
+
+    def _step(self, m: dict) -> None:
+        step = m["step"]
         if self.start_step is None:
-            self.start_step = state.step - 1
-        self.window.append(m["loss"])
-        if state.step % self.every and state.step != self.total:
+            self.start_step = step - 1
+        if "loss" in m:  # a skipped (non-finite) step has none
+            self.window.append(m["loss"])
+        if step % self.every and step != self.total:
             return
-        done = state.step - self.start_step
+        done = step - self.start_step
         rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - state.step) / max(rate, 1e-9)
+        eta = (self.total - step) / max(rate, 1e-9)
+        loss = sum(self.window) / len(self.window) if self.window else float("nan")
         log.info("epoch %d/%d step %d/%d loss %.4f lr %.2e top1 %.3f %.0f img/s data-wait %.0f%% eta %dm%02ds",
-                 state.epoch + 1, self.epochs, state.step, self.total, sum(self.window) / len(self.window), m["lr"],
-                 m["train_top1"], m["images_per_sec"], 100 * m["data_wait_frac"], eta // 60, eta % 60)
+                 m["epoch"] + 1, self.epochs, step, self.total, loss, m["lr"], m.get("train_top1", float("nan")),
+                 m["images_per_sec"], 100 * m["data_wait_frac"], eta // 60, eta % 60)
         self.window.clear()
 
     def on_epoch_end(self, state: LoopState, m: dict) -> None:
@@ -56,9 +64,11 @@ class TrackerMetrics:
     def __init__(self, tracker, device: str):
         self.tracker, self.device = tracker, device
 
-    def on_step_end(self, state: LoopState, m: dict) -> None:
-        self.tracker.log_metrics({**m, "epoch": state.epoch, "peak_memory_mb": peak_memory_mb(self.device)},
-                                 step=state.step)
+    def on_log(self, state: LoopState, rows: list[dict]) -> None:
+        peak = peak_memory_mb(self.device)
+        for m in rows:
+            self.tracker.log_metrics({**{k: v for k, v in m.items() if k != "step"}, "peak_memory_mb": peak},
+                                     step=m["step"])
 
     def on_epoch_end(self, state: LoopState, m: dict) -> None:
         if m:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from orchestrator.errors import UserError
 from orchestrator.fsutil import atomic_write, fsync_dir
+from orchestrator.train import dist
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,6 @@ def _fsync_tree(path: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(path)
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -65,7 +60,7 @@ class CheckpointManager:
         self.extras: dict[str, Any] = {}
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        dist.barrier()
 
     def track(self, name: str, obj: Any) -> None:
         """Save ``obj.state_dict()`` with every checkpoint and restore it with ``obj.load_state_dict`` on load."""
@@ -94,7 +89,7 @@ class CheckpointManager:
         """Write a complete checkpoint on every rank, then move LATEST. Disk errors raise UserError, with the
         partial tag removed and the previous checkpoint untouched."""
         tag = f"step{step:08d}"
-        ok = torch.tensor([1], dtype=torch.int32)
+        ok = 1
         err: Exception | None = None
         try:
             engine.save_checkpoint(str(self.dir), tag=tag, client_state={"loop": loop_state}, save_latest=False)
@@ -105,14 +100,11 @@ class CheckpointManager:
             torch.save(rng, self.dir / tag / f"rank{self.rank}.pt")
             _fsync_tree(self.dir / tag)
         except (OSError, RuntimeError) as e:  # disk full, unwritable, or a torch.save failure
-            ok.zero_()
-            err = e
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if not int(ok):
+            ok, err = 0, e
+        if not dist.all_reduce_host([ok], "min", torch.int32)[0]:  # every rank wrote its part, or none counts
             if self.rank == 0:
                 shutil.rmtree(self.dir / tag, ignore_errors=True)
-            _barrier()
+            dist.barrier()
             reason = str(err).splitlines()[0] if err else "another rank failed to write its part"
             free = shutil.disk_usage(self.dir).free
             if free < LOW_SPACE:  # torch.save reports a full disk as a bare "unexpected pos" write failure
@@ -122,12 +114,11 @@ class CheckpointManager:
         if self.rank == 0:
             atomic_write(self.dir / tag / "COMPLETE", b"ok\n")
             index = self._index()
-            world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-            index[tag] = {"step": step, "val_top1": val_top1, "world_size": world}
+            index[tag] = {"step": step, "val_top1": val_top1, "world_size": dist.world_size()}
             atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
             atomic_write(self.dir / "LATEST", f"{tag}\n".encode())
             self._prune(index, keep=tag)
-        _barrier()
+        dist.barrier()
         return tag
 
     def _prune(self, index: dict[str, Any], keep: str) -> None:

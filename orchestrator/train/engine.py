@@ -5,13 +5,19 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 
-from launch.env import RankInfo
 from orchestrator.config.schema import Config
 from orchestrator.errors import UserError
+from orchestrator.train import dist
+
+# Joining the process group lives with the other collectives; the name stays importable from here.
+init_distributed = dist.init
+
+# torch's fused optimizer kernels (one kernel over every tensor, no per-parameter Python loop) on these devices;
+# they also read a device flag that skips the whole step (`found_inf`), the non-finite policy's tool.
+FUSED_DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,8 @@ def scaled_lr(cfg: Config) -> float:
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """A torch optimizer (DeepSpeed's own would compile FusedAdam on first use). No decay on BN/bias/alpha."""
+    """A torch optimizer (DeepSpeed's own would compile FusedAdam on first use), fused where torch has the kernel
+    for the parameters' device. No decay on BN/bias/alpha."""
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
@@ -67,13 +74,56 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     lr = scaled_lr(cfg)
     o = cfg.optim
+    first = next(model.parameters(), None)
+    fused = first is not None and first.device.type in FUSED_DEVICES
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               fused=fused or None, foreach=None if fused else True)
     if o.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas))
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), fused=fused or None,
+                                 foreach=None if fused else True)
     from orchestrator.train.lamb import Lamb
 
     return Lamb(groups, lr=lr, betas=tuple(o.betas))
+
+
+def zero_problems(cfg: Config) -> list[str]:
+    """Optimizer settings ZeRO cannot run as the recipe means them (one line each)."""
+    if cfg.deepspeed.zero_stage >= 1 and cfg.optim.name == "lamb":
+        # ZeRO 1/2 hand the optimizer one flat partition per parameter group and rank: LAMB's per-tensor trust
+        # ratio would become one ratio over a rank's slice of many layers, another optimizer.
+        return [f"optim.name=lamb with deepspeed.zero_stage={cfg.deepspeed.zero_stage}: ZeRO flattens parameters "
+                "into per-rank partitions, so LAMB's per-layer trust ratio cannot be computed; use "
+                "deepspeed.zero_stage=0 with lamb, or optim.name=sgd|adamw with ZeRO"]
+    return []
+
+
+class StepSkip:
+    """Skips an optimizer step on the device: a 0/1 flag tensor that torch's fused kernels read (``found_inf``,
+    the attribute GradScaler sets) and the project's LAMB honours. Weights, moments and step counts stay as they
+    were; nothing is read on the host (LAMB reads the flag once per step, as it reads its trust ratios)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def prepare(self) -> None:
+        """Call after the engine is built and after a checkpoint is loaded (which restores param-group options
+        a checkpoint of another version may lack)."""
+        for group in self.optimizer.param_groups:
+            if "fused" in group and self.optimizer.defaults.get("fused"):
+                group["fused"], group["foreach"] = True, None
+            if group.get("momentum"):
+                # torch's fused SGD takes "no momentum buffer yet" as its first step and fills the buffers with
+                # the gradient inside the kernel, so a skipped first step would leave them uninitialised. Zeros
+                # give the same first step exactly (0.9 * 0 + g = g) and make a skipped one harmless.
+                for p in group["params"]:
+                    state = self.optimizer.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+
+    def set(self, flag: torch.Tensor) -> None:
+        """The next optimizer step is skipped where ``flag`` (a device scalar) is nonzero."""
+        self.optimizer.found_inf = flag.float()
 
 
 def lr_lambda(cfg: Config, steps_per_epoch: int):
@@ -107,8 +157,19 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
         "steps_per_print": 10**9,  # the loop reports progress itself
         "wall_clock_breakdown": False,
     }
-    if cfg.train.grad_clip > 0:
-        ds["gradient_clipping"] = cfg.train.grad_clip
+    if cfg.deepspeed.zero_stage >= 1:
+        if cfg.optim.name != "adamw":
+            # DeepSpeed lists the optimizers it has tested ZeRO with (Adam/AdamW, Adagrad, Lion...), not SGD.
+            # ZeRO 1/2 only split the optimizer state and the gradients into per-rank slices of flat buffers and
+            # run the optimizer on each slice: sound for any elementwise update such as momentum SGD (LAMB's
+            # per-tensor trust ratio is not elementwise: zero_problems refuses it).
+            ds["zero_allow_untested_optimizer"] = True
+        if cfg.train.grad_clip <= 0 and (precision != "bf16" or cfg.deepspeed.zero_stage == 2):
+            # Without clipping the global gradient norm is only an overflow check, which reads it on the host
+            # every step; the loop's device-side skip does that job (DeepSpeed refuses this for bf16 ZeRO 1).
+            ds["zero_optimization"]["compute_grad_norm"] = False
+    # Always stated: DeepSpeed's default is 1.0, so leaving it out clipped every step of a train.grad_clip=0 run.
+    ds["gradient_clipping"] = max(cfg.train.grad_clip, 0.0)
     if precision == "bf16":
         # BatchNorm buffers must be bf16 too, else DeepSpeed's bf16 forward fails in BN (STACK-NOTES).
         ds["bf16"] = {"enabled": True}
@@ -119,34 +180,30 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
     return ds
 
 
-def init_distributed(info: RankInfo, device: str, timeout_s: int) -> None:
-    """Process group from the rank environment (no hostfile): gloo on CPU, NCCL on GPUs."""
-    import importlib
-
-    import deepspeed
-
-    if device == "cpu":
-        ds_torch = importlib.import_module("deepspeed.comm.torch")  # (attribute access would give torch itself)
-        # DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU; it serves only its inference all-reduce,
-        # never training (gloo does that). Skipping it saves ~20-120 s per start and removes a hang: a process
-        # killed mid-compile leaves torch's build lock behind and every later start waits on it forever.
-        ds_torch.build_shm_op = lambda: None
-
-    for k, v in info.torch_env().items():
-        os.environ[k] = v
-    if device == "cuda":
-        torch.cuda.set_device(info.local_rank % max(1, torch.cuda.device_count()))
-    deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", auto_mpi_discovery=False,
-                               verbose=False, timeout=timedelta(seconds=timeout_s), rank=info.rank,
-                               world_size=info.world_size)
+def prepare_model(cfg: Config, model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """The model on its device, compiled if asked. ``train.channels_last`` is not applied to the parameters:
+    DeepSpeed broadcasts each one as ``p.data.view(torch.uint8)``, which a channels_last conv weight refuses, and
+    ZeRO turns parameters into views of contiguous flat buffers anyway. The loop feeds channels_last images
+    (``loop.to_device``); a convolution runs channels_last when its input or its weight is, so every
+    convolution's output follows the input's layout (tests/test_presets.py checks it)."""
+    model = model.to(device)
+    if cfg.train.compile:  # in place: state_dict keys (checkpoints, exported weights) stay unprefixed
+        model.compile(backend=os.environ.get("ORCHESTRATOR_COMPILE_BACKEND", "inductor"))
+    return model
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, plan: BatchPlan, steps_per_epoch: int, precision: str):
-    """deepspeed.initialize with our optimizer and scheduler; returns the engine."""
+    """deepspeed.initialize with our optimizer and scheduler; returns the engine, whose ``step_skip``
+    (StepSkip) skips an optimizer step on the device."""
     import deepspeed
 
+    problems = zero_problems(cfg)
+    if problems:
+        raise UserError(*problems)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, steps_per_epoch))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, plan, precision), dist_init_required=False)
+    engine.step_skip = StepSkip(optimizer)  # the object DeepSpeed steps (ZeRO swaps its params for partitions)
+    engine.step_skip.prepare()
     return engine

@@ -1,4 +1,10 @@
-"""The training loop: short, with features as callbacks (logging, checkpoints, telemetry live outside)."""
+"""The training loop: short, with features as callbacks (logging, checkpoints, telemetry live outside).
+
+Nothing inside a step waits for the device: the step's figures and its non-finite verdict stay on the device
+(metrics.StepMetrics) and are read at sync points, every ``train.log_every_steps`` and wherever state leaves
+the loop (a checkpoint, an epoch's end, the run's end, a stop). Callbacks see every step (``on_step_end``, host
+state only) and the figures of each step at the next sync point (``on_log``).
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,11 @@ from dataclasses import InitVar, asdict, dataclass, field
 from typing import Protocol
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from orchestrator.config.schema import Config
+from orchestrator.train import dist
+from orchestrator.train.metrics import NonFiniteLoss, StepMetrics, topk_hits
 from orchestrator.train.mix import mix_batch
 
 LOSS_TAIL = 100  # losses kept in the loop state and summary.json; the whole curve is in MLflow ("loss")
@@ -71,9 +78,14 @@ log = logging.getLogger("orchestrator.train")
 # Fault injection for the reliability tests: a comma list of optimizer steps whose loss is made NaN.
 _FAULT_NAN_STEPS = {int(v) for v in os.environ.get("ORCHESTRATOR_FAULT_NAN_STEPS", "").split(",") if v.strip()}
 
+__all__ = ["LoopState", "NonFiniteLoss", "StopTraining", "evaluate", "loss_fn", "to_device", "train"]
+
 
 class Callback(Protocol):
-    def on_step_end(self, state: LoopState, metrics: dict) -> None: ...
+    """Any of the three hooks; a callback leaves out the ones it does not need."""
+
+    def on_step_end(self, state: LoopState, metrics: dict) -> None: ...  # every step; metrics: host values only
+    def on_log(self, state: LoopState, rows: list[dict]) -> None: ...  # at a sync point: each step's figures
     def on_epoch_end(self, state: LoopState, metrics: dict) -> None: ...
 
 
@@ -83,10 +95,6 @@ class StopTraining(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 def loss_fn(cfg: Config, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -99,21 +107,9 @@ def loss_fn(cfg: Config, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.mean(0), y, label_smoothing=ls)
 
 
-def topk_correct(logits: torch.Tensor, y: torch.Tensor, ks=(1, 5)) -> list[int]:
-    k = min(max(ks), logits.shape[-1])
-    pred = logits.topk(k, dim=-1).indices
-    hit = pred.eq(y[:, None])
-    return [int(hit[:, : min(kk, k)].any(dim=1).sum()) for kk in ks]
-
-
-def _all_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def to_device(x: torch.Tensor, y: torch.Tensor, device: str, channels_last: bool, dtype: torch.dtype):
+    """A batch on the training device; ``channels_last``: the images in NHWC order, which every convolution's
+    output then follows (the parameters stay contiguous: engine.prepare_model)."""
     x = x.to(device, non_blocking=True).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -122,19 +118,37 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: str, channels_last: bool
 
 @torch.no_grad()
 def evaluate(engine, loader, cfg: Config, device: str, dtype: torch.dtype) -> dict:
-    """Top-1/top-5/loss over every validation sample once (counts summed across ranks)."""
+    """Top-1/top-5/loss over every validation sample once: counts summed on the device, across ranks, and read
+    once at the end."""
     engine.eval()
-    n = c1 = c5 = loss_sum = 0.0
+    acc = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1 hits, top-5 hits, loss sum
     for x, y in loader:
         x, y = to_device(x, y, device, cfg.train.channels_last, dtype)
         out = engine(x).float()
-        loss_sum += float(loss_fn(cfg, out, y)) * len(y)
-        a, b = topk_correct(out.mean(0), y)
-        c1, c5, n = c1 + a, c5 + b, n + len(y)
-    n, c1, c5, loss_sum = _all_sum([n, c1, c5, loss_sum])
+        acc[0] += len(y)
+        acc[1:3] += topk_hits(out.mean(0), y)
+        acc[3] += loss_fn(cfg, out, y).double() * len(y)
+    n, c1, c5, loss_sum = dist.all_reduce(acc, "sum").tolist()
     engine.train()
     return {"val_top1": c1 / max(n, 1), "val_top5": c5 / max(n, 1), "val_loss": loss_sum / max(n, 1),
             "val_samples": n}
+
+
+def _report(callbacks: list, state: LoopState, rows: list[dict]) -> None:
+    if rows:
+        for cb in callbacks:
+            if hasattr(cb, "on_log"):
+                cb.on_log(state, rows)
+
+
+def _sync(recorder: StepMetrics, callbacks: list, state: LoopState, world_size: int, accumulation: int) -> None:
+    """Read the pending steps (one host transfer), apply the non-finite policy and report them."""
+    try:
+        rows = recorder.flush(state, world_size, accumulation)
+    except NonFiniteLoss as e:
+        _report(callbacks, state, e.rows)
+        raise
+    _report(callbacks, state, rows)
 
 
 def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops, device: str,
@@ -142,60 +156,61 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
     """Run epochs from ``state`` until train.epochs or train.max_steps; callbacks see every step and epoch."""
     train_loader, val_loader = loaders
     engine.train()
-    max_steps = cfg.train.max_steps or math.inf
-    while state.epoch < cfg.train.epochs and state.step < max_steps:
+    t = cfg.train
+    max_steps = t.max_steps or math.inf
+    recorder = StepMetrics(device, getattr(engine, "step_skip", None), t.nan_policy, t.nan_skip_limit)
+
+    def sync_due(step: int) -> bool:
+        return (step % t.log_every_steps == 0 or step >= max_steps
+                or bool(t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0))
+
+    while state.epoch < t.epochs and state.step < max_steps:
         train_loader.set_epoch(state.epoch)
         train_loader.load_state_dict({"epoch": state.epoch, "batch": state.batch_in_epoch})
+        recorder.restart_window()
         t_data = time.perf_counter()
-        t_step, waited = t_data, 0.0
         for x, y in train_loader:
-            got = time.perf_counter()
-            waited += got - t_data
-            x, y = to_device(x, y, device, cfg.train.channels_last, dtype)
+            recorder.data_wait += time.perf_counter() - t_data
+            x, y = to_device(x, y, device, t.channels_last, dtype)
             target = y
             if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
                 x, target = mix_batch(x, y, cfg.model.num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
-                                      cfg.train.seed, state.step, state.batch_in_epoch)
+                                      t.seed, state.step, state.batch_in_epoch)
             out = engine(x)
             loss = loss_fn(cfg, out.float(), target)
             if state.step + 1 in _FAULT_NAN_STEPS:
-                _FAULT_NAN_STEPS.discard(state.step + 1)  # once: a skipped step is retried with the next batch
+                _FAULT_NAN_STEPS.discard(state.step + 1)  # once
                 loss = loss * float("nan")
-            if not _all_finite(loss):
-                # Every rank sees the same verdict, so all skip (or all stop) together.
-                _handle_nonfinite(cfg, state)
-                state.batch_in_epoch += 1
-                t_data = time.perf_counter()
-                continue
+            recorder.micro_batch(loss)
             engine.backward(loss)
             boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                recorder.before_step()  # a non-finite loss on any rank: every rank skips this update
             engine.step()
             state.batch_in_epoch += 1
             state.samples += len(y) * world_size
+            t_data = time.perf_counter()
             if not boundary:
-                t_data = time.perf_counter()
                 continue
             state.step += 1
-            now = time.perf_counter()
-            top1, top5 = topk_correct(out.detach().float().mean(0), y)
-            metrics = {"loss": float(loss.detach()), "lr": engine.get_lr()[0], "train_top1": top1 / len(y),
-                       "train_top5": top5 / len(y), "step_time_s": now - t_step,
-                       "images_per_sec": len(y) * world_size * accumulation / max(now - t_step, 1e-9),
-                       "data_wait_frac": waited / max(now - t_step, 1e-9), "nan_skipped": state.nan_skipped}
-            state.record_loss(metrics["loss"])
+            recorder.end_step(state.step, state.epoch, loss, out, y, engine.get_lr()[0])
+            if sync_due(state.step):
+                _sync(recorder, callbacks, state, world_size, accumulation)
             for cb in callbacks:
-                cb.on_step_end(state, metrics)
-            code = stops.agreed()
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(state, {"lr": engine.get_lr()[0]})
+            code = stops.agreed()  # a host value on the CPU group: no wait for the device
             if code:
+                _sync(recorder, callbacks, state, world_size, accumulation)
                 raise StopTraining(code)
             if state.step >= max_steps:
                 break
-            t_step = t_data = time.perf_counter()
-            waited = 0.0
+            t_data = time.perf_counter()
         else:
+            _sync(recorder, callbacks, state, world_size, accumulation)
             state.epoch += 1
             state.batch_in_epoch = 0
-            due = state.epoch % cfg.train.eval_every_epochs == 0 or state.epoch == cfg.train.epochs
+            due = state.epoch % t.eval_every_epochs == 0 or state.epoch == t.epochs
             metrics = evaluate(engine, val_loader, cfg, device, dtype) if due else {}
             if metrics:
                 state.last_eval = {k: metrics[k] for k in ("val_top1", "val_top5", "val_loss")}
@@ -204,24 +219,3 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             continue
         break  # max_steps reached mid-epoch
     return state
-
-
-def _all_finite(loss: torch.Tensor) -> bool:
-    bad = torch.tensor([0 if bool(torch.isfinite(loss.detach())) else 1], dtype=torch.int32)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return not int(bad)
-
-
-def _handle_nonfinite(cfg: Config, state: LoopState) -> None:
-    """NaN/Inf loss: 'stop' ends the run keeping the last good checkpoint; 'skip' drops the micro-batch with
-    no backward and no update (up to nan_skip_limit times)."""
-    if cfg.train.nan_policy == "stop":
-        raise NonFiniteLoss(f"non-finite loss at step {state.step + 1}; stopping (train.nan_policy=stop), "
-                            "the last good checkpoint is kept")
-    state.nan_skipped += 1
-    log.warning("non-finite loss before step %d: micro-batch skipped (%d of at most %d, train.nan_policy=skip)",
-                state.step + 1, state.nan_skipped, cfg.train.nan_skip_limit)
-    if state.nan_skipped > cfg.train.nan_skip_limit:
-        raise NonFiniteLoss(f"non-finite loss {state.nan_skipped} times, over train.nan_skip_limit="
-                            f"{cfg.train.nan_skip_limit}; stopping")

@@ -7,6 +7,8 @@ which would swallow the warning and let the job die at its time limit without a 
 
 A signal can reach ranks at different moments (or only some of them); each step every rank contributes its local
 request to one tiny all-reduce (max), so all ranks stop after the same step and save one consistent checkpoint.
+That all-reduce runs on the CPU group (orchestrator/train/dist.py): a host value agreed on without waiting for
+the GPU.
 """
 
 from __future__ import annotations
@@ -39,13 +41,10 @@ class StopRequests:
     def agreed(self) -> int:
         """The strongest request of any rank (a collective: call it on every rank at the same point)."""
         import torch
-        import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([self.local], dtype=torch.int32)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return int(t)
-        return self.local
+        from orchestrator.train import dist  # here: this module is imported before torch, on purpose
+
+        return int(dist.all_reduce_host([self.local], "max", torch.int32)[0])
 
     @staticmethod
     def name(code: int) -> str:

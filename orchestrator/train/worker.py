@@ -15,8 +15,9 @@ import random
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,11 +27,14 @@ from orchestrator.config import Config, load_config, to_dict, to_yaml
 from orchestrator.errors import UserError, report_bad_input, reported_bad_input
 from orchestrator.fsutil import atomic_write
 from orchestrator.train import callbacks as cb
+from orchestrator.train import dist
 from orchestrator.train.checkpoint import CheckpointManager, sha256_file
 from orchestrator.train.engine import (
+    BatchPlan,
     batch_plan,
     build_engine,
     init_distributed,
+    prepare_model,
     resolve_device,
     resolve_precision,
 )
@@ -153,10 +157,58 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
 
 
+@dataclass
+class Job:
+    """What one rank builds before training (setup) and reports on afterwards (finish)."""
+
+    cfg: Config
+    info: RankInfo
+    run_path: Path
+    stops: StopRequests
+    device: str
+    precision: str
+    plan: BatchPlan
+    loaders: tuple  # (train, val)
+    steps_per_epoch: int
+    engine: Any
+    ckpt: CheckpointManager
+    t_start: float
+    ema: Any = None
+    state: LoopState = field(default_factory=LoopState)
+    resumed: bool = False
+    previous: dict = field(default_factory=dict)  # the run's summary.json from an earlier start
+    tracker: Any = None
+    callbacks: list = field(default_factory=list)
+    checkpoints: Any = None  # the Checkpoints callback (a stop saves through it)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.cfg.train.epochs
+        return min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+
+
+@dataclass
+class Outcome:
+    status: str = "completed"
+    error: str = ""
+    bad_input: bool = False
+    images_per_sec: float = 0.0
+
+
 def run(config: str | None, run_dir: str, overrides: list[str], stops: StopRequests | None = None) -> int:
     """Train on this rank; returns the process exit code."""
+    job = setup(config, run_dir, overrides, stops or StopRequests())
+    outcome = fit(job)
+    return finish(job, outcome)
+
+
+def setup(config: str | None, run_dir: str, overrides: list[str], stops: StopRequests) -> Job:
+    """Config, process group, data, model and DeepSpeed engine, the resumed state, tracking and callbacks."""
     t_start = time.time()
-    stops = stops or StopRequests()
     cfg = load_config(config, overrides)
     info = rank_info()
     setup_logging(info)
@@ -165,6 +217,69 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     device = resolve_device(cfg)
     precision = resolve_precision(cfg, device)
     plan = batch_plan(cfg, info.world_size)
+    _join(cfg, info, device)
+    loaders = _loaders(cfg, info, plan, device)
+    steps_per_epoch = max(1, len(loaders[0]) // plan.accumulation)
+    model = prepare_model(cfg, build_model(cfg), device)
+    engine = build_engine(cfg, model, plan, steps_per_epoch, precision)
+    job = Job(cfg, info, run_path, stops, device, precision, plan, loaders, steps_per_epoch, engine,
+              CheckpointManager(run_path, info.rank, cfg.train.keep_top_k), t_start)
+    _resume(job)
+    _start_tracking(job)
+    job.callbacks = _callbacks(job)
+    return job
+
+
+def fit(job: Job) -> Outcome:
+    """Train from the resumed state; a stop request checkpoints. Every failure becomes the outcome's status."""
+    out = Outcome()
+    start_samples, t_train = job.state.samples, time.perf_counter()
+    try:
+        job.state = train(job.engine, job.loaders, job.cfg, job.state, job.callbacks, job.stops, job.device,
+                          job.dtype, job.info.world_size, job.plan.accumulation)
+    except StopTraining as stop:
+        out.status = "requeued" if stop.code == REQUEUE else "interrupted"
+        log.warning("stop requested (%s): checkpointing at step %d", ", ".join(job.stops.received) or "peer",
+                    job.state.step)
+        job.checkpoints.save(job.state)
+    except NonFiniteLoss as e:
+        out.status, out.error = "failed", str(e)
+        log.error("%s", e)
+    except UserError as e:  # bad input met mid-run (a corrupt record): exit 2, checkpoints kept, resumable
+        out.status, out.error, out.bad_input = "failed", str(e), True
+        report_bad_input(job.run_path, str(e))  # whichever rank met it
+        log.error("bad input: %s (the last checkpoint, %s, is kept; fix the data and launch again to resume)",
+                  e, job.ckpt.latest_tag())
+    except Exception as e:  # the cause goes to the log and the summary; the exit code says failed
+        out.status, out.error = "failed", f"{type(e).__name__}: {e}"
+        log.error("training failed: %s\n%s", out.error, traceback.format_exc())
+    out.images_per_sec = (job.state.samples - start_samples) / max(time.perf_counter() - t_train, 1e-9)
+    if job.state.step and out.status == "completed" and job.state.batch_in_epoch != 0:
+        job.checkpoints.save(job.state)  # max_steps ended mid-epoch: keep that position too
+    if out.status == "failed" and not out.bad_input and (reported := reported_bad_input(job.run_path)):
+        out.error = reported  # another rank met bad input, which ended this one
+    return out
+
+
+def finish(job: Job, out: Outcome) -> int:
+    """The final evaluation, weights, summary.json and tracker run; leave the process group; the exit code."""
+    cfg, state, tracker = job.cfg, job.state, job.tracker
+    # checkpointing=auto resolves to a concrete policy (from the memory model) on the first training forward
+    tracker.set_tags({"checkpointing.resolved": str(getattr(job.engine.module, "checkpointing_resolved",
+                                                            cfg.model.checkpointing))})
+    final_metrics = {}
+    if out.status == "completed":
+        final_metrics = _final_eval(job.engine, job.loaders[1], cfg, job.device, job.dtype, state)
+        tracker.log_metrics(final_metrics, step=state.step)
+    if job.info.is_primary:
+        _write_outputs(job, out, final_metrics)
+    tracker.finish(out.status)
+    dist.shutdown(sync=out.status != "failed")
+    return 2 if out.bad_input else EXIT[out.status]
+
+
+def _join(cfg: Config, info: RankInfo, device: str) -> None:
+    """Seeds, CPU threads and the process group."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     if device == "cpu":
         # Ranks sharing a host split its cores instead of oversubscribing them.
@@ -173,48 +288,38 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     # the launcher (local) or srun --kill-on-bad-exit (Slurm), not by this timeout.
     init_distributed(info, device, max(300, cfg.launch.rank_timeout_s))
 
+
+def _loaders(cfg: Config, info: RankInfo, plan: BatchPlan, device: str) -> tuple:
     from orchestrator.data.dali import build_loader
-    from orchestrator.tracking import create_tracker
 
-    root = prepare_dataset(cfg)
-    cfg.data.root = str(root)
-    train_loader = build_loader(cfg.data, "train", info.rank, info.world_size, plan.micro_batch, cfg.train.seed,
-                                device, expect_classes=cfg.model.num_classes)
-    val_loader = build_loader(cfg.data, "val", info.rank, info.world_size, plan.micro_batch, cfg.train.seed, device,
-                              expect_classes=cfg.model.num_classes)
-    steps_per_epoch = max(1, len(train_loader) // plan.accumulation)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    cfg.data.root = str(prepare_dataset(cfg))
+    return tuple(build_loader(cfg.data, split, info.rank, info.world_size, plan.micro_batch, cfg.train.seed, device,
+                              expect_classes=cfg.model.num_classes) for split in ("train", "val"))
 
-    model = build_model(cfg).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.compile:  # in place: state_dict keys (checkpoints, exported weights) stay unprefixed
-        model.compile(backend=os.environ.get("ORCHESTRATOR_COMPILE_BACKEND", "inductor"))
-    engine = build_engine(cfg, model, plan, steps_per_epoch, precision)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
 
-    ckpt = CheckpointManager(run_path, info.rank, cfg.train.keep_top_k)
-    ema = None
+def _resume(job: Job) -> None:
+    """The EMA shadow (tracked by the checkpoints) and the loop state of the latest complete checkpoint, with a
+    mid-epoch position moved to this run's layout of ranks and micro-batches."""
+    cfg, info, ckpt = job.cfg, job.info, job.ckpt
     if cfg.train.ema_decay > 0:
         from orchestrator.train.ema import EMA
 
-        ema = EMA(engine.module, cfg.train.ema_decay, val_loader, cfg, device)
-        ckpt.track("ema", ema)  # the shadow is saved and restored with every checkpoint
+        job.ema = EMA(job.engine.module, cfg.train.ema_decay, job.loaders[1], cfg, job.device)
+        ckpt.track("ema", job.ema)  # the shadow is saved and restored with every checkpoint
     saved_world = ckpt.saved_world_size()
     if saved_world not in (None, info.world_size) and cfg.deepspeed.zero_stage > 0:
         raise UserError(f"{ckpt.dir / str(ckpt.latest_tag())} was written by {saved_world} ranks with ZeRO stage "
                         f"{cfg.deepspeed.zero_stage} (optimizer state split per rank); resume it with {saved_world} "
                         f"ranks, or start a new --run-dir")
-    resumed = ckpt.load(engine)
+    resumed = ckpt.load(job.engine)
+    job.engine.step_skip.prepare()  # options and buffers the step skip relies on, whatever the checkpoint held
     state = LoopState(**resumed) if resumed else LoopState()
-    layout = [info.world_size, plan.micro_batch]
+    layout = [info.world_size, job.plan.micro_batch]
     if resumed and state.layout and state.layout != layout and state.batch_in_epoch:
         from orchestrator.data.sampling import translate_position
 
         try:  # the same samples, step for step, counted in the new layout's batches
-            moved = translate_position(train_loader.num_samples, tuple(state.layout), tuple(layout),
+            moved = translate_position(job.loaders[0].num_samples, tuple(state.layout), tuple(layout),
                                        state.batch_in_epoch)
         except ValueError as e:
             raise UserError(f"cannot resume mid-epoch with a new layout: {e}") from None
@@ -222,95 +327,80 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
                  *layout, *state.layout, state.batch_in_epoch, moved)
         state.batch_in_epoch = moved
     state.layout = layout
-    previous = _previous_summary(run_path)
-    restarts = int(previous.get("restarts", 0)) + (1 if resumed else 0)
+    job.state, job.resumed = state, bool(resumed)
+    job.previous = _previous_summary(job.run_path)
 
-    tracker = create_tracker(cfg, run_path, info)
+
+def _start_tracking(job: Job) -> None:
+    from orchestrator.tracking import create_tracker
+
+    cfg, info, plan, state = job.cfg, job.info, job.plan, job.state
+    job.tracker = tracker = create_tracker(cfg, job.run_path, info)
     tracker.start()
     if info.is_primary:
-        (run_path / "config.yaml").write_text(to_yaml(cfg))
+        (job.run_path / "config.yaml").write_text(to_yaml(cfg))
     tracker.log_params(to_dict(cfg))
     tracker.log_params({"derived.world_size": info.world_size, "derived.micro_batch": plan.micro_batch,
-                        "derived.accumulation": plan.accumulation, "derived.steps_per_epoch": steps_per_epoch,
-                        "derived.precision": precision, "derived.device": device})
-    tracker.log_artifact(str(run_path / "config.yaml"))  # a no-op on every rank but the primary
-    if resumed:
-        log.info("resumed from %s at step %d (epoch %d, batch %d); restart %d", ckpt.latest_tag(), state.step,
-                 state.epoch, state.batch_in_epoch, restarts)
+                        "derived.accumulation": plan.accumulation, "derived.steps_per_epoch": job.steps_per_epoch,
+                        "derived.precision": job.precision, "derived.device": job.device})
+    tracker.log_artifact(str(job.run_path / "config.yaml"))  # a no-op on every rank but the primary
+    if job.resumed:
+        log.info("resumed from %s at step %d (epoch %d, batch %d); restart %d", job.ckpt.latest_tag(), state.step,
+                 state.epoch, state.batch_in_epoch, _restarts(job))
     log.info("run %s: %s T=%d, world size %d, micro-batch %d x accumulation %d, %d steps/epoch, %s %s",
-             run_path, cfg.model.name, cfg.model.T, info.world_size, plan.micro_batch, plan.accumulation,
-             steps_per_epoch, device, precision)
+             job.run_path, cfg.model.name, cfg.model.T, info.world_size, plan.micro_batch, plan.accumulation,
+             job.steps_per_epoch, job.device, job.precision)
 
-    sample = next(iter(val_loader))[0][:16].to(device, dtype)
-    checkpoints = cb.Checkpoints(ckpt, engine, cfg.train.checkpoint_every_steps, info.is_primary, tracker)
-    callbacks = [cb.Progress(total_steps, steps_per_epoch, cfg.train.epochs, cfg.train.log_every_steps, device),
-                 cb.TrackerMetrics(tracker, device), cb.Telemetry(engine.module, sample, tracker), checkpoints]
-    if ema is not None:  # first, so the epoch's ema_val_* reach the tracker with the rest
-        callbacks.insert(0, ema)
-    status, error, bad_input = "completed", "", False
-    start_samples, t_train = state.samples, time.perf_counter()
-    try:
-        state = train(engine, (train_loader, val_loader), cfg, state, callbacks, stops, device, dtype,
-                      info.world_size, plan.accumulation)
-    except StopTraining as stop:
-        status = "requeued" if stop.code == REQUEUE else "interrupted"
-        log.warning("stop requested (%s): checkpointing at step %d", ", ".join(stops.received) or "peer", state.step)
-        checkpoints.save(state)
-    except NonFiniteLoss as e:
-        status, error = "failed", str(e)
-        log.error("%s", e)
-    except UserError as e:  # bad input met mid-run (a corrupt record): exit 2, checkpoints kept, resumable
-        status, error, bad_input = "failed", str(e), True
-        report_bad_input(run_path, str(e))  # whichever rank met it
-        log.error("bad input: %s (the last checkpoint, %s, is kept; fix the data and launch again to resume)",
-                  e, ckpt.latest_tag())
-    except Exception as e:  # the cause goes to the log and the summary; the exit code says failed
-        status, error = "failed", f"{type(e).__name__}: {e}"
-        log.error("training failed: %s\n%s", error, traceback.format_exc())
-    train_s = time.perf_counter() - t_train
-    # checkpointing=auto resolves to a concrete policy (from the memory model) on the first training forward
-    tracker.set_tags({"checkpointing.resolved": str(getattr(engine.module, "checkpointing_resolved",
-                                                            cfg.model.checkpointing))})
-    if state.step and status == "completed" and not state.batch_in_epoch == 0:
-        checkpoints.save(state)  # max_steps ended mid-epoch: keep that position too
 
-    if status == "failed" and not bad_input and (reported := reported_bad_input(run_path)):
-        error = reported  # another rank met bad input, which ended this one
-    summary = dict(previous)
+def _callbacks(job: Job) -> list:
+    cfg, tracker = job.cfg, job.tracker
+    sample = next(iter(job.loaders[1]))[0][:16].to(job.device, job.dtype)
+    job.checkpoints = cb.Checkpoints(job.ckpt, job.engine, cfg.train.checkpoint_every_steps, job.info.is_primary,
+                                     tracker)
+    callbacks = [cb.Progress(job.total_steps, job.steps_per_epoch, cfg.train.epochs, cfg.train.log_every_steps,
+                             job.device),
+                 cb.TrackerMetrics(tracker, job.device), cb.Telemetry(job.engine.module, sample, tracker),
+                 job.checkpoints]
+    if job.ema is not None:  # first, so the epoch's ema_val_* reach the tracker with the rest
+        callbacks.insert(0, job.ema)
+    return callbacks
+
+
+def _restarts(job: Job) -> int:
+    return int(job.previous.get("restarts", 0)) + (1 if job.resumed else 0)
+
+
+def _write_outputs(job: Job, out: Outcome, final_metrics: dict) -> None:
+    """final.pt (and final_ema.pt), summary.json, the REQUEUE marker and their artifacts (primary rank)."""
+    cfg, state, tracker, ckpt = job.cfg, job.state, job.tracker, job.ckpt
+    summary = dict(job.previous)
     summary.pop("loss_history", None)  # every step's loss, as summaries before loss_digest kept it
-    final_metrics = {}
-    if status == "completed":
-        final_metrics = _final_eval(engine, val_loader, cfg, device, dtype, state)
-        tracker.log_metrics(final_metrics, step=state.step)
-    if info.is_primary:
-        weights = ckpt.export_weights(engine.module, "final.pt", {"step": state.step, "epoch": state.epoch})
-        if ema is not None:
-            ema_path = ckpt.export_weights(ema.shadow, "final_ema.pt", {"step": state.step, "ema_decay": ema.decay})
-            summary["ema_weights_sha256"] = sha256_file(ema_path)
-        summary.update({
-            "status": status, "error": error, "epochs": state.epoch, "steps": state.step,
-            **state.loss_summary(),  # bounded: the whole loss curve is in MLflow
-            "world_size": info.world_size, "images_per_sec": (state.samples - start_samples) / max(train_s, 1e-9),
-            "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri,
-            "checkpoint_dir": str(ckpt.dir), "latest_checkpoint": ckpt.latest_tag(), "restarts": restarts,
-            "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
-            "weights_sha256": sha256_file(weights), "best_val_top1": max(state.best_val_top1, 0.0),
-            "nan_skipped": state.nan_skipped, "model": cfg.model.name, "preset": cfg.preset, "wall_s": round(time.time() - t_start, 2),
-            **final_metrics,
-        })
-        summary.setdefault("val_top1", None)
-        summary.setdefault("val_top5", None)
-        write_summary(run_path, summary)
-        if status == "requeued":
-            (run_path / "REQUEUE").write_text(str(state.step))
-        tracker.log_artifact(str(run_path / "summary.json"))
-        if status in ("completed",):
-            tracker.log_artifact(str(weights), "weights")
-        log.info("%s: %d steps, val top1 %s, summary %s", status, state.step, summary.get("val_top1"),
-                 run_path / "summary.json")
-    tracker.finish(status)
-    _shutdown(sync=status != "failed")
-    return 2 if bad_input else EXIT[status]
+    weights = ckpt.export_weights(job.engine.module, "final.pt", {"step": state.step, "epoch": state.epoch})
+    if job.ema is not None:
+        ema_path = ckpt.export_weights(job.ema.shadow, "final_ema.pt", {"step": state.step,
+                                                                        "ema_decay": job.ema.decay})
+        summary["ema_weights_sha256"] = sha256_file(ema_path)
+    summary.update({
+        "status": out.status, "error": out.error, "epochs": state.epoch, "steps": state.step,
+        **state.loss_summary(),  # bounded: the whole loss curve is in MLflow
+        "world_size": job.info.world_size, "images_per_sec": out.images_per_sec,
+        "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri,
+        "checkpoint_dir": str(ckpt.dir), "latest_checkpoint": ckpt.latest_tag(), "restarts": _restarts(job),
+        "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+        "weights_sha256": sha256_file(weights), "best_val_top1": max(state.best_val_top1, 0.0),
+        "nan_skipped": state.nan_skipped, "model": cfg.model.name, "preset": cfg.preset,
+        "wall_s": round(time.time() - job.t_start, 2), **final_metrics,
+    })
+    summary.setdefault("val_top1", None)
+    summary.setdefault("val_top5", None)
+    write_summary(job.run_path, summary)
+    if out.status == "requeued":
+        (job.run_path / "REQUEUE").write_text(str(state.step))
+    tracker.log_artifact(str(job.run_path / "summary.json"))
+    if out.status == "completed":
+        tracker.log_artifact(str(weights), "weights")
+    log.info("%s: %d steps, val top1 %s, summary %s", out.status, state.step, summary.get("val_top1"),
+             job.run_path / "summary.json")
 
 
 def _final_eval(engine, val_loader, cfg, device, dtype, state: LoopState) -> dict:
@@ -319,21 +409,6 @@ def _final_eval(engine, val_loader, cfg, device, dtype, state: LoopState) -> dic
         return dict(state.last_eval)
     m = evaluate(engine, val_loader, cfg, device, dtype)
     return {"val_top1": m["val_top1"], "val_top5": m["val_top5"], "val_loss": m["val_loss"]}
-
-
-def _shutdown(sync: bool = True) -> None:
-    """Leave the process group; ``sync=False`` after a failure, when a peer may be blocked in another collective
-    (a barrier could pair with it and hang until the timeout): exiting closes our sockets, which fails the peer's
-    collective at once."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        try:
-            if sync:
-                dist.barrier()
-            dist.destroy_process_group()
-        except Exception:  # a peer already gone: nothing left to synchronise
-            pass
 
 
 __all__ = ["run", "INTERRUPT", "REQUEUE"]
