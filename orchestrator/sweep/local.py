@@ -54,11 +54,11 @@ def is_running_here(sweep_dir: Path) -> bool:
 
 
 def child_overrides(run: st.RunState, parent_run_id: str | None) -> list[str]:
-    """What the sweep adds to a run's own overrides: its name, and its parent run (quoted: an id of digits and
-    one 'e' would otherwise be read as a number)."""
-    extra = [f"tracking.run_name='{run.name}'"]
+    """What the sweep adds to a run's own overrides: its name (it starts with the model's, so it reads as text),
+    and its parent run (quoted: an id of digits and one 'e' would otherwise be read as a number)."""
+    extra = [f"tracking.run_name={run.name}"]
     if parent_run_id:
-        extra.append(f"tracking.parent_run_id='{parent_run_id}'")
+        extra.append(f'tracking.parent_run_id="{parent_run_id}"')
     return run.overrides + extra
 
 
