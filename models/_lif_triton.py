@@ -2,7 +2,17 @@
 
 One program handles BLOCK neurons over all T steps, keeping the membrane in registers: forward reads x once and
 writes spikes and the charged potential h once; backward reads g_s and h once and writes g_x once. Equations as
-in ``models.neurons`` / ``models.lif_fused``; arithmetic in fp32 whatever the storage dtype.
+in ``models.neurons`` / ``models.lif_fused``; arithmetic in fp32 whatever the storage dtype. The spike and the
+reset are computed from h as stored (rounded to the storage dtype), so backward, which reloads the stored h,
+sees the same spikes forward emitted.
+
+Layout: the kernels address every operand as ``base + t * t_stride + i`` for ``i`` in ``[0, M)``, M the elements
+of one step: each step must be one dense block, the same physical order in every operand. The wrappers below
+guarantee that without converting what already fits: outputs are allocated in the input's own step order
+(``models.layout``: channels_last stays channels_last), an input in that order is passed as it is with its own
+time stride (0 for a sequence broadcast over T: no copy), and only an operand in another order is copied into
+it. Per-step offsets are int32 (a step must have < 2**31 elements, checked); time offsets are advanced as
+64-bit pointers, so T * M may exceed that.
 """
 
 from __future__ import annotations
@@ -11,58 +21,73 @@ import torch
 import triton
 import triton.language as tl
 
-from .neurons import NeuronSpec
+from .layout import empty_seq_like, empty_step_like, is_dense, same_step_layout
+from .neuron_spec import NeuronSpec
 
 BLOCK = 1024
+NUM_WARPS = 4  # BLOCK / (32 * NUM_WARPS) = 8 elements per thread, in both directions
 _CHARGE = {"lif_decay": 0, "lif": 1, "if": 2}
 _SURROGATE = {"atan": 0, "sigmoid": 1, "rect": 2}
 
 
 @triton.jit
 def _lif_fwd(
-    x_ptr, v0_ptr, s_ptr, h_ptr, vt_ptr, M, k, vr, thr,
+    x_ptr, v0_ptr, s_ptr, h_ptr, vt_ptr, M, x_st, k, vr, thr,
     T: tl.constexpr, HAS_V0: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
+    x_step = tl.cast(x_st, tl.int64)  # tl.cast: a scalar Triton specialised to a constant works too
+    o_step = tl.cast(M, tl.int64)  # outputs are dense sequences: time stride M
     if HAS_V0:
         v = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         v = tl.zeros([BLOCK], dtype=tl.float32)
-    for t in tl.static_range(T):
-        x = tl.load(x_ptr + t * M + offs, mask=mask, other=0.0).to(tl.float32)
+    xp, sp, hp = x_ptr, s_ptr, h_ptr
+    for _t in tl.static_range(T):
+        x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
         if CHARGE == 0:
             h = v + (x + vr - v) * k
         elif CHARGE == 1:
             h = x + (1.0 - k) * v + vr * k
         else:
             h = v + x
+        hq = h.to(h_ptr.dtype.element_ty)
+        h = hq.to(tl.float32)
         s = (h >= thr).to(tl.float32)
         if HARD:
             v = h - h * s + vr * s
         else:
             v = h - thr * s
-        tl.store(s_ptr + t * M + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
-        tl.store(h_ptr + t * M + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(sp + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
+        tl.store(hp + offs, hq, mask=mask)
+        xp += x_step
+        sp += o_step
+        hp += o_step
     tl.store(vt_ptr + offs, v.to(vt_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _lif_bwd(
-    gs_ptr, h_ptr, gvt_ptr, gx_ptr, gv0_ptr, M, a, b, thr, vr, alpha,
+    gs_ptr, h_ptr, gvt_ptr, gx_ptr, gv0_ptr, M, gs_st, a, b, thr, vr, alpha,
     T: tl.constexpr, HAS_GV: tl.constexpr, HARD: tl.constexpr, DETACH: tl.constexpr, SURROGATE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
+    g_step = tl.cast(gs_st, tl.int64)
+    o_step = tl.cast(M, tl.int64)  # h and g_x are dense sequences: time stride M
     if HAS_GV:
         carry = tl.load(gvt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         carry = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in tl.static_range(T):
-        t = T - 1 - i
-        h = tl.load(h_ptr + t * M + offs, mask=mask, other=0.0).to(tl.float32)
-        gs = tl.load(gs_ptr + t * M + offs, mask=mask, other=0.0).to(tl.float32)
+    # start at the last step and walk back
+    gsp = gs_ptr + (T - 1) * g_step
+    hp = h_ptr + (T - 1) * o_step
+    gxp = gx_ptr + (T - 1) * o_step
+    for _i in tl.static_range(T):
+        h = tl.load(hp + offs, mask=mask, other=0.0).to(tl.float32)
+        gs = tl.load(gsp + offs, mask=mask, other=0.0).to(tl.float32)
         d = h - thr
         if SURROGATE == 0:
             z = 1.5707963267948966 * alpha * d
@@ -82,8 +107,11 @@ def _lif_bwd(
             if not DETACH:
                 dvdh = dvdh - thr * sg
         gh = gs * sg + carry * dvdh
-        tl.store(gx_ptr + t * M + offs, (gh * b).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gxp + offs, (gh * b).to(gx_ptr.dtype.element_ty), mask=mask)
         carry = gh * a
+        gsp -= g_step
+        hp -= o_step
+        gxp -= o_step
     tl.store(gv0_ptr + offs, carry.to(gv0_ptr.dtype.element_ty), mask=mask)
 
 
@@ -93,35 +121,67 @@ def _charge(spec: NeuronSpec) -> int:
     return _CHARGE["lif_decay" if spec.decay_input else "lif"]
 
 
+def _seq_operand(t: torch.Tensor, ref_step: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t`` and its time stride if each of its steps is laid out as ``ref_step``; else a dense copy that is."""
+    if same_step_layout(t[0], ref_step):
+        return t, t.stride(0)
+    out = torch.empty((t.shape[0], *ref_step.shape), dtype=t.dtype, device=t.device)
+    out = out.as_strided(t.shape, (ref_step.numel(), *ref_step.stride()))
+    out.copy_(t)
+    return out, ref_step.numel()
+
+
+def _step_operand(t: torch.Tensor, ref_step: torch.Tensor) -> torch.Tensor:
+    if same_step_layout(t, ref_step):
+        return t
+    out = torch.empty_like(ref_step, dtype=t.dtype)  # ref_step is dense: empty_like keeps its strides
+    return out.copy_(t)
+
+
+def _grid(m: int) -> tuple[int]:
+    if m >= 2**31 - BLOCK:
+        raise ValueError(f"one time step has {m} elements; the Triton LIF kernel handles < 2**31 - {BLOCK}")
+    return (triton.cdiv(m, BLOCK),)
+
+
 def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
-    x = x_seq.contiguous()
-    steps, m = x.shape[0], x[0].numel()
-    s_seq, h_seq = torch.empty_like(x), torch.empty_like(x)
-    v_last = torch.empty_like(x[0])
-    v0c = v0.contiguous() if v0 is not None else x  # a dummy pointer when absent
+    """(spikes, final membrane, h) in ``x_seq``'s step layout (see the module docstring)."""
+    steps = x_seq.shape[0]
+    s_seq, h_seq = empty_seq_like(x_seq), empty_seq_like(x_seq)
+    v_last = empty_step_like(x_seq)
+    ref = h_seq[0]
+    m = ref.numel()
+    x, x_st = _seq_operand(x_seq, ref)
+    v0c = _step_operand(v0, ref) if v0 is not None else v_last  # a dummy pointer when absent (never read)
     hard = spec.v_reset is not None
-    _lif_fwd[(triton.cdiv(m, BLOCK),)](
-        x, v0c, s_seq, h_seq, v_last, m,
+    _lif_fwd[_grid(m)](
+        x, v0c, s_seq, h_seq, v_last, m, x_st,
         1.0 / spec.tau, spec.v_reset if hard else 0.0, spec.v_threshold,
-        T=steps, HAS_V0=v0 is not None, CHARGE=_charge(spec), HARD=hard, BLOCK=BLOCK,
+        T=steps, HAS_V0=v0 is not None, CHARGE=_charge(spec), HARD=hard, BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
     return s_seq, v_last, h_seq
 
 
 def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec):
-    g_s = g_s.contiguous()
-    steps, m = h_seq.shape[0], h_seq[0].numel()
-    g_x = torch.empty_like(h_seq)
-    g_v0 = torch.empty_like(h_seq[0])
-    gv = g_v.contiguous() if g_v is not None else g_s
+    """(g_x, g_v0) in ``h_seq``'s layout (``h_seq``: forward's own output, a dense sequence)."""
+    steps = h_seq.shape[0]
+    ref = h_seq[0]
+    m = ref.numel()
+    if h_seq.stride(0) != m or not is_dense(ref):  # not forward's own output (which always is): make it so
+        dense = empty_seq_like(h_seq)
+        h_seq, ref = dense.copy_(h_seq), dense[0]
+    g_x = empty_seq_like(h_seq)
+    g_v0 = empty_step_like(h_seq)
+    gs, gs_st = _seq_operand(g_s, ref)
+    gv = _step_operand(g_v, ref) if g_v is not None else g_v0  # dummy pointer when absent (never read)
     k = 1.0 / spec.tau
     a = 1.0 if spec.type == "if" else 1.0 - k
     b = k if (spec.type != "if" and spec.decay_input) else 1.0
     hard = spec.v_reset is not None
-    _lif_bwd[(triton.cdiv(m, BLOCK),)](
-        g_s, h_seq, gv, g_x, g_v0, m, a, b, spec.v_threshold, spec.v_reset if hard else 0.0,
+    _lif_bwd[_grid(m)](
+        gs, h_seq, gv, g_x, g_v0, m, gs_st, a, b, spec.v_threshold, spec.v_reset if hard else 0.0,
         spec.surrogate_alpha,
         T=steps, HAS_GV=g_v is not None, HARD=hard, DETACH=spec.detach_reset,
-        SURROGATE=_SURROGATE[spec.surrogate], BLOCK=BLOCK,
+        SURROGATE=_SURROGATE[spec.surrogate], BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
     return g_x, g_v0

@@ -43,12 +43,14 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .layout import flat_view, is_dense
 
 POLICIES = ("none", "block", "time", "block_time", "auto")
 # concrete policies, cheapest in recompute first (time recomputes elementwise ops only, block the convolutions)
@@ -60,8 +62,25 @@ SPIKE_STORAGE = ("float", "byte", "bit")
 _state = threading.local()
 
 
+@runtime_checkable
+class PolicySwitch(Protocol):
+    """A model whose checkpointing policy can be switched (``SpikingResNet``): what the memory probe needs.
+
+    Defined here and implemented by the networks, so this module never imports them (no import circle).
+    """
+
+    checkpointing: str
+    checkpointing_resolved: str | None
+
+    def apply_policy(self, policy: str) -> None: ...
+
+
 def recomputing() -> bool:
-    """True while a checkpointed block is being recomputed for backward."""
+    """True while a checkpointed block is being recomputed for backward (never inside a compiled graph)."""
+    if torch.compiler.is_compiling():
+        # a compiled graph recomputes at the graph level, where the running-stat updates (buffer mutations)
+        # are applied once, after the graph: nothing to suppress, and no thread-local to trace
+        return False
     return getattr(_state, "recomputing", False)
 
 
@@ -99,6 +118,10 @@ def effective_policy(policy: str) -> str:
 
 
 def _checkpointed(fn: Callable[..., Any], *args: Any) -> Any:
+    if torch.compiler.is_compiling():
+        # traced as a checkpoint region; a context_fn is only accepted there for selective checkpointing, and the
+        # BatchNorm guard it sets up is not needed (see ``recomputing``)
+        return checkpoint(fn, *args, use_reentrant=False)
     probe = getattr(_state, "probe", None)
     if probe is None:
         return checkpoint(fn, *args, use_reentrant=False, context_fn=_contexts)
@@ -157,8 +180,6 @@ def saved_activation_bytes(
     training mode; buffers are restored afterwards, so probing leaves no trace. Checkpointed segments keep only
     their inputs, so their recompute shows here as the inputs they keep.
     """
-    from .resnet import SpikingResNet  # local: resnet imports this module
-
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -172,11 +193,12 @@ def saved_activation_bytes(
     device = next(model.parameters()).device
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     was_training = model.training
-    previous = model.checkpointing if isinstance(model, SpikingResNet) else None
+    switch = model if isinstance(model, PolicySwitch) else None
+    previous = switch.checkpointing if switch is not None else None
     try:
         model.train()
-        if isinstance(model, SpikingResNet):
-            model._apply_policy(policy)
+        if switch is not None:
+            switch.apply_policy(policy)
         x = torch.randn(batch, in_channels, res, res, device=device)
         _state.probe = pack
         with preserved_buffers(model), torch.enable_grad():
@@ -186,8 +208,8 @@ def saved_activation_bytes(
     finally:
         _state.probe = None
         model.train(was_training)
-        if previous is not None:
-            model._apply_policy(model.checkpointing_resolved or effective_policy(previous))
+        if switch is not None and previous is not None:
+            switch.apply_policy(switch.checkpointing_resolved or effective_policy(previous))
     return sum(v for k, v in seen.items() if k not in params)
 
 
@@ -260,8 +282,15 @@ def resolve_auto(model: nn.Module, x: torch.Tensor) -> str:
 
 
 def pack_spikes(x: torch.Tensor, storage: str) -> torch.Tensor:
-    """0/1 float tensor -> uint8 (``byte``) or 8 spikes per byte (``bit``, padded to a multiple of 8)."""
-    b = x.detach().reshape(-1).to(torch.uint8)
+    """0/1 float tensor -> uint8 (``byte``) or 8 spikes per byte (``bit``, padded to a multiple of 8).
+
+    The spikes are read in ``x``'s physical order (no layout conversion for channels_last); ``x`` must be
+    dense (``spike_conv2d`` sees to it), and ``unpack_spikes`` writes them back in the same order.
+    """
+    flat = flat_view(x.detach())
+    if flat is None:
+        raise ValueError("pack_spikes needs a dense tensor (non-overlapping, any dim order)")
+    b = flat.to(torch.uint8)
     if storage == "byte":
         return b
     pad = (-b.numel()) % 8
@@ -275,17 +304,19 @@ def pack_spikes(x: torch.Tensor, storage: str) -> torch.Tensor:
 
 
 def unpack_spikes(packed: torch.Tensor, storage: str, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``pack_spikes``: a float tensor with the shape, dtype and layout of ``like`` (a meta copy)."""
+    """Inverse of ``pack_spikes``: a float tensor with the shape, dtype and strides of ``like`` (dense; a meta
+    copy of the packed tensor)."""
     n = like.numel()
+    out = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype, device=packed.device)
+    dest = flat_view(out)
+    assert dest is not None, "unpack_spikes: like must be dense, as pack_spikes required"
     if storage == "byte":
-        flat = packed.to(like.dtype)
-    else:
-        bits = torch.empty(packed.numel(), 8, dtype=torch.uint8, device=packed.device)
-        for i in range(8):
-            torch.bitwise_and(packed >> i, 1, out=bits[:, i])
-        flat = bits.view(-1)[:n].to(like.dtype)
-    out = torch.empty_like(like, device=packed.device)  # keeps the layout (e.g. channels_last)
-    return out.copy_(flat.view(like.shape))
+        dest.copy_(packed)
+        return out
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = torch.bitwise_right_shift(packed.unsqueeze(1), shifts).bitwise_and_(1)  # [bytes, 8]: bit i of each byte
+    dest.copy_(bits.view(-1)[:n])
+    return out
 
 
 _conv_backward = torch.ops.aten.convolution_backward  # a module name, so a test can watch its dtypes
@@ -319,4 +350,6 @@ def spike_conv2d(x: torch.Tensor, conv: nn.Conv2d, storage: str) -> torch.Tensor
     """``conv(x)`` for a 0/1 input ``x``, saving ``x`` for backward as ``storage`` (float = plain autograd)."""
     if storage == "float" or not torch.is_grad_enabled() or conv.bias is not None or conv.groups != 1:
         return conv(x)
+    if not is_dense(x):  # the networks only hand dense spikes here; anything else is packed from a copy
+        x = x.contiguous()
     return _SpikeConv.apply(x, conv.weight, conv.stride, conv.padding, storage)

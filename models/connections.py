@@ -44,7 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .neurons import spec_from_any
+from .layout import flat_view, same_step_layout
+from .neuron_spec import spec_from_any
 
 
 class Connection(str, Enum):
@@ -143,11 +144,19 @@ class _DenseAggregate(torch.autograd.Function):
             gm = stash.g[m]
             a = alpha[m * (m - 1) // 2 + j - 1]
             grad_y = gm * a if grad_y is None else grad_y.addcmul_(gm, a)
-            dot = torch.dot(gm.reshape(-1), y.reshape(-1).to(gm.dtype))
+            dot = _dot(gm, y.to(gm.dtype))
             grad_alpha[m * (m - 1) // 2 + j - 1] = dot.to(alpha.dtype)
         if j == 1:
             stash.g.clear()  # the stage's backward is done
         return (g, grad_alpha, None, None) + (None,) * (j - 1) + (grad_y,)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a, b> over all elements without copying either (``reshape(-1)`` copies a channels_last tensor)."""
+    fa, fb = flat_view(a), flat_view(b)
+    if fa is not None and fb is not None and same_step_layout(a, b):
+        return torch.dot(fa, fb)
+    return (a * b).sum()  # layouts differ (not seen in the networks): one temporary, no layout conversion
 
 
 class DenseWeights(nn.Module):
@@ -165,7 +174,9 @@ class DenseWeights(nn.Module):
         every s_1..s_L of the stage must then be aggregated with it, in order. Without one: plain autograd.
         """
         row = len(ys) * (len(ys) - 1) // 2
-        if stash is not None and torch.is_grad_enabled():
+        # Under torch.compile the plain chain is traced instead: the stash is shared Python state between backward
+        # nodes, which a traced graph cannot hold, and the compiler plans the backward's buffers itself.
+        if stash is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return _DenseAggregate.apply(base, self.alpha, stash, row, *ys)
         acc = base
         for k, y in enumerate(ys):

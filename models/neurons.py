@@ -27,73 +27,16 @@ resetting between batches. ``forward_with_state`` also returns the final membran
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
 
 import torch
 from torch import nn
 
-NEURON_TYPES = ("lif", "plif", "if")
-SURROGATES = ("atan", "sigmoid", "rect")
-BACKENDS = ("auto", "fused", "reference")
+from .layout import stack_like
+from .lif_fused import fused_lif
+from .neuron_spec import BACKENDS, NEURON_TYPES, SURROGATES, NeuronSpec, spec_from_any
 
-
-def spec_from_any(cls: type, value: Any, label: str) -> Any:
-    """A spec dataclass from itself, a dataclass with the same fields (the config's), a dict or None; unknown
-    fields are an error naming the valid ones."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if hasattr(value, "__dataclass_fields__"):
-        value = asdict(value)
-    valid = [f.name for f in fields(cls)]
-    if not isinstance(value, dict):
-        raise TypeError(f"{label}: expected a dict of {valid}, got {type(value).__name__}")
-    unknown = sorted(set(value) - set(valid))
-    if unknown:
-        raise ValueError(f"{label}: unknown field(s) {unknown}; valid fields: {', '.join(sorted(valid))}")
-    return cls(**value)
-
-
-@dataclass
-class NeuronSpec:
-    """The neuron fields of the model config (``model.neuron``); every default explicit."""
-
-    type: str = "lif"  # lif | plif (learnable tau) | if
-    tau: float = 2.0  # membrane time constant (LIF; PLIF initial value)
-    v_threshold: float = 1.0
-    v_reset: float | None = 0.0  # None = soft reset (subtract the threshold)
-    decay_input: bool = True
-    detach_reset: bool = True
-    surrogate: str = "atan"  # atan | sigmoid | rect
-    surrogate_alpha: float = 2.0
-    backend: str = "auto"  # auto (fused where it applies) | fused | reference
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.type not in NEURON_TYPES:
-            problems.append(f"neuron.type={self.type!r}: expected one of {', '.join(NEURON_TYPES)}")
-        if self.surrogate not in SURROGATES:
-            problems.append(f"neuron.surrogate={self.surrogate!r}: expected one of {', '.join(SURROGATES)}")
-        if self.backend not in BACKENDS:
-            problems.append(f"neuron.backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if self.type in ("lif", "plif") and not float(self.tau) > 1.0:
-            problems.append(f"neuron.tau={self.tau}: must be > 1")
-        if not float(self.surrogate_alpha) > 0:
-            problems.append(f"neuron.surrogate_alpha={self.surrogate_alpha}: must be > 0")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.tau = float(self.tau)
-        self.v_threshold = float(self.v_threshold)
-        self.v_reset = None if self.v_reset is None else float(self.v_reset)
-        self.surrogate_alpha = float(self.surrogate_alpha)
-
-    @classmethod
-    def from_any(cls, value: Any) -> NeuronSpec:
-        """Build from a NeuronSpec, a dataclass with the same fields (the config's), a dict or None."""
-        return spec_from_any(cls, value, "neuron")
-
+__all__ = ["BACKENDS", "NEURON_TYPES", "SURROGATES", "MultiStepNeuron", "NeuronSpec", "heaviside", "make_neuron",
+           "spec_from_any", "surrogate_grad"]
 
 # --------------------------------------------------------------------------------------------- surrogates
 
@@ -198,15 +141,13 @@ class MultiStepNeuron(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spikes ``[T, N, ...]`` and the final membrane ``[N, ...]`` (the state passed out, never stored)."""
         if self.uses_fused():
-            from .lif_fused import fused_lif
-
             return fused_lif(x_seq, v, self.spec)
         spikes = []
-        for t in range(x_seq.shape[0]):
-            spike, v = self.step(x_seq[t], v)
+        for x in x_seq.unbind(0):  # unbind, not x_seq[t]: its backward keeps x_seq's layout (select's does not)
+            spike, v = self.step(x, v)
             spikes.append(spike)
         assert v is not None
-        return torch.stack(spikes), v
+        return stack_like(spikes), v
 
     def forward(self, x_seq: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_with_state(x_seq, v)[0]

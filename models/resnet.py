@@ -21,6 +21,7 @@ from torch import nn
 from . import checkpointing
 from .checkpointing import BatchNorm
 from .connections import Connection, DASpec, DenseWeights, GradStash, domain_of
+from .layout import flat_seq, repeat_time, spatial_mean
 from .neurons import NeuronSpec, make_neuron
 
 # depth -> (block kind, blocks per stage): the standard ResNet tables.
@@ -59,8 +60,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a per-image module to a ``[T, N, ...]`` sequence."""
-    return module(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    """Apply a per-image module to a ``[T, N, ...]`` sequence (in its own memory layout)."""
+    return module(flat_seq(x)).unflatten(0, x.shape[:2])
 
 
 class ConvBN(nn.Module):
@@ -74,7 +75,7 @@ class ConvBN(nn.Module):
         self.spike_storage = "float"
 
     def conv_seq(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(0, 1)
+        flat = flat_seq(x)
         if self.spike_input:
             y = checkpointing.spike_conv2d(flat, self.conv, self.spike_storage)
         else:
@@ -82,7 +83,7 @@ class ConvBN(nn.Module):
         return y.unflatten(0, x.shape[:2])
 
     def bn_seq(self, y: torch.Tensor) -> torch.Tensor:
-        return self.bn(y.flatten(0, 1)).unflatten(0, y.shape[:2])
+        return self.bn(flat_seq(y)).unflatten(0, y.shape[:2])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn_seq(self.conv_seq(x))
@@ -142,7 +143,7 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:2]
-        x = x.flatten(0, 1)
+        x = flat_seq(x)
         if self.pool is not None:
             x = self.pool(x)
         x = self.bn(self.conv(x)).unflatten(0, shape)
@@ -318,9 +319,10 @@ class SpikingResNet(nn.Module):
         self._checkpointing = policy
         # what runs: the policy itself, or for `auto` the choice made at the first training forward
         self.checkpointing_resolved: str | None = None if policy == "auto" else policy
-        self._apply_policy(run)
+        self.apply_policy(run)
 
-    def _apply_policy(self, run: str) -> None:
+    def apply_policy(self, run: str) -> None:
+        """Run the concrete policy ``run`` from now on (``checkpointing`` keeps what was configured)."""
         for stage in self.stages:
             stage.policy = run
             for branch in stage.branches:
@@ -346,8 +348,8 @@ class SpikingResNet(nn.Module):
             if self.stem_neuron is None:
                 if self.stem_pool is not None:
                     y = self.stem_pool(y)
-                return y.unsqueeze(0).expand(self.T, *y.shape)
-            y = y.unsqueeze(0).expand(self.T, *y.shape)
+                return repeat_time(y, self.T)
+            y = repeat_time(y, self.T)
         elif x.dim() == 5:
             y = _seq(self.stem_bn, _seq(self.stem_conv, x))
         else:
@@ -367,13 +369,28 @@ class SpikingResNet(nn.Module):
             aggregates = [out] if j == 0 else aggregates + [out]
         return aggregates[-1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.checkpointing_resolved is None and self.training and torch.is_grad_enabled():
+    def resolve_checkpointing(self, x: torch.Tensor) -> str:
+        """Resolve ``checkpointing=auto`` for inputs like ``x`` now (the first training forward does it otherwise).
+
+        It probes the model eagerly, so it is kept out of compiled graphs: under ``torch.compile(fullgraph=True)``
+        call it once before the first compiled step (a plain ``torch.compile`` breaks the graph there once).
+        """
+        if self.checkpointing_resolved is None:
             self.checkpointing_resolved = "none"  # while probing (the probe calls forward)
             policy = checkpointing.resolve_auto(self, x)
             self.checkpointing_resolved = policy
-            self._apply_policy(policy)
-        return self.fc(self.features(x).mean((3, 4)))
+            self.apply_policy(policy)
+        return self.checkpointing_resolved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.checkpointing_resolved is None and self.training and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                # run outside the graph (fullgraph=True refuses here: resolve first). Wrapped only now: the
+                # decorator imports torch._dynamo, which an eager user should not pay for at import.
+                torch.compiler.disable(self.resolve_checkpointing)(x)
+            else:
+                self.resolve_checkpointing(x)
+        return self.fc(spatial_mean(self.features(x)))
 
 
 # --------------------------------------------------------------------------------------------- registry
