@@ -193,6 +193,8 @@ def test_exit_without_finish_flushes_queued_metrics(tmp_path):
         "from orchestrator.tracking import create_tracker\n"
         f"c = Config(); c.tracking.tracking_uri = {uri!r}; c.tracking.log_system_metrics = False\n"
         f"t = create_tracker(c, {str(tmp_path / 'run')!r}, S(rank=0)).start()\n"
+        # a new sqlite store takes its migrations first: beyond START_TIMEOUT on a loaded machine
+        "t._run_ready.wait(120)\n"
         "[t.log_metrics({'loss': float(s)}, step=s) for s in range(50)]\n"
         "print(t.run_id)\n"
     )
