@@ -277,10 +277,12 @@ def test_dense_aggregate_backward_matches_plain_autograd(policy, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------ memory layout
 
+# (model, overrides, whether the weights are channels_last too): the training job keeps parameters contiguous
+# (DeepSpeed's flat buffers) and makes the images channels_last, which every convolution then follows
 LAYOUT_CASES = [
-    ("danet18", {}),  # membrane domain, network span: broadcast stem into projections and the DA sums
-    ("danet18", {"da": {"domain": "spike", "span": "stage", "weights": "learnable"}, "spike_storage": "bit"}),
-    ("spiking_resnet18", {"neuron": {"type": "plif"}}),  # the reference (autograd) neuron loop
+    ("danet18", {}, False),  # membrane domain, network span: broadcast stem into projections and the DA sums
+    ("danet18", {"da": {"domain": "spike", "span": "stage", "weights": "learnable"}, "spike_storage": "bit"}, True),
+    ("spiking_resnet18", {"neuron": {"type": "plif"}}, False),  # the reference (autograd) neuron loop
 ]
 
 
@@ -294,20 +296,25 @@ def _nhwc(t: torch.Tensor) -> bool | None:
 
 
 class _LayoutWatch(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every aten op of a forward + backward: convolutions and BatchNorm must see channels_last tensors only,
-    and no op may turn a channels_last input into an NCHW output (a hidden layout conversion)."""
+    """Every aten op of a forward + backward: convolutions and BatchNorm must see channels_last activations only,
+    and no op may turn a channels_last activation into an NCHW one (a hidden layout conversion). Tensors shaped
+    like a parameter (weights, their gradients being accumulated) are not activations."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
+        self.param_shapes = {tuple(p.shape) for p in model.parameters()}
         self.heavy, self.problems = 0, []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def _activations(self, tree) -> list[torch.Tensor]:
         from torch.utils._pytree import tree_flatten
 
+        return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)
+                and tuple(t.shape) not in self.param_shapes]  # fmt: skip
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func)
-        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        ins, outs = self._activations((args, kwargs)), self._activations(out)
         if "convolution" in name or "batch_norm" in name:
             self.heavy += 1
             if any(_nhwc(t) is False for t in ins + outs):
@@ -318,15 +325,18 @@ class _LayoutWatch(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("name,overrides", LAYOUT_CASES, ids=["danet18", "danet18-spike-stage-bit", "plif"])
-def test_channels_last_same_results_and_stays_channels_last(name, overrides):
+@pytest.mark.parametrize("name,overrides,cl_weights", LAYOUT_CASES,
+                         ids=["danet18", "danet18-spike-stage-bit-clweights", "plif"])
+def test_channels_last_same_results_and_stays_channels_last(name, overrides, cl_weights):
     # float64: the NHWC convolutions sum in another order, which fp32 shows at ~1e-5; in float64 any real
     # difference (a misplaced element, a lost gradient) stands out by orders of magnitude
     torch.manual_seed(0)
     ref = _small(name, **overrides).double()
-    cl = _same_weights(ref, _small(name, **overrides).double()).to(memory_format=torch.channels_last)
+    cl = _same_weights(ref, _small(name, **overrides).double())
+    if cl_weights:
+        cl = cl.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    watch = _LayoutWatch()
+    watch = _LayoutWatch(cl)
     out_ref = ref(x)
     out_ref.square().mean().backward()
     with watch:
@@ -402,3 +412,20 @@ def test_models_import_with_torch_alone_and_without_circles():
     circles = sorted(m for m in edges if reaches(m, m, set()))
     assert not circles, f"import circles through {circles}"
     assert "neuron_spec" in edges["lif_fused"] and "neurons" not in edges["lif_fused"]
+
+
+@pytest.mark.slow
+def test_triton_lif_kernels_in_the_interpreter():
+    """The Triton kernels against the vectorised path for every layout (tools/lif_triton_check.py), run on CPU
+    by Triton's interpreter where triton is installed (it is not part of the CPU stack; the GPU script runs the
+    same check on the real kernels)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "lif_triton_check.py"
+    r = subprocess.run([sys.executable, str(tool)], env={**os.environ, "TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "0 failures" in r.stdout, (r.stdout + r.stderr)[-3000:]

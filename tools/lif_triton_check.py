@@ -1,0 +1,106 @@
+"""The Triton LIF kernels (models/_lif_triton.py) against the vectorised path, for every operand layout they can
+be given: NCHW, channels_last, broadcast over T (stride 0), a slice (copied), channels_last initial membrane,
+gradients contiguous / channels_last / all-broadcast; each neuron variant; fp32 (exact spikes, 1e-6) and bf16.
+
+On a GPU: ``python tools/lif_triton_check.py`` (the real kernels). Without one: ``TRITON_INTERPRET=1 python
+tools/lif_triton_check.py`` with triton installed runs the same kernels in Triton's interpreter on CPU tensors.
+Prints one line per failure and a summary; exit 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from models import _lif_triton as K  # noqa: E402
+from models.layout import empty_seq_like, empty_step_like  # noqa: E402
+from models.lif_fused import _backward_cpu, _forward_cpu  # noqa: E402
+from models.neuron_spec import NeuronSpec  # noqa: E402
+
+CASES = [
+    {},
+    {"v_reset": None},
+    {"v_reset": -0.2, "detach_reset": False},
+    {"decay_input": False, "surrogate": "sigmoid", "surrogate_alpha": 4.0},
+    {"v_reset": None, "detach_reset": False, "surrogate": "rect", "surrogate_alpha": 1.0},
+    {"type": "if"},
+]
+T, N, C, H, W = 3, 2, 5, 4, 3
+
+
+def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "contiguous": x,
+        "channels_last": x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (T, N)),
+        "broadcast": x[:1].expand(T, N, C, H, W),
+        "broadcast_cl": x[0].contiguous(memory_format=torch.channels_last).unsqueeze(0).expand(T, N, C, H, W),
+        "slice": torch.cat([x, x], 2)[:, :, 1 : 1 + C],
+    }
+
+
+def run(device: torch.device) -> list[str]:
+    """Every failure, as one line each (empty: all passed)."""
+    failures = []
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    for case, dtype in itertools.product(CASES, (torch.float32, torch.bfloat16)):
+        spec = NeuronSpec(**case)
+        exact = dtype == torch.float32
+        base = (rnd(T, N, C, H, W) * 1.5 + 0.6).to(dtype)
+        v0_cl = (rnd(N, C, H, W).abs() * 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
+        for (name, x), v0 in itertools.product(_layouts(base).items(), (None, v0_cl)):
+            tag = f"{case or 'default'} {str(dtype)[6:]} x={name} v0={'cl' if v0 is not None else 'none'}"
+            s1, v1, h1 = K.forward(x, v0, spec)
+            s2, v2, h2 = _forward_cpu(x, v0, spec)
+            if s1.stride() != empty_seq_like(x).stride() or v1.stride() != empty_step_like(x).stride():
+                failures.append(f"{tag}: output strides {s1.stride()} / {v1.stride()}")
+            if exact and not (torch.equal(s1, s2) and torch.allclose(h1, h2, atol=1e-6)
+                              and torch.allclose(v1, v2, atol=1e-6)):  # fmt: skip
+                failures.append(f"{tag}: forward differs (max |h| diff {(h1 - h2).abs().max():.2e})")
+            if not exact and (s1 != s2).float().mean() > 0.02:  # bf16: the CPU path rounds every op, not only h
+                failures.append(f"{tag}: {(s1 != s2).float().mean():.1%} spikes differ")
+            grads = {
+                "contiguous": rnd(T, N, C, H, W).to(dtype),
+                "channels_last": rnd(T * N, C, H, W).to(dtype).contiguous(memory_format=torch.channels_last)
+                .unflatten(0, (T, N)),
+                "broadcast": torch.ones((), dtype=dtype, device=device).expand(T, N, C, H, W),
+            }
+            for (gname, g), gv in itertools.product(grads.items(), (None, rnd(N, C, H, W).to(dtype))):
+                gx1, gv1 = K.backward(g, gv, h2, spec)
+                gx2, gv2 = _backward_cpu(g, gv, h2, spec)
+                tol = 1e-5 if exact else 5e-2
+                if not (torch.allclose(gx1.float(), gx2.float(), atol=tol, rtol=tol)
+                        and torch.allclose(gv1.float(), gv2.float(), atol=tol, rtol=tol)):  # fmt: skip
+                    failures.append(f"{tag} g={gname} gv={gv is not None}: backward differs "
+                                    f"({(gx1.float() - gx2.float()).abs().max():.2e})")
+                if gx1.stride() != empty_seq_like(h2).stride():
+                    failures.append(f"{tag} g={gname}: g_x strides {gx1.stride()}")
+    return failures
+
+
+def main() -> int:
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    cuda = torch.cuda.is_available() and not interpret
+    if not cuda and not interpret:
+        print("no CUDA device: run with TRITON_INTERPRET=1 to check the kernels in Triton's interpreter", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cuda else "cpu")
+    failures = run(device)
+    for f in failures:
+        print("FAIL", f)
+    mode = "CUDA" if cuda else "Triton interpreter (CPU)"
+    print(f"lif_triton_check on {mode}: {len(failures)} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
