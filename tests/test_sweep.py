@@ -147,6 +147,13 @@ def test_cli_bad_sweeps_exit_2_before_writing(tmp_path, args, match):
     assert not (tmp_path / "s").exists()
 
 
+def test_cli_slurm_sweep_without_sbatch(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "sweep", "--nodes", "2", "--run-dir", str(tmp_path / "s"),
+                        *AXES], cwd=tmp_path, env={**_env(), "PATH": str(tmp_path)}, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2 and "sbatch is not on PATH" in p.stderr and not (tmp_path / "s").exists(), p.stderr
+
+
 # --- the array script: pure, and its batch shell with stub srun / scontrol -----------------------------------------
 def _array_script(sweep_dir: Path, home: Path | str = "/opt/danet-orchestrator") -> str:
     cfg = load_config("digits", ["launch.account=snn"])
@@ -332,6 +339,8 @@ def test_sweep_as_one_job_array(cluster, tmp_path, mlflow_server):  # noqa: F811
     job = re.search(r"submitted job array (\d+)", p.stdout).group(1)
     finish = re.search(r"after it\s+job (\d+)", p.stdout).group(1)
     assert "#SBATCH --array=0-3%2" in (tmp_path / "s" / "sbatch.sh").read_text()
+    p = _sweep(*args, cwd=tmp_path)  # the same sweep again while its array is queued or running: refused
+    assert p.returncode == 2 and f"job array {job} of sweep" in p.stderr, p.stderr[-3000:]
     log0 = tmp_path / "s" / f"slurm-{job}_0.out"
     _wait_job(f"{job}_0", 420, lambda i: i.get("JobState") in slurm.FINAL_STATES
               or (log0.is_file() and re.search(r"step [12]/4", log0.read_text()) is not None))

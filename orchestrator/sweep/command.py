@@ -70,7 +70,14 @@ def launch_sweep(config: str | None, run_dir: str | None, overrides: list[str], 
     else:
         def world(cfg):
             return cfg.launch.local_ranks
-    spec = build(config, overrides, world)
+    def checks(cfg) -> list[str]:  # what `orchestrator launch` checks before it starts, for each run
+        from orchestrator import preflight as pf
+
+        if dry_run or (slurm and os.environ.get("DATA_ROOT")):  # DATA_ROOT: the job script points data.root there
+            return []
+        return pf.check_dataset(cfg)
+
+    spec = build(config, overrides, world, checks)
     sweep_dir = Path(run_dir or default_dir(spec.runs[0].cfg.preset)).resolve()
     state = _new_state(spec, sweep_dir)
     if slurm:
@@ -107,10 +114,6 @@ def launch_sweep(config: str | None, run_dir: str | None, overrides: list[str], 
         raise UserError(f"--run-dir {sweep_dir} exists and is not a sweep (no sweep.json); give a new or empty "
                         "folder")
     _check_writable(sweep_dir)
-    if not slurm:
-        from orchestrator.train.worker import prepare_dataset
-
-        prepare_dataset(spec.runs[0].cfg)  # a missing dataset stops the sweep here, not in each run
 
     with sweep_lock(sweep_dir):
         st.refresh_from_runs(state)

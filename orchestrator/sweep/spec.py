@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +42,11 @@ def config_arg(config: str | None) -> str:
     return str(Path(config).resolve()) if config and Path(config).is_file() else (config or "digits")
 
 
-def build(config: str | None, overrides: list[str], world_size=None) -> SweepSpec:
-    """Expand and validate. ``world_size(cfg) -> int`` gives the ranks of one run, for the batch arithmetic.
-    Every problem of every run is reported at once (one UserError), naming the run's axis values."""
+def build(config: str | None, overrides: list[str], world_size: Callable[[Config], int] | None = None,
+          checks: Callable[[Config], list[str]] | None = None) -> SweepSpec:
+    """Expand and validate. ``world_size(cfg) -> int`` gives the ranks of one run, for the batch arithmetic;
+    ``checks(cfg)`` returns more problems of a run (its dataset, ...). Every problem of every run is reported at
+    once (one UserError), naming the axis values of the runs that have it."""
     from models import model_names
     from orchestrator.train.engine import batch_plan
 
@@ -69,6 +72,9 @@ def build(config: str | None, overrides: list[str], world_size=None) -> SweepSpe
                 raise UserError(f"unknown model.name '{cfg.model.name}'; valid: {', '.join(sorted(names))}")
             if world_size is not None:
                 batch_plan(cfg, world_size(cfg))
+            more = checks(cfg) if checks is not None else []
+            if more:
+                raise UserError("\n".join(more))
         except UserError as e:
             problems.append((combo, str(e)))
             continue
