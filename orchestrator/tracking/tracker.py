@@ -31,6 +31,7 @@ import atexit
 import collections
 import logging
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -259,8 +260,6 @@ class MlflowTracker(NoopTracker):
         with self._lock:
             old, self._best = self._best, (staged / p.name if staged else p, p.name, metrics, int(step or 0), staged)
         if old is not None and old[4] is not None:
-            import shutil
-
             shutil.rmtree(old[4], ignore_errors=True)
         # a later process resuming this run (requeue) may never beat it: it finds the candidate here
         write_json(self.run_dir / MODEL_FILE, {"path": str(p.resolve()), "metrics": metrics, "step": int(step or 0)})
