@@ -114,6 +114,19 @@ def test_build_names_every_run_and_reports_every_problem_at_once():
     assert sum("train.epochz" in ln for ln in lines) == 1, lines  # a fixed override's problem: said once
 
 
+def test_a_relaunch_must_be_the_same_sweep(tmp_path):
+    from orchestrator.sweep import state as st
+
+    state = st.SweepState(dir=str(tmp_path), config="digits", fixed=["a.b=1", "c.d=2"],
+                          axes=[["model.T", ["1", "2"]]], runs=[])
+    st.check_same_sweep(state, "digits", ["c.d=2", "a.b=1"], [["model.T", ["1", "2"]]])  # order of fixed: free
+    for config, fixed, axes, what in [("danet18_imagenet", ["a.b=1", "c.d=2"], [["model.T", ["1", "2"]]], "config"),
+                                      ("digits", ["a.b=1"], [["model.T", ["1", "2"]]], "overrides"),
+                                      ("digits", ["a.b=1", "c.d=2"], [["model.T", ["1", "4"]]], "axes")]:
+        with pytest.raises(UserError, match=f"holds another sweep: its {what}"):
+            st.check_same_sweep(state, config, fixed, axes)
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["tracking.run_name=x", "model.T=1,2"], "set by the sweep"),
     (["tracking.experiment=a,b"], "cannot be an axis"),

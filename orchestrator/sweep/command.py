@@ -36,15 +36,6 @@ def listing(spec: SweepSpec, sweep_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _check_writable(sweep_dir: Path) -> None:
-    p = sweep_dir
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"--run-dir {sweep_dir} is not writable ({p} is not a writable folder); pass --run-dir to a "
-                        "writable folder")
-
-
 def _new_state(spec: SweepSpec, sweep_dir: Path) -> st.SweepState:
     runs = [st.RunState(index=r.index, name=r.name, run_dir=str(sweep_dir / r.name), overrides=r.overrides)
             for r in spec.runs]
@@ -64,15 +55,14 @@ def launch_sweep(config: str | None, run_dir: str | None, overrides: list[str], 
     if not slurm and max_parallel not in (None, 1):
         raise UserError(f"--max-parallel {max_parallel} needs --nodes (a Slurm job array); a local sweep runs its "
                         "runs one after another")
-    if slurm:
-        def world(cfg):
-            return nodes * max(1, gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node)
-    else:
-        def world(cfg):
-            return cfg.launch.local_ranks
-    def checks(cfg) -> list[str]:  # what `orchestrator launch` checks before it starts, for each run
-        from orchestrator import preflight as pf
+    from orchestrator import preflight as pf
 
+    def world(cfg) -> int:  # ranks of one run: the batch arithmetic must work out for each
+        if slurm:
+            return nodes * max(1, gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node)
+        return cfg.launch.local_ranks
+
+    def checks(cfg) -> list[str]:  # what `orchestrator launch` checks before it starts, for each run
         if dry_run or (slurm and os.environ.get("DATA_ROOT")):  # DATA_ROOT: the job script points data.root there
             return []
         return pf.check_dataset(cfg)
@@ -113,7 +103,7 @@ def launch_sweep(config: str | None, run_dir: str | None, overrides: list[str], 
     elif sweep_dir.is_dir() and any(sweep_dir.iterdir()):
         raise UserError(f"--run-dir {sweep_dir} exists and is not a sweep (no sweep.json); give a new or empty "
                         "folder")
-    _check_writable(sweep_dir)
+    pf.raise_if(pf.check_writable_dir(sweep_dir, "--run-dir"))
 
     with sweep_lock(sweep_dir):
         st.refresh_from_runs(state)

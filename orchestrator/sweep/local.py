@@ -62,7 +62,7 @@ def child_overrides(run: st.RunState, parent_run_id: str | None) -> list[str]:
     return run.overrides + extra
 
 
-def _mtime(p: Path) -> float | None:
+def _mtime(p: Path) -> int | None:
     try:
         return p.stat().st_mtime_ns
     except OSError:

@@ -32,10 +32,6 @@ class SweepSpec:
     axes: list[Axis]
     runs: list[RunSpec]
 
-    @property
-    def base_cfg(self) -> Config:
-        return load_config(self.config_arg, self.fixed)
-
 
 def config_arg(config: str | None) -> str:
     """A YAML path made absolute (the ranks may start elsewhere), else the preset name."""
@@ -47,7 +43,6 @@ def build(config: str | None, overrides: list[str], world_size: Callable[[Config
     """Expand and validate. ``world_size(cfg) -> int`` gives the ranks of one run, for the batch arithmetic;
     ``checks(cfg)`` returns more problems of a run (its dataset, ...). Every problem of every run is reported at
     once (one UserError), naming the axis values of the runs that have it."""
-    from models import model_names
     from orchestrator.train.engine import batch_plan
 
     fixed, axes = parse_overrides(overrides)
@@ -63,13 +58,10 @@ def build(config: str | None, overrides: list[str], world_size: Callable[[Config
     combos = expand(axes)
     problems: list[tuple[list[tuple[str, str]], str]] = []  # (the run's axis values, message)
     runs: list[RunSpec] = []
-    names = set(model_names())
     for i, combo in enumerate(combos):
         ovr = fixed + [f"{k}={v}" for k, v in combo]
         try:
-            cfg = load_config(config, ovr)
-            if cfg.model.name not in names:
-                raise UserError(f"unknown model.name '{cfg.model.name}'; valid: {', '.join(sorted(names))}")
+            cfg = load_config(config, ovr)  # the schema, every choice and range, model.name in the registry
             if world_size is not None:
                 batch_plan(cfg, world_size(cfg))
             more = checks(cfg) if checks is not None else []

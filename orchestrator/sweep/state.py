@@ -121,7 +121,9 @@ def check_same_sweep(state: SweepState, config: str, fixed: list[str], axes: lis
     have = {"config": state.config, "overrides": state.fixed, "axes": state.axes}
     want = {"config": config, "overrides": fixed, "axes": axes}
     for what in have:
-        if have[what] != want[what]:
+        # The fixed overrides may come in any order (no key is given twice); the axes' order makes the runs'.
+        same = sorted(have[what]) == sorted(want[what]) if what == "overrides" else have[what] == want[what]
+        if not same:
             fmt = (lambda a: " ".join(f"{k}={','.join(v)}" for k, v in a) or "(none)") if what == "axes" else \
                 (lambda v: " ".join(v) or "(none)") if what == "overrides" else str
             verb = "is" if what == "config" else "are"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
+
+from orchestrator.errors import UserError
 
 from . import state as st
 from .finish import finalize_later
@@ -72,5 +75,8 @@ def show(sweep_dir: str | Path) -> str:
     if not is_running_here(Path(state.dir)):
         st.save(state)
         if state.all_ended() and not state.finalized and state.mlflow_parent_run_id:
-            finalize_later(state)
+            try:
+                finalize_later(state)
+            except UserError as e:  # the store is down: the table still comes; a later `status` finalizes
+                print(f"sweep: the parent run was not finalized: {e}", file=sys.stderr)
     return table(state)
