@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a grid of runs (key=a,b,c is an axis): locally one after another, or ONE "
                                      "Slurm job array (--nodes); `sweep status DIR` shows it")
-    _add_config_args(p)
+    p.add_argument("--config", default=None, help="preset name or YAML path (default: digits)")
+    p.add_argument("--run-dir", default=None, help="the sweep's folder: sweep.json and one run dir per run "
+                                                   "(default: runs/sweep-<preset>-<time>); relaunch with the same")
+    p.add_argument("overrides", nargs="*", help="key=value for every run, key=a,b,c for an axis (brackets keep a "
+                                                "list: optim.betas=[0.9,0.99]); or: status DIR")
     p.add_argument("--nodes", type=int, default=None, help="Slurm nodes per run: submit one job array, a task per run")
     p.add_argument("--gpus-per-node", type=int, default=None)
     p.add_argument("--partition", default=None)
