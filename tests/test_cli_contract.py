@@ -149,6 +149,15 @@ CASES: dict[str, Case] = {
                           "/proc/x/a.json"],
                          [("--model danet999", "danet152"), ("--T 0", "> 0"), ("--configs", "'foo'", "POLICY"),
                           ("--json /proc/x/a.json", "does not exist")]),
+    # a sweep: its launcher flags (a zero count used to divide by zero), then each axis value's own problem,
+    # labelled with the value, and a run dir that cannot be created
+    "sweep_flags": Case(["sweep", "--nodes", "0", "--gpus-per-node", "0", "model.T=1,2"],
+                        [("--nodes 0", ">= 1"), ("--gpus-per-node 0", ">= 1")]),
+    "sweep_axis_values": Case(["sweep", "model.T=1,abc", "model.name=danet18,danet999"],
+                              [("sweep runs with model.name=danet999", "danet18"),
+                               ("sweep runs with model.T=abc", "int")]),
+    "sweep_run_dir_not_creatable": Case(["sweep", "--run-dir", "/proc/x/sw", "model.T=1,2"],
+                                        [("--run-dir /proc/x/sw", "not writable")]),
     "bench_data_json_is_a_folder": Case(["bench", "data", "--json", "."], [("--json .", "is a folder")]),
 }
 

@@ -57,9 +57,13 @@ def launch_sweep(config: str | None, run_dir: str | None, overrides: list[str], 
                         "runs one after another")
     from orchestrator import preflight as pf
 
+    # The launcher's own flags first, as `orchestrator launch` checks them (a zero count would divide below).
+    pf.raise_if((pf.check_slurm_flags if slurm else pf.check_local_flags)(nodes, gpus_per_node, partition,
+                                                                            time_limit))
+
     def world(cfg) -> int:  # ranks of one run: the batch arithmetic must work out for each
         if slurm:
-            return nodes * max(1, gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node)
+            return nodes * (gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node)
         return cfg.launch.local_ranks
 
     def checks(cfg) -> list[str]:  # what `orchestrator launch` checks before it starts, for each run
