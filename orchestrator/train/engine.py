@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -99,18 +100,31 @@ def zero_problems(cfg: Config) -> list[str]:
 
 
 class StepSkip:
-    """Skips an optimizer step on the device: a 0/1 flag tensor that torch's fused kernels read (``found_inf``,
-    the attribute GradScaler sets) and the project's LAMB honours. Weights, moments and step counts stay as they
-    were; nothing is read on the host (LAMB reads the flag once per step, as it reads its trust ratios)."""
+    """Skips an optimizer step where a device flag is set. torch's fused kernels read the flag on the device
+    (``found_inf``, the attribute GradScaler sets): weights, moments and step counts stay as they were and nothing
+    is read on the host. An optimizer without such a kernel (the project's LAMB) reads it on the host, once per
+    step (LAMB reads its trust ratios there anyway)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
+        self.on_device = bool(optimizer.defaults.get("fused"))
+        self._flag: torch.Tensor | None = None
+        if not self.on_device:
+            step = optimizer.step
+
+            @functools.wraps(step)  # keeps the lr scheduler's marks on the wrapped step
+            def gated(*args, **kwargs):
+                if self._flag is not None and bool(self._flag):
+                    return None
+                return step(*args, **kwargs)
+
+            optimizer.step = gated
 
     def prepare(self) -> None:
         """Call after the engine is built and after a checkpoint is loaded (which restores param-group options
         a checkpoint of another version may lack)."""
         for group in self.optimizer.param_groups:
-            if "fused" in group and self.optimizer.defaults.get("fused"):
+            if self.on_device:
                 group["fused"], group["foreach"] = True, None
             if group.get("momentum"):
                 # torch's fused SGD takes "no momentum buffer yet" as its first step and fills the buffers with
@@ -123,7 +137,10 @@ class StepSkip:
 
     def set(self, flag: torch.Tensor) -> None:
         """The next optimizer step is skipped where ``flag`` (a device scalar) is nonzero."""
-        self.optimizer.found_inf = flag.float()
+        if self.on_device:
+            self.optimizer.found_inf = flag.float()
+        else:
+            self._flag = flag
 
 
 def lr_lambda(cfg: Config, steps_per_epoch: int):

@@ -13,9 +13,6 @@ class Lamb(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        skip = getattr(self, "found_inf", None)  # set by engine.StepSkip; read once (the trust ratios are too)
-        if skip is not None and bool(skip):
-            return loss
         for group in self.param_groups:
             b1, b2 = group["betas"]
             for p in group["params"]:
