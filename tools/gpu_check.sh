@@ -5,8 +5,15 @@
 #  3. danet152 T=4 224x224 bf16 batch 32: peak memory (max_memory_allocated above the loaded model) and median step
 #     time per checkpointing policy, each in its own process (orchestrator.bench_memory --child), against the
 #     memory model behind `orchestrator plan` (saved activations + fp32 gradients at the same size)
-# Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out). STEPS="models data memory" (default all)
-# runs a subset, e.g. when device time is short.
+#  4. train (only when named in STEPS; alone it fits in 8 minutes: STEPS=train): the real job, danet152 T=4 224 px
+#     bf16 through `orchestrator launch --config danet152_imagenet` (DeepSpeed over NCCL, DALI 'mixed', MLflow on
+#     a local sqlite store, checkpoints): Ctrl-C mid-epoch and resume, an uninterrupted deterministic run to
+#     compare weights with, the model step (today's configuration and faster ones), the job's steady state, a
+#     profile; writes $OUT_DIR/gpu_train_<gpu>.json (tools/gpu_train_check.py; copy it to docs/bench/). What
+#     that machine lacks comes from .cache/gpu_pack (made here by tools/gpu_pack.sh, carried one piece per run
+#     call: see there), unpacked into .cache/gpu_site; the Triton LIF kernels are checked first.
+# Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out). STEPS="models data memory" (the default)
+# runs a subset, e.g. when device time is short; STEPS=train the job check.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -38,6 +45,25 @@ elif "$PY" -c "import nvidia.dali, orchestrator.data.gpu_bench" 2>/dev/null; the
     2>&1 | tail -25 || echo "data gpu_bench failed or timed out"
 else
   echo "SKIP data gpu_bench: nvidia.dali (or orchestrator.data.gpu_bench) does not import here"
+fi
+
+if want train; then
+  note "4/4 train: unpack .cache/gpu_pack, Triton LIF check, tools/gpu_train_check.py"
+  SITE=""
+  if [ -f .cache/gpu_pack/c00/MANIFEST.json ]; then
+    SITE=$(timeout 150 "$PY" tools/gpu_pack.py unpack --pack .cache/gpu_pack --site .cache/gpu_site) \
+      || { echo "unpacking .cache/gpu_pack failed (see above)"; SITE=""; }
+  else
+    echo "no .cache/gpu_pack/c00/MANIFEST.json: using what this Python has (tools/gpu_pack.sh makes the pack)"
+  fi
+  export PYTHONPATH="${SITE:+$SITE:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  "$PY" -c "import deepspeed, omegaconf, mlflow, nvidia.dali, PIL; print('job stack: deepspeed', deepspeed.__version__, \
+'dali', nvidia.dali.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
+  timeout 120 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
+  left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
+  timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py --out "$OUT_DIR" --site "$SITE" \
+    --budget-s $(( left > 90 ? left - 45 : 45 )) 2>&1 | tee "$OUT_DIR/gpu_train_check.txt" | grep -v "^\s*$" | tail -40 \
+    || echo "gpu_train_check failed or timed out"
 fi
 
 want memory || { note "done"; exit 0; }

@@ -2,7 +2,7 @@
 be given: NCHW, channels_last, broadcast over T (stride 0), a slice (copied), channels_last initial membrane,
 gradients contiguous / channels_last / all-broadcast; each neuron variant; fp32 (exact spikes, 1e-6) and bf16.
 
-On a GPU: ``python tools/lif_triton_check.py`` (the real kernels). Without one: ``TRITON_INTERPRET=1 python
+On a GPU: ``python tools/lif_triton_check.py [--quick]`` (the real kernels; --quick: the default neuron only). Without one: ``TRITON_INTERPRET=1 python
 tools/lif_triton_check.py`` with triton installed runs the same kernels in Triton's interpreter on CPU tensors.
 Prints one line per failure and a summary; exit 1 on any failure.
 """
@@ -44,15 +44,16 @@ def _layouts(x: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def run(device: torch.device) -> list[str]:
+def run(device: torch.device, cases: list[dict] | None = None) -> list[str]:
     """Every failure, as one line each (empty: all passed)."""
     failures = []
     gen = torch.Generator().manual_seed(0)
+    cases = CASES if cases is None else cases
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device)
 
-    for case, dtype in itertools.product(CASES, (torch.float32, torch.bfloat16)):
+    for case, dtype in itertools.product(cases, (torch.float32, torch.bfloat16)):
         spec = NeuronSpec(**case)
         exact = dtype == torch.float32
         base = (rnd(T, N, C, H, W) * 1.5 + 0.6).to(dtype)
@@ -94,7 +95,8 @@ def main() -> int:
         print("no CUDA device: run with TRITON_INTERPRET=1 to check the kernels in Triton's interpreter", file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
-    failures = run(device)
+    # --quick: the default neuron only (each variant is a kernel compile on a GPU, ~1 s each)
+    failures = run(device, CASES[:1] if "--quick" in sys.argv[1:] else None)
     for f in failures:
         print("FAIL", f)
     mode = "CUDA" if cuda else "Triton interpreter (CPU)"

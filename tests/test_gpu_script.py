@@ -1,0 +1,128 @@
+"""The prepared GPU script's pieces, on CPU: the photo dataset and its conversion, the pack of wheels in pieces
+and its unpacking (only what the Python lacks), the steady-state rate, the MLflow peak read, the JSON writer.
+(The whole ``tools/gpu_train_check.py --dry-run`` takes minutes on 2 cores: BENCHMARKS.md has a run.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import gpu_pack  # noqa: E402
+import gpu_train_check as gtc  # noqa: E402
+
+
+def test_photo_folder_has_imagenet_sizes_and_converts(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    counts = gtc.build_image_folder(src, gtc.photo_paths(), classes=4, train_per_class=3, val_per_class=1)
+    assert counts == {"train": 12, "val": 4}
+    files = sorted(src.glob("*/n*/*.JPEG"))
+    assert len(files) == 16 and {f.parent.name for f in files} == {f"n{c:08d}" for c in range(4)}
+    sizes = [Image.open(f).size for f in files]
+    assert all(300 <= max(s) <= 600 and 200 <= min(s) <= 480 for s in sizes), sizes  # about 500x375
+    assert any(w > h for w, h in sizes) and any(h > w for w, h in sizes) or len(set(sizes)) > 8
+    assert len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == 16  # no two alike
+    env = gtc._env(None, dry=True)
+    gtc.convert_folder(src, tmp_path / "ffr", env, workers=1)
+    meta = json.loads((tmp_path / "ffr" / "meta.json").read_text())
+    assert meta["num_classes"] == 4 and meta["counts"] == {"train": 12, "val": 4}
+
+
+def _wheel(folder: Path, dist: str, module: str, body: str, version: str = "1.0") -> Path:
+    """A minimal wheel (a zip of the installed files plus dist-info), as pip would install it."""
+    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    info = f"{dist}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{module}/__init__.py", body)
+        z.writestr(f"{dist}-{version}.data/purelib/{module}_extra.py", "EXTRA = 1\n")
+        z.writestr(f"{dist}-{version}.data/scripts/{module}-cli", "#!/bin/sh\n")
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_pack_in_pieces_and_unpack_only_what_is_missing(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    noise = random.Random(0).randbytes(30000).hex()  # incompressible: the pack must really split
+    _wheel(wheels, "gpu_pack_probe", "gpu_pack_probe", f"VALUE = 42\nNOISE = {noise!r}\n")
+    _wheel(wheels, "packaging", "packaging", "SHADOW = True\n")  # older than this Python's: must not shadow it
+    _wheel(wheels, "six", "six", "NEWER = True\n", version="99.0")  # newer than this Python's: replaces it
+    manifest = gpu_pack.pack(wheels, tmp_path / "pack", chunk_mb=0.01)
+    assert len(manifest["pieces"]) >= 2  # really split
+    for piece in manifest["pieces"]:
+        assert (tmp_path / "pack" / piece).stat().st_size <= 0.01 * 2**20 + 1
+    assert sorted(p.name for p in (tmp_path / "pack/c00/photos").iterdir()) == ["china.jpg", "flower.jpg"]
+
+    last = tmp_path / "pack" / manifest["pieces"][-1]
+    held = last.read_bytes()
+    last.unlink()
+    with pytest.raises(SystemExit, match="not carried yet: c0"):
+        gpu_pack.unpack(tmp_path / "pack", tmp_path / "site")
+    last.write_bytes(held[:-1] + bytes([held[-1] ^ 1]))
+    with pytest.raises((SystemExit, EOFError, Exception)):
+        gpu_pack.unpack(tmp_path / "pack", tmp_path / "site")  # a flipped bit: xz's own check or the sha256
+    last.write_bytes(held)
+
+    r = subprocess.run([sys.executable, str(REPO / "tools/gpu_pack.py"), "unpack", "--pack", str(tmp_path / "pack"),
+                        "--site", str(tmp_path / "site")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lib = Path(r.stdout.strip())
+    assert "added 2 distributions" in r.stderr and "gpu_pack_probe, six" in r.stderr
+    assert (lib / "gpu_pack_probe_extra.py").is_file() and not (lib / "packaging").exists()
+    assert not list(lib.rglob("*-cli"))  # scripts are not needed to import
+    probe = ("import gpu_pack_probe, gpu_pack_probe_extra, packaging, six; "
+             "print(gpu_pack_probe.VALUE, hasattr(packaging, 'SHADOW'), hasattr(six, 'NEWER'))")
+    r = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(lib)}, capture_output=True, text=True)
+    assert r.stdout.split() == ["42", "False", "True"], r.stderr
+
+
+def test_trim_keeps_only_the_cp312_backends(tmp_path):
+    root = tmp_path / "nvidia_dali_cuda120"
+    for name in ("backend_impl.cpython-311-x86_64-linux-gnu.so", "backend_impl.cpython-312-x86_64-linux-gnu.so",
+                 "backend_impl.cpython-314t-x86_64-linux-gnu.so", "libdali.so", "include/dali/x.h"):
+        (root / "nvidia/dali" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "nvidia/dali" / name).write_bytes(b"x")
+    gpu_pack.trim("nvidia_dali_cuda120", root)
+    assert sorted(p.name for p in (root / "nvidia/dali").iterdir()) == [
+        "backend_impl.cpython-312-x86_64-linux-gnu.so", "libdali.so"]
+
+
+def test_steady_rate_and_result_fields(tmp_path):
+    # progress lines every 5 steps of 32 images; the first third (warm-up, slow) is left out
+    steps = [(5, 10.0), (10, 11.0), (15, 12.0), (20, 13.0), (25, 14.0), (30, 15.0)]
+    assert gtc.steady_rate(steps, 32) == pytest.approx(20 * 32 / 4.0)  # steps 10 -> 30
+    assert gtc.steady_rate(steps[:2], 32) is None
+    assert gtc.gpu_slug("NVIDIA H200") == "h200" and gtc.gpu_slug("NVIDIA A100-SXM4-80GB") == "a100-sxm4-80gb"
+    result = {k: None for k in gtc.REQUIRED} | {"gpu": "NVIDIA H200", "torch": "2.11", "model": "danet152", "T": 4,
+                                                 "resolution": 224, "precision": "bf16", "micro_batch": 32,
+                                                 "world_size": 1, "end_to_end_img_per_s": 210.5}
+    gtc.write_result(tmp_path / "r.json", result)
+    assert json.loads((tmp_path / "r.json").read_text())["end_to_end_img_per_s"] == 210.5
+    assert "210.5" in gtc.table(result)
+    with pytest.raises(ValueError, match="resumed"):
+        gtc.write_result(tmp_path / "bad.json", {k: v for k, v in result.items() if k != "resumed"})
+
+
+def test_peak_memory_from_the_jobs_sqlite_store(tmp_path):
+    """The job logs peak_memory_mb to MLflow's sqlite store; the script reads it back with sqlite3 alone."""
+    code = ("import mlflow; mlflow.set_tracking_uri('sqlite:///' + __import__('sys').argv[1]); "
+            "mlflow.start_run(); [mlflow.log_metric('peak_memory_mb', v, step=i) for i, v in enumerate([5.0, 9.5, 7.0])]; "
+            "mlflow.end_run()")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mlflow.db")], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert gtc.mlflow_peak_mb(tmp_path / "mlflow.db") == 9.5
+    assert gtc.mlflow_peak_mb(tmp_path / "none.db") is None

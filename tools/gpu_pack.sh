@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# What the GPU machine lacks for the real job (tools/gpu_check.sh's `train` step), made here and carried over in
+# pieces: that machine has Python 3.12 and torch (+ Triton) but no DeepSpeed, OmegaConf, MLflow or DALI, and no
+# network, and each `run` call carries at most 64 MiB of ignored paths.
+#
+#   bash tools/gpu_pack.sh              # here (needs the registries, ~2 min): .cache/gpu_pack/c00 ... cNN
+#
+# Then, from the session that has the GPU, one `run` call per piece (each piece is one ignored folder <= 64 MiB;
+# what an earlier call brought stays on the warm machine), the last one running the check:
+#   run(command="ls .cache/gpu_pack", carry=[".cache/gpu_pack/c00"])      ... one per piece but the last
+#   run(command="STEPS=train bash tools/gpu_check.sh", carry=[".cache/gpu_pack/cNN"], timeout_s=540)
+# gpu_check.sh unpacks the pieces (tools/gpu_pack.py unpack: checksum, then only the distributions that
+# machine's Python does not already have, so nothing it has is shadowed) into .cache/gpu_site.
+#
+# Contents: cp312 manylinux wheels from `pip download --python-version 3.12 --only-binary=:all: --platform ...`:
+# OmegaConf (+antlr4, PyYAML), the MLflow client (mlflow-skinny, with SQLAlchemy + Alembic for a local sqlite
+# store), DeepSpeed's dependencies, Pillow, NumPy, psutil, tqdm, DALI (nvidia-dali-cuda120 with nvimgcodec and
+# nvJPEG only: no nvcomp / nvJPEG2000 / nvTIFF), plus the DeepSpeed wheel itself (pure Python; PyPI ships an
+# sdist, built here by pip) and two photographs (scikit-learn's china.jpg, flower.jpg) for the dataset. Unpacked,
+# trimmed (DALI's backends for other Pythons, headers), then one tar.xz split into <= CHUNK_MB pieces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+PACK=${PACK:-.cache/gpu_pack}
+CHUNK_MB=${CHUNK_MB:-60}
+WHEELS=${WHEELS:-.cache/gpu_wheels}   # pip's own cache makes a second pack quick
+rm -rf "$WHEELS" && mkdir -p "$WHEELS"
+PLATFORM=(--python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64
+          --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
+# resolved with their dependencies (none of these depends on torch)
+"$PY" -m pip download --quiet --dest "$WHEELS" "${PLATFORM[@]}" \
+  omegaconf==2.4.0 mlflow-skinny==3.17.2 sqlalchemy alembic \
+  einops hjson msgpack ninja numpy "packaging>=20.0" psutil py-cpuinfo "pydantic>=2.0.0" tqdm nvidia-ml-py \
+  pillow astunparse gast six optree nvtx makefun
+# without dependencies: DeepSpeed would pull a CUDA torch (the machine has one); DALI's [all] codecs are not needed
+"$PY" -m pip download --quiet --dest "$WHEELS" "${PLATFORM[@]}" --no-deps \
+  nvidia-dali-cuda120==2.4.0 nvidia-nvimgcodec-cu12==0.9.0.20 nvidia-nvjpeg-cu12==12.4.0.76
+# (built against this venv's torch if pip has no wheel cached: an isolated build would fetch a CUDA torch)
+"$PY" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$WHEELS" deepspeed==0.19.8
+"$PY" tools/gpu_pack.py pack --wheels "$WHEELS" --out "$PACK" --chunk-mb "$CHUNK_MB"
