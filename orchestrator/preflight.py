@@ -178,21 +178,23 @@ def check_dataset(cfg: Config, verify_files: bool = False) -> list[str]:
 
 
 def check_batch(cfg: Config, world_size: int) -> list[str]:
-    """The batch arithmetic for ``world_size`` ranks (engine.batch_plan) and an explicit accumulation count."""
-    from orchestrator.train.engine import batch_plan
+    """How the engine will be built for ``world_size`` ranks: the batch arithmetic (engine.batch_plan), an explicit
+    accumulation count, and the optimizers ZeRO can partition (engine.zero_problems)."""
+    from orchestrator.train.engine import batch_plan, zero_problems
 
+    problems = zero_problems(cfg)
     if world_size < 1 or cfg.train.global_batch_size < 1 or cfg.train.micro_batch_size < 0:
-        return []  # the counts themselves are refused by the config check
+        return problems  # the counts themselves are refused by the config check
     try:
         plan = batch_plan(cfg, world_size)
     except UserError as e:
-        return e.problems
+        return problems + e.problems
     acc = cfg.deepspeed.gradient_accumulation_steps
     if acc and acc != plan.accumulation:
-        return [f"deepspeed.gradient_accumulation_steps={acc} disagrees with the batch sizes (global "
-                f"{plan.global_batch} = {world_size} ranks x micro-batch {plan.micro_batch} x {plan.accumulation}); "
-                f"set it to 0 (derived) or {plan.accumulation}"]
-    return []
+        problems.append(f"deepspeed.gradient_accumulation_steps={acc} disagrees with the batch sizes (global "
+                        f"{plan.global_batch} = {world_size} ranks x micro-batch {plan.micro_batch} x "
+                        f"{plan.accumulation}); set it to 0 (derived) or {plan.accumulation}")
+    return problems
 
 
 def check_device(cfg: Config, local_ranks: int | None = None) -> list[str]:

@@ -110,6 +110,11 @@ CASES: dict[str, Case] = {
          ("--run-dir run", "cannot be resumed", "model.width=16 there, 32 here", "model.num_classes=10 there, 7"),
          ("written by 2 ranks with ZeRO stage 1", "resume it with 2 ranks")],
         no_slurm=True, setup=_checkpointed_run),
+    # the engine's arrangement, checked before any rank: an optimizer ZeRO cannot partition, beside the batch
+    "launch_engine_arrangement": Case(["launch", "--run-dir", "run", "optim.name=lamb", "deepspeed.zero_stage=1",
+                                       "train.global_batch_size=63"],
+                                      [("optim.name=lamb with deepspeed.zero_stage=1", "zero_stage=0"),
+                                       ("train.global_batch_size=63", "world size 2")]),
     "launch_flag_type": Case(["launch", "--nodes", "two"], [("--nodes", "invalid int value", "'two'")]),
     # the per-rank entry: its own run dir requirement, dataset, enums and the world size from the environment
     "train_rank_checks": Case(

@@ -64,7 +64,9 @@ def launch_sweep(config: str | None, run_dir: str | None, overrides: list[str], 
     def world(cfg) -> int:  # ranks of one run: the batch arithmetic must work out for each
         if slurm:
             return nodes * (gpus_per_node if gpus_per_node is not None else cfg.launch.gpus_per_node)
-        return cfg.launch.local_ranks
+        from launch.local import local_rank_count
+
+        return local_rank_count(cfg.launch.local_ranks, cfg.train.device)  # as launch: one rank per GPU
 
     def checks(cfg) -> list[str]:  # what `orchestrator launch` checks before it starts, for each run
         if dry_run or (slurm and os.environ.get("DATA_ROOT")):  # DATA_ROOT: the job script points data.root there

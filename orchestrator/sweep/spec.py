@@ -43,7 +43,7 @@ def build(config: str | None, overrides: list[str], world_size: Callable[[Config
     """Expand and validate. ``world_size(cfg) -> int`` gives the ranks of one run, for the batch arithmetic;
     ``checks(cfg)`` returns more problems of a run (its dataset, ...). Every problem of every run is reported at
     once (one UserError), naming the axis values of the runs that have it."""
-    from orchestrator.train.engine import batch_plan
+    from orchestrator.preflight import check_batch
 
     fixed, axes = parse_overrides(overrides)
     for o in fixed:
@@ -62,9 +62,8 @@ def build(config: str | None, overrides: list[str], world_size: Callable[[Config
         ovr = fixed + [f"{k}={v}" for k, v in combo]
         try:
             cfg = load_config(config, ovr)  # the schema, every choice and range, model.name in the registry
-            if world_size is not None:
-                batch_plan(cfg, world_size(cfg))
-            more = checks(cfg) if checks is not None else []
+            more = check_batch(cfg, world_size(cfg)) if world_size is not None else []
+            more += checks(cfg) if checks is not None else []
             if more:
                 raise UserError("\n".join(more))
         except UserError as e:
