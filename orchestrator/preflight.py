@@ -268,7 +268,34 @@ def check_resume(cfg: Config, run_dir: str | os.PathLike, world_size: int, devic
         problems.append(f"{ck / tag} was written by {saved_world} ranks with ZeRO stage {cfg.deepspeed.zero_stage} "
                         f"(optimizer state split per rank); resume it with {saved_world} ranks, or start a new "
                         "--run-dir")
-    return problems
+    return problems + _check_resume_position(cfg, run_dir, ck / tag, world_size)
+
+
+def _check_resume_position(cfg: Config, run_dir: str | os.PathLike, tag_dir: Path, world_size: int) -> list[str]:
+    """A mid-epoch checkpoint resumed with another world size or micro-batch continues at the same sample only
+    where that position is a batch boundary of the new layout (the worker's translate_position): refused here,
+    before any rank starts, rather than by every rank after start-up."""
+    import pickle
+
+    import torch
+
+    from orchestrator.data.sampling import translate_position
+    from orchestrator.train.engine import batch_plan
+
+    try:  # rank 0's small state file (loop state, RNG), not the weights
+        loop = torch.load(tag_dir / "rank0.pt", weights_only=False, map_location="cpu").get("loop") or {}
+        meta = json.loads((Path(cfg.data.root) / "meta.json").read_text())
+        n, new = int(meta["counts"]["train"]), (world_size, batch_plan(cfg, world_size).micro_batch)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, UserError, pickle.UnpicklingError):
+        return []  # unreadable here: the worker reports what it cannot load; a bad batch is reported elsewhere
+    old, batches = tuple(loop.get("layout") or ()), int(loop.get("batch_in_epoch") or 0)
+    if not old or not batches or old == new:
+        return []
+    try:
+        translate_position(n, old, new, batches)
+    except ValueError as e:
+        return [f"--run-dir {run_dir}: cannot resume mid-epoch with {world_size} ranks x micro-batch {new[1]}: {e}"]
+    return []
 
 
 _PARTITION = re.compile(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*")

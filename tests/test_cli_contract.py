@@ -77,6 +77,23 @@ def _checkpointed_run(cwd: Path) -> None:
                                                                     f"data.root={DIGITS}"])))
 
 
+def _mid_epoch_run(cwd: Path) -> None:
+    """A run dir whose latest checkpoint stopped one micro-batch of 16 into an epoch on 2 ranks (rank 0's state
+    file as CheckpointManager writes it): 32 samples in, which is no batch boundary for 2 ranks x 32."""
+    import torch
+
+    from orchestrator.config import load_config, to_yaml
+
+    run, tag = cwd / "run", "step00000001"
+    (run / "checkpoints" / tag).mkdir(parents=True)
+    (run / "checkpoints" / tag / "COMPLETE").write_text("ok\n")
+    (run / "checkpoints" / "LATEST").write_text(f"{tag}\n")
+    (run / "checkpoints" / "index.json").write_text(f'{{"{tag}": {{"step": 1, "val_top1": null, "world_size": 2}}}}')
+    torch.save({"loop": {"epoch": 0, "batch_in_epoch": 1, "step": 1, "layout": [2, 16]}},
+               run / "checkpoints" / tag / "rank0.pt")
+    (run / "config.yaml").write_text(to_yaml(load_config("digits", [f"data.root={DIGITS}"])))
+
+
 CASES: dict[str, Case] = {
     # the issue's two symptoms, as reported: one line each, before any rank starts, no run dir left behind
     "launch_unknown_model": Case(["launch", "--config", "digits", "model.name=danet999"],
@@ -115,6 +132,10 @@ CASES: dict[str, Case] = {
                                        "train.global_batch_size=63"],
                                       [("optim.name=lamb with deepspeed.zero_stage=1", "zero_stage=0"),
                                        ("train.global_batch_size=63", "world size 2")]),
+    # a mid-epoch position the new layout cannot continue from exactly: refused before any rank starts
+    "launch_resume_position": Case(["launch", "--run-dir", "run", f"data.root={DIGITS}"],
+                                   [("--run-dir run", "cannot resume mid-epoch with 2 ranks x micro-batch 32",
+                                     "not a batch boundary")], setup=_mid_epoch_run),
     "launch_flag_type": Case(["launch", "--nodes", "two"], [("--nodes", "invalid int value", "'two'")]),
     # the per-rank entry: its own run dir requirement, dataset, enums and the world size from the environment
     "train_rank_checks": Case(
