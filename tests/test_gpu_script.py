@@ -118,11 +118,16 @@ def test_steady_rate_and_result_fields(tmp_path):
 
 def test_peak_memory_from_the_jobs_sqlite_store(tmp_path):
     """The job logs peak_memory_mb to MLflow's sqlite store; the script reads it back with sqlite3 alone."""
-    code = ("import mlflow; mlflow.set_tracking_uri('sqlite:///' + __import__('sys').argv[1]); "
-            "mlflow.start_run(); [mlflow.log_metric('peak_memory_mb', v, step=i) for i, v in enumerate([5.0, 9.5, 7.0])]; "
-            "mlflow.end_run()")
+    code = ("import mlflow, sys; mlflow.set_tracking_uri('sqlite:///' + sys.argv[1])\n"
+            "for peaks in ([5.0, 9.5, 7.0], [12.0]):\n"
+            "    with mlflow.start_run() as run:\n"
+            "        [mlflow.log_metric('peak_memory_mb', v, step=i) for i, v in enumerate(peaks)]\n"
+            "    print(run.info.run_id)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "mlflow.db")], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert gtc.mlflow_peak_mb(tmp_path / "mlflow.db") == 9.5
+    first, second = r.stdout.split()
+    assert gtc.mlflow_peak_mb(tmp_path / "mlflow.db", first) == 9.5
+    assert gtc.mlflow_peak_mb(tmp_path / "mlflow.db", second) == 12.0
+    assert gtc.mlflow_peak_mb(tmp_path / "mlflow.db") == 12.0
     assert gtc.mlflow_peak_mb(tmp_path / "none.db") is None

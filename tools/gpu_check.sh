@@ -57,6 +57,8 @@ if want train; then
     echo "no .cache/gpu_pack/c00/MANIFEST.json: using what this Python has (tools/gpu_pack.sh makes the pack)"
   fi
   export PYTHONPATH="${SITE:+$SITE:}$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  # nvimgcodec's nvJPEG extension loads libnvjpeg from the pack (not on the loader's default path)
+  [ -n "$SITE" ] && export LD_LIBRARY_PATH="$SITE/nvidia/nvjpeg/lib:$SITE/nvidia/nvimgcodec${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   "$PY" -c "import deepspeed, omegaconf, mlflow, nvidia.dali, PIL; print('job stack: deepspeed', deepspeed.__version__, \
 'dali', nvidia.dali.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
   timeout 120 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"

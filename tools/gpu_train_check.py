@@ -42,6 +42,7 @@ REQUIRED = ("gpu", "torch", "model", "T", "resolution", "precision", "micro_batc
             "baseline_img_per_s", "model_step_img_per_s", "end_to_end_img_per_s", "peak_memory_gb",
             "job_status", "resumed")  # fmt: skip
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
+PIECES = ("resume", "baseline", "throughput", "variants", "profile")
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -165,12 +166,16 @@ def steady_rate(steps: list[tuple[int, float]], images_per_step: int) -> float |
     return (last_step - start[0]) * images_per_step / max(steps[-1][1] - start[1], 1e-9)
 
 
-def mlflow_peak_mb(db: Path) -> float | None:
-    """The largest ``peak_memory_mb`` the job logged to its sqlite store (read with sqlite3: no MLflow needed)."""
+def mlflow_peak_mb(db: Path, run_id: str | None = None) -> float | None:
+    """The largest ``peak_memory_mb`` a job (``run_id``; None: any) logged to its sqlite store (read with sqlite3:
+    no MLflow needed)."""
     if not db.is_file():
         return None
+    query, params = "SELECT max(value) FROM metrics WHERE key = 'peak_memory_mb'", ()
+    if run_id:
+        query, params = query + " AND run_uuid = ?", (run_id,)
     with sqlite3.connect(db) as con:
-        row = con.execute("SELECT max(value) FROM metrics WHERE key = 'peak_memory_mb'").fetchone()
+        row = con.execute(query, params).fetchone()
     return float(row[0]) if row and row[0] is not None else None
 
 
@@ -366,7 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="benchmark,job_layout,batch64",
                         help="model-step variants beside the baseline: benchmark, job_layout, batch64, compile")
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip later pieces past this")
+    parser.add_argument("--pieces", default=",".join(PIECES), help=f"a subset of {', '.join(PIECES)}")
     args = parser.parse_args(argv)
+    pieces = set(args.pieces.split(","))
+    if pieces - set(PIECES):
+        print(f"--pieces: unknown {sorted(pieces - set(PIECES))}; valid: {', '.join(PIECES)}", file=sys.stderr)
+        return 2
     t_start = time.monotonic()
     dry = args.dry_run
     import torch
@@ -396,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
                     "errors": []}  # fmt: skip
     slug = gpu_slug(gpu) if cuda else "cpu-dry-run"
     out_json = args.out / f"gpu_train_{slug}.json"
+
+    def save() -> None:
+        result["wall_s"] = round(elapsed(), 1)
+        write_result(out_json, result)
 
     def elapsed() -> float:
         return time.monotonic() - t_start
@@ -455,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         ref.join()
         return out
 
-    jobs = attempt("resume check", resume_check) or {}
+    jobs = (attempt("resume check", resume_check) or {}) if "resume" in pieces else {}
     a1, a2, ref = (jobs.get(k, {}) for k in ("interrupted", "resumed", "reference"))
     s1, s2, sr = (j.get("summary", {}) for j in (a1, a2, ref))
     result["job_status"] = s2.get("status")
@@ -471,26 +485,51 @@ def main(argv: list[str] | None = None) -> int:
                           "restarts": j.get("summary", {}).get("restarts"), "log": j.get("log"),
                           "log_tail": j.get("log_tail")} for k, j in jobs.items()}  # fmt: skip
 
+    save()  # so far: a timeout later keeps what was measured
     # 3. model step: baseline and variants
     note("model step: baseline (today's configuration) and variants")
     variants: dict[str, dict] = {}
     base_kw = dict(name="danet152", batch=mb, res=res, width=width, layout="model", benchmark=False,
                    policy="none", warmup=warmup, repeats=repeats)  # fmt: skip
-    got = attempt("baseline", lambda: model_step(device, **base_kw))
+    got = attempt("baseline", lambda: model_step(device, **base_kw)) if "baseline" in pieces else None
     if got:
         variants["baseline"] = got
         result["baseline_img_per_s"] = got["img_per_s"]
+    save()  # so far: a timeout later keeps what was measured
+    # 4. the job's steady state (the preset's per-GPU micro-batch)
+    spe = (classes * per_class) // mb
+    steps_c = max(3, min(steps_c, spe - 1))  # inside the first epoch: no evaluation or epoch checkpoint in it
+    every = max(1, steps_c // 6)
+    note(f"job: steady state, micro-batch {mb}, {steps_c} steps, progress every {every}")
+    if "throughput" not in pieces:
+        pass
+    elif elapsed() < budget * 0.7:
+        tput = attempt("throughput job", lambda: run_job(work, "runs/throughput", job_args(mb, steps_c, every, False)
+                                                         + ["train.checkpoint_every_steps=0"], env, job_timeout))
+        if tput:
+            result["end_to_end_img_per_s"] = steady_rate(tput["steps"], mb)
+            result["jobs"]["throughput"] = {"rc": tput["rc"], "status": tput["summary"].get("status"),
+                                            "steps": tput["summary"].get("steps"), "wall_s": tput["wall_s"],
+                                            "whole_run_img_per_s": tput["summary"].get("images_per_sec"),
+                                            "log": tput["log"], "log_tail": tput["log_tail"]}  # fmt: skip
+            peak = mlflow_peak_mb(work / "mlflow.db", tput["summary"].get("mlflow_run_id"))
+            result["peak_memory_gb"] = peak / 1024 if peak is not None and cuda else None
+    else:
+        result["errors"].append("throughput job: skipped (time budget)")
+
+    save()  # so far: a timeout later keeps what was measured
+    # 3b. model-step variants (levers, side by side with the baseline)
     options = {
         "benchmark": {"benchmark": True},
         "job_layout": {"benchmark": True, "layout": "input"},
         "batch64": {"benchmark": True, "batch": 2 * mb},
         "compile": {"benchmark": True, "compile_": True},
     }
-    for name in [v for v in args.variants.split(",") if v]:
+    for name in [v for v in args.variants.split(",") if v and "variants" in pieces]:
         if name not in options:
             result["errors"].append(f"variant {name!r}: unknown; valid: {', '.join(options)}")
             continue
-        if elapsed() > budget * 0.6:
+        if elapsed() > budget * 0.8:
             result["errors"].append(f"variant {name}: skipped (time budget)")
             continue
         got = attempt(f"variant {name}", lambda n=name: model_step(device, **{**base_kw, **options[n]}))
@@ -500,34 +539,16 @@ def main(argv: list[str] | None = None) -> int:
         best = max(variants, key=lambda k: variants[k]["img_per_s"])
         result["model_step_img_per_s"] = variants[best]["img_per_s"]
         result["fastest_variant"] = best
-        result["micro_batch"] = {**base_kw, **options.get(best, {})}["batch"]
+        result["fastest_micro_batch"] = {**base_kw, **options.get(best, {})}["batch"]
     result["model_step_variants"] = variants
 
-    # 4. the job's steady state at the fastest micro-batch
-    mb_c = result["micro_batch"]
-    spe = (classes * per_class) // mb_c
-    steps_c = max(3, min(steps_c, spe - 1))  # inside the first epoch: no evaluation or epoch checkpoint in it
-    every = max(1, steps_c // 6)
-    note(f"job: steady state, micro-batch {mb_c}, {steps_c} steps, progress every {every}")
-    if elapsed() < budget * 0.8:
-        tput = attempt("throughput job", lambda: run_job(work, "runs/throughput", job_args(mb_c, steps_c, every, False)
-                                                         + ["train.checkpoint_every_steps=0"], env, job_timeout))
-        if tput:
-            result["end_to_end_img_per_s"] = steady_rate(tput["steps"], mb_c)
-            result["jobs"]["throughput"] = {"rc": tput["rc"], "status": tput["summary"].get("status"),
-                                            "steps": tput["summary"].get("steps"), "wall_s": tput["wall_s"],
-                                            "whole_run_img_per_s": tput["summary"].get("images_per_sec"),
-                                            "log": tput["log"], "log_tail": tput["log_tail"]}  # fmt: skip
-            peak = mlflow_peak_mb(work / "mlflow.db")
-            result["peak_memory_gb"] = peak / 1024 if peak is not None and cuda else None
-    else:
-        result["errors"].append("throughput job: skipped (time budget)")
-    if result["peak_memory_gb"] is None and variants.get(result.get("fastest_variant")):
-        result["peak_memory_gb"] = variants[result["fastest_variant"]]["peak_gb"]
-        result["peak_memory_source"] = "model step"
+    if result["peak_memory_gb"] is None and variants.get("baseline"):
+        result["peak_memory_gb"] = variants["baseline"]["peak_gb"]
+        result["peak_memory_source"] = "model step (baseline)"
 
+    save()  # so far: a timeout later keeps what was measured
     # 5. profile of the fastest model step
-    if elapsed() < budget * 0.9 and result.get("fastest_variant"):
+    if "profile" in pieces and elapsed() < budget * 0.9 and result.get("fastest_variant"):
         note("profile: a few steps of the fastest model step")
         kw = {**base_kw, **options.get(result["fastest_variant"], {}), "warmup": 2, "repeats": 1, "profile": True}
         got = attempt("profile", lambda: model_step(device, **kw))
@@ -536,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     write_result(out_json, result)
     note(f"wrote {out_json}")
     print(table(result))
-    return 0 if result["job_status"] == "completed" and not result["errors"] else 1
+    ok = not result["errors"] and ("resume" not in pieces or result["job_status"] == "completed")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
