@@ -13,7 +13,7 @@
 # machine's Python does not already have, so nothing it has is shadowed) into .cache/gpu_site.
 #
 # Contents: cp312 manylinux wheels from `pip download --python-version 3.12 --only-binary=:all: --platform ...`:
-# OmegaConf (+antlr4, PyYAML), the MLflow client (mlflow-skinny, with SQLAlchemy + Alembic for a local sqlite
+# OmegaConf (2.4 needs only PyYAML: no antlr4), the MLflow client (mlflow-skinny, with SQLAlchemy + Alembic for a local sqlite
 # store), DeepSpeed's dependencies, Pillow, NumPy, psutil, tqdm, DALI (nvidia-dali-cuda120 with nvimgcodec and
 # nvJPEG only: no nvcomp / nvJPEG2000 / nvTIFF), plus the DeepSpeed wheel itself (pure Python; PyPI ships an
 # sdist, built here by pip) and two photographs (scikit-learn's china.jpg, flower.jpg) for the dataset. Unpacked,
