@@ -10,7 +10,7 @@ values, and each goes where it is served without a detour through the other devi
   group where it serves CPU tensors, else a gloo group made once beside it (``init``), so agreeing on a host value
   every step never waits for the GPU.
 
-Nothing else in the project calls ``torch.distributed`` (tests/test_dist.py checks it). Without a process group
+Nothing else in the project calls ``torch.distributed`` (tests/test_presets.py checks it). Without a process group
 (or with one rank) every function here is the identity.
 """
 
