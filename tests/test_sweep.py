@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.procs import batch_shell_pid, training_catches
 from test_slurm import cluster  # noqa: F401 - the local 4-node cluster (module fixture)
 
 from launch import slurm
@@ -251,16 +252,16 @@ def local_sweep(tmp_path_factory, mlflow_server):
     reader = threading.Thread(target=_read_stream, args=(proc.stderr, err), daemon=True)
     reader.start()
     deadline = time.monotonic() + 600
+    # Interrupted once the second run's rank has its stop handlers (before its first step), however fast its steps.
     while time.monotonic() < deadline and proc.poll() is None:
-        text = "".join(err)
-        if "sweep: run 2/4" in text and re.search(r"step [12]/3", text.split("sweep: run 2/4", 1)[1]):
+        if training_catches(str(d / "s" / NAMES[1]), signal.SIGUSR2):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "".join(err)[-3000:]
-    before_kill = json.loads((d / "s" / NAMES[1] / "mlflow_run.json").read_text())["run_id"]
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     reader.join(timeout=10)
+    before_kill = json.loads((d / "s" / NAMES[1] / "mlflow_run.json").read_text())["run_id"]  # the first attempt's
     first = dict(rc=proc.returncode, out=out, err="".join(err),
                  state=json.loads((d / "s" / "sweep.json").read_text()), killed_run_id=before_kill)
     second = subprocess.run(cmd, cwd=d, env=_env(), capture_output=True, text=True, timeout=900)
@@ -355,9 +356,15 @@ def test_sweep_as_one_job_array(cluster, tmp_path, mlflow_server):  # noqa: F811
     p = _sweep(*args, cwd=tmp_path)  # the same sweep again while its array is queued or running: refused
     assert p.returncode == 2 and f"job array {job} of sweep" in p.stderr, p.stderr[-3000:]
     log0 = tmp_path / "s" / f"slurm-{job}_0.out"
-    _wait_job(f"{job}_0", 420, lambda i: i.get("JobState") in slurm.FINAL_STATES
-              or (log0.is_file() and re.search(r"step [12]/4", log0.read_text()) is not None))
-    subprocess.run(["scancel", "--batch", "--signal=USR2", f"{job}_0"], check=True, capture_output=True)
+    # Warn task 0 as soon as its training process catches USR2 (its handler is installed before the heavy
+    # imports): seconds before its first step, so the warning is mid-run however fast the 4 steps are.
+    run0 = str(tmp_path / "s" / NAMES[0])
+    info = _wait_job(f"{job}_0", 420, lambda i: i.get("JobState") in slurm.FINAL_STATES
+                     or training_catches(run0, signal.SIGUSR2))
+    assert info.get("JobState") not in slurm.FINAL_STATES, f"task 0 ended before it was warned: {info}"
+    shell = batch_shell_pid(info["JobId"])
+    assert shell, f"no batch shell for task 0 (job {info['JobId']})"
+    os.kill(shell, signal.SIGUSR2)  # once, as slurmd warns it
     info = _wait_job(finish, 900, lambda i: i.get("JobState") in slurm.FINAL_STATES)
     assert info["JobState"] == "COMPLETED", (tmp_path / "s").glob("slurm-finish-*.out")
     state = json.loads((tmp_path / "s" / "sweep.json").read_text())
@@ -365,6 +372,7 @@ def test_sweep_as_one_job_array(cluster, tmp_path, mlflow_server):  # noqa: F811
     assert [r["status"] for r in state["runs"]] == ["completed"] * 4, state["runs"]
     text = log0.read_text()
     assert "requeueing (checkpoint at step" in text and "resumed from step" in text, text[-3000:]
+    assert text.count("pre-timeout signal") == 1, text[-3000:]  # warned once, requeued once
     s0 = json.loads((tmp_path / "s" / NAMES[0] / "summary.json").read_text())
     assert s0["steps"] == 4 and s0["slurm_restart_count"] >= 1
     client, runs = _mlflow(mlflow_server, "sweep-slurm")
