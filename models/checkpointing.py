@@ -190,7 +190,7 @@ def saved_activation_bytes(
             seen[id(t)] = t.numel() * t.element_size()
         return t
 
-    device = next(model.parameters()).device
+    first = next(model.parameters())  # the probe image in the weights' device and dtype (a bf16 model refuses fp32)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     was_training = model.training
     switch = model if isinstance(model, PolicySwitch) else None
@@ -199,7 +199,7 @@ def saved_activation_bytes(
         model.train()
         if switch is not None:
             switch.apply_policy(policy)
-        x = torch.randn(batch, in_channels, res, res, device=device)
+        x = torch.randn(batch, in_channels, res, res, device=first.device, dtype=first.dtype)
         _state.probe = pack
         with preserved_buffers(model), torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -34,7 +34,7 @@ PROBE_RES = 64
 def _bytes_per_param(cfg: Config, precision: str, dp: int) -> float:
     """Weights + grads + optimizer state per parameter, in bytes, with ZeRO sharding of what it shards."""
     opt_states = {"sgd": 1 if cfg.optim.momentum > 0 else 0, "adamw": 2, "lamb": 2}[cfg.optim.name]
-    low = precision in ("bf16", "fp16")
+    low = precision in ("bf16", "fp16")  # DeepSpeed's low-precision engines; bf16-mixed keeps fp32 weights
     weights = 2 if low else 4
     grads = 2 if low else 4
     optim = 4 * opt_states + (4 if low else 0)  # fp32 master copy under mixed precision
@@ -67,11 +67,11 @@ def _need(static: float, per_image: float, batch: int) -> float:
     return (static + batch * per_image) * (1 + WORKSPACE_FRACTION)
 
 
-def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "bf16") -> list[dict]:
+def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "bf16-mixed") -> list[dict]:
     """Per-policy memory estimate at the config's micro-batch and the largest micro-batch that fits."""
     res = cfg.data.image_size
     micro = cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world_size)
-    act_scale = (res / PROBE_RES) ** 2 * (0.5 if precision in ("bf16", "fp16") else 1.0)
+    act_scale = (res / PROBE_RES) ** 2 * (1.0 if precision == "fp32" else 0.5)  # every low precision: 2-byte activations
     acts, n_params = activation_bytes(cfg)
     static = n_params * _bytes_per_param(cfg, precision, world_size)
     rows = []

@@ -215,7 +215,9 @@ def check_device(cfg: Config, local_ranks: int | None = None) -> list[str]:
 def _precision(cfg: Config, device: str | None) -> str:
     if cfg.train.precision != "auto" or device is None:
         return cfg.train.precision
-    return "bf16" if device == "cuda" else "fp32"
+    from orchestrator.train.precision import resolve  # torch is loaded once the device is known
+
+    return resolve(cfg.train.precision, device)
 
 
 def local_device(cfg: Config) -> str:

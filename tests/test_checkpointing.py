@@ -132,6 +132,22 @@ def test_activation_bytes_adds_the_backward_transient():
     assert all(c.spike_storage == "bit" for c in m.modules() if getattr(c, "spike_input", False))
 
 
+def test_auto_resolves_on_a_bf16_model():
+    """A model whose weights are bf16 (train.precision=bf16: DeepSpeed's bf16 engine) probes itself with a bf16
+    image: an fp32 probe stopped every ImageNet preset (checkpointing: auto) at its first forward. Its activations
+    are half fp32's, so the estimates are too."""
+    m32 = create_model("danet18", num_classes=10, T=2, width=4, input_size=32, checkpointing="auto")
+    m16 = create_model("danet18", num_classes=10, T=2, width=4, input_size=32, checkpointing="auto").bfloat16()
+    m16.train()
+    out = m16(torch.randn(2, 3, 32, 32).bfloat16())
+    assert out.dtype == torch.bfloat16 and m16.checkpointing_resolved == "none"
+    out.float().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in m16.parameters())
+    half, full = choose_policy(m16, 2, 32, 0.0)[1], choose_policy(m32, 2, 32, 0.0)[1]
+    static = sum(p.numel() for p in m32.parameters()) * 16 / 2**30
+    assert all(0.4 < (half[k] - static) / (full[k] - static) < 0.6 for k in COST_ORDER), (half, full)
+
+
 def test_bf16_autocast_every_policy(monkeypatch):
     # CUDA's convolution_backward refuses mixed dtypes (bf16 grad, fp32 weight) where the CPU one quietly
     # accepts them, so the spike-storage conv's backward is checked for one dtype per call here.

@@ -101,6 +101,20 @@ def test_real_engine_accumulates_micro_batches_and_clips():
     assert math.isfinite(moved(one).norm())
 
 
+def test_real_engine_trains_in_bf16_mixed_under_autocast():
+    """train.precision=bf16-mixed: an fp32 DeepSpeed engine (fp32 weights, no bf16 block in its config, ZeRO 1's
+    norm check off without clipping) and a bf16 forward under autocast; the step equals fp32's to bf16 resolution."""
+    c = cfg("train.global_batch_size=64", "deepspeed.zero_stage=1")
+    ds = deepspeed_config(c, batch_plan(c, 2), "bf16-mixed")
+    assert "bf16" not in ds and "data_types" not in ds and ds["zero_optimization"]["compute_grad_norm"] is False
+    assert deepspeed_config(c, batch_plan(c, 2), "bf16")["zero_optimization"].get("compute_grad_norm") is None
+    ref = _probe(29766, "train.micro_batch_size=16", env={"PROBE_MODEL": "bn"})
+    mixed = _probe(29767, "train.micro_batch_size=16", "train.precision=bf16-mixed", env={"PROBE_MODEL": "bn"})
+    assert mixed["precision"] == "bf16-mixed" and mixed["weight_dtype"] == "torch.float32"
+    assert mixed["out_dtype"] == "torch.bfloat16" and ref["out_dtype"] == "torch.float32" and mixed["steps"] == 1
+    assert mixed["weight"] == pytest.approx(ref["weight"], abs=2e-2) and mixed["weight"] != ref["weight"]
+
+
 def test_real_engine_trains_in_bf16_through_deepspeed():
     """train.precision=bf16: DeepSpeed's bf16 engine (weights bf16, BatchNorm buffers too), on CPU here as on GPUs."""
     ref = _probe(29764, "train.micro_batch_size=16", env={"PROBE_MODEL": "bn"})

@@ -211,6 +211,20 @@ def test_a_step_reads_nothing_on_the_host(probe):
         assert len(r["loss_tail"]) == 5
 
 
+def test_bf16_mixed_autocasts_and_reads_nothing_on_the_host(probe):
+    """train.precision=bf16-mixed (auto on CUDA): the forward runs in bf16 under autocast while the weights and
+    BatchNorm statistics stay fp32, and under ZeRO 1 a step reads nothing on the host, as in fp32. DeepSpeed's own
+    bf16 engine (train.precision=bf16) reads the gradient norm on the host in every step (its bf16 optimizer's
+    overflow check): the reason auto is bf16-mixed. If that count drops to 0, DeepSpeed changed: revisit auto."""
+    for mixed, fp32, ds_bf16 in zip(probe["loop/bf16-mixed"], probe["loop"], probe["loop/bf16"], strict=True):
+        assert mixed["output_dtype"] == "torch.bfloat16" and mixed["weight_dtype"] == "torch.float32"
+        assert mixed["bn_stats_dtype"] == "torch.float32" and fp32["output_dtype"] == "torch.float32"
+        assert mixed["reads_per_step"] == fp32["reads_per_step"] and mixed["steps"] == 5, mixed
+        assert all(v == v for v in mixed["loss_tail"]) and mixed["loss_tail"] != fp32["loss_tail"]
+        assert ds_bf16["weight_dtype"] == ds_bf16["bn_stats_dtype"] == "torch.bfloat16"
+        assert all(a > b for a, b in zip(ds_bf16["reads_per_step"], fp32["reads_per_step"], strict=True)), ds_bf16
+
+
 # --- how many local ranks ------------------------------------------------------------------------------------------
 def test_local_ranks_one_per_gpu_else_cpu_ranks():
     from launch.local import local_rank_count
@@ -223,3 +237,24 @@ def test_local_ranks_one_per_gpu_else_cpu_ranks():
     assert batch_plan(cfg, local_rank_count(cfg.launch.local_ranks, "auto", gpus=8)).micro_batch == 8
     with pytest.raises(UserError, match=r"train.global_batch_size=64 is not divisible by the world size 3"):
         batch_plan(cfg, local_rank_count(cfg.launch.local_ranks, "auto", gpus=3))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_cudnn_autotuner_follows_determinism(preset):
+    """The ImageNet presets (fixed-size crops, not deterministic) let cuDNN pick the fastest convolution; a
+    deterministic run never does, whatever train.cudnn_benchmark says."""
+    import torch
+
+    from orchestrator.train.worker import seed_everything
+
+    before = torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (False, True):
+            t = load_config(preset, [f"train.deterministic={str(deterministic).lower()}"]).train
+            seed_everything(t.seed, t.deterministic, t.cudnn_benchmark)
+            assert torch.backends.cudnn.benchmark is (t.cudnn_benchmark and not deterministic)
+        shipped = load_config(preset).train
+        assert shipped.cudnn_benchmark
+    finally:
+        torch.backends.cudnn.benchmark = before[0]
+        torch.use_deterministic_algorithms(before[1])

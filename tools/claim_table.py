@@ -76,7 +76,7 @@ def train_eval(name: str, steps: int = 60, batch: int = 16, width: int = 4, T: i
                 break
         epoch += 1
     train_s = time.perf_counter() - t0
-    m = evaluate(model, val_loader, cfg, "cpu", torch.float32)
+    m = evaluate(model, val_loader, cfg, "cpu")
     return {"model": name, "zero_init": zero_init, "steps": steps, "batch": batch, "width": width, "T": T, "seed": seed,
             "val_top1": round(m["val_top1"], 4), "val_top5": round(m["val_top5"], 4),
             "val_loss": round(m["val_loss"], 4), "final_train_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4),

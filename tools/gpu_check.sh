@@ -6,12 +6,13 @@
 #     time per checkpointing policy, each in its own process (orchestrator.bench_memory --child), against the
 #     memory model behind `orchestrator plan` (saved activations + fp32 gradients at the same size)
 #  4. train (only when named in STEPS; alone it fits in 8 minutes: STEPS=train): the real job, danet152 T=4 224 px
-#     bf16 through `orchestrator launch --config danet152_imagenet` (DeepSpeed over NCCL, DALI 'mixed', MLflow on
+#     bf16-mixed through `orchestrator launch --config danet152_imagenet` (DeepSpeed over NCCL, DALI 'mixed', MLflow on
 #     a local sqlite store, checkpoints): Ctrl-C mid-epoch and resume, an uninterrupted deterministic run to
 #     compare weights with, the model step (today's configuration and faster ones), the job's steady state, a
-#     profile; writes $OUT_DIR/gpu_train_<gpu>.json (tools/gpu_train_check.py; copy it to docs/bench/). What
-#     that machine lacks comes from .cache/gpu_pack (made here by tools/gpu_pack.sh, carried one piece per run
-#     call: see there), unpacked into .cache/gpu_site; the Triton LIF kernels are checked first.
+#     profile, the steady state on DeepSpeed's bf16 engine if time is left; writes $OUT_DIR/gpu_train_<gpu>.json
+#     (tools/gpu_train_check.py; copy it to docs/bench/). What that machine lacks comes from .cache/gpu_pack
+#     (made here by tools/gpu_pack.sh, carried one piece per run call: see there), unpacked into .cache/gpu_site;
+#     the Triton LIF kernels are checked first.
 # Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out). STEPS="models data memory" (the default)
 # runs a subset, e.g. when device time is short; STEPS=train the job check.
 set -u

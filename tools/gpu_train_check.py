@@ -5,7 +5,7 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    random crops / scales / flips / colour shifts of bundled photographs (scikit-learn's china.jpg and flower.jpg;
    on the GPU machine the copies tools/gpu_pack.sh put in the pack), one class per photo region; converted with
    ``orchestrator data convert``.
-2. The job as configured: ``orchestrator launch --config danet152_imagenet`` (T=4, 224 px, bf16 on a GPU, DALI
+2. The job as configured: ``orchestrator launch --config danet152_imagenet`` (T=4, 224 px, bf16-mixed on a GPU, DALI
    'mixed' decode, DeepSpeed, MLflow on a local sqlite store, checkpoints); only sizes overridden (classes,
    batch, steps). With ``train.deterministic=true``: stopped with SIGINT mid-epoch, relaunched (resumes and
    completes), and an uninterrupted run to compare final weights with (run beside the first, in parallel: on
@@ -17,6 +17,8 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    second third and its last log point (each progress line is a sync point), read as the lines arrive.
 5. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
    LIF, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall time the GPU was idle).
+6. If time is left, the steady-state job of 4 once more with ``train.precision=bf16`` (DeepSpeed's bf16 engine,
+   the job's precision before ``auto`` became bf16-mixed), side by side: ``end_to_end_by_precision``.
 
 Writes ``OUT/gpu_train_<gpu>.json`` (see ``REQUIRED``) and prints a short table last.
 """
@@ -42,7 +44,7 @@ REQUIRED = ("gpu", "torch", "model", "T", "resolution", "precision", "micro_batc
             "baseline_img_per_s", "model_step_img_per_s", "end_to_end_img_per_s", "peak_memory_gb",
             "job_status", "resumed")  # fmt: skip
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
-PIECES = ("resume", "baseline", "throughput", "variants", "profile")
+PIECES = ("resume", "baseline", "throughput", "variants", "profile", "precision")
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -337,6 +339,8 @@ def table(result: dict) -> str:
             ("baseline model step img/s (today's config)", fmt(result["baseline_img_per_s"])),
             (f"fastest model step img/s ({result.get('fastest_variant')})", fmt(result["model_step_img_per_s"])),
             ("end to end img/s (real job, steady state)", fmt(result["end_to_end_img_per_s"])),
+            *[(f"end to end img/s, train.precision={k}", fmt(v))
+              for k, v in (result.get("end_to_end_by_precision") or {}).items()],
             ("peak memory GB", fmt(result["peak_memory_gb"])),
             ("job status / resumed / weights = uninterrupted", f"{result['job_status']} / {result['resumed']} / "
                                                                f"{result.get('weights_equal_uninterrupted')}")]  # fmt: skip
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = _env(args.site, dry)
     result: dict = {"gpu": gpu, "torch": torch.__version__, "model": "danet152", "T": 4, "resolution": res,
-                    "precision": "bf16" if cuda else "fp32", "micro_batch": mb, "world_size": 1,
+                    "precision": "bf16-mixed" if cuda else "fp32", "micro_batch": mb, "world_size": 1,
                     "baseline_img_per_s": None, "model_step_img_per_s": None, "end_to_end_img_per_s": None,
                     "peak_memory_gb": None, "job_status": None, "resumed": None, "dry_run": dry,
                     "errors": []}  # fmt: skip
@@ -500,20 +504,27 @@ def main(argv: list[str] | None = None) -> int:
     spe = (classes * per_class) // mb
     steps_c = max(3, min(steps_c, spe - 1))  # inside the first epoch: no evaluation or epoch checkpoint in it
     every = max(1, steps_c // 6)
+
+    def steady_job(label: str, *extra: str) -> dict:
+        """The job, not deterministic, for steps_c steps: its steady-state rate and peak memory."""
+        j = run_job(work, f"runs/{label}", job_args(mb, steps_c, every, False) + ["train.checkpoint_every_steps=0",
+                                                                                 *extra], env, job_timeout)
+        peak = mlflow_peak_mb(work / "mlflow.db", j["summary"].get("mlflow_run_id"))
+        out = {"rate": steady_rate(j["steps"], mb), "peak_gb": peak / 1024 if peak is not None and cuda else None}
+        result["jobs"][label] = {"rc": j["rc"], "status": j["summary"].get("status"), "overrides": list(extra),
+                                 "steps": j["summary"].get("steps"), "wall_s": j["wall_s"],
+                                 "whole_run_img_per_s": j["summary"].get("images_per_sec"),
+                                 "img_per_s": out["rate"], "peak_memory_gb": out["peak_gb"],
+                                 "log": j["log"], "log_tail": j["log_tail"]}  # fmt: skip
+        return out
     note(f"job: steady state, micro-batch {mb}, {steps_c} steps, progress every {every}")
     if "throughput" not in pieces:
         pass
     elif elapsed() < budget * 0.7:
-        tput = attempt("throughput job", lambda: run_job(work, "runs/throughput", job_args(mb, steps_c, every, False)
-                                                         + ["train.checkpoint_every_steps=0"], env, job_timeout))
+        tput = attempt("throughput job", lambda: steady_job("throughput"))
         if tput:
-            result["end_to_end_img_per_s"] = steady_rate(tput["steps"], mb)
-            result["jobs"]["throughput"] = {"rc": tput["rc"], "status": tput["summary"].get("status"),
-                                            "steps": tput["summary"].get("steps"), "wall_s": tput["wall_s"],
-                                            "whole_run_img_per_s": tput["summary"].get("images_per_sec"),
-                                            "log": tput["log"], "log_tail": tput["log_tail"]}  # fmt: skip
-            peak = mlflow_peak_mb(work / "mlflow.db", tput["summary"].get("mlflow_run_id"))
-            result["peak_memory_gb"] = peak / 1024 if peak is not None and cuda else None
+            result["end_to_end_img_per_s"] = tput["rate"]
+            result["peak_memory_gb"] = tput["peak_gb"]
     else:
         result["errors"].append("throughput job: skipped (time budget)")
 
@@ -553,6 +564,15 @@ def main(argv: list[str] | None = None) -> int:
         kw = {**base_kw, **options.get(result["fastest_variant"], {}), "warmup": 2, "repeats": 1, "profile": True}
         got = attempt("profile", lambda: model_step(device, **kw))
         result["profile"] = got.get("profile") if got else None
+    save()  # so far: a timeout later keeps what was measured
+    # 6. the same steady-state job on DeepSpeed's bf16 engine, beside bf16-mixed (auto on a GPU)
+    if "precision" in pieces and cuda and result["end_to_end_img_per_s"] and elapsed() < budget * 0.8:
+        note("job: steady state again with train.precision=bf16 (DeepSpeed's bf16 engine)")
+        other = attempt("precision job", lambda: steady_job("throughput_bf16", "train.precision=bf16"))
+        result["end_to_end_by_precision"] = {"bf16-mixed": result["end_to_end_img_per_s"],
+                                             "bf16": other["rate"] if other else None}
+    elif "precision" in pieces and cuda:
+        result["errors"].append("precision job: skipped (time budget or no bf16-mixed rate)")
     result["wall_s"] = round(elapsed(), 1)
     write_result(out_json, result)
     note(f"wrote {out_json}")

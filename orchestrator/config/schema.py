@@ -27,7 +27,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.cpu_resample": ("torch", "dali"),
     "train.loss": ("mean_output", "per_timestep"),
     "train.nan_policy": ("stop", "skip"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.precision": ("auto", "fp32", "bf16-mixed", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "optim.name": ("sgd", "adamw", "lamb"),
     "optim.schedule": ("cosine", "step", "constant"),
@@ -117,7 +117,7 @@ class TrainConfig:
     loss: str = "mean_output"  # mean_output | per_timestep (TET-style)
     label_smoothing: float = 0.0
     grad_clip: float = 0.0  # 0 = off
-    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # auto = bf16-mixed (autocast) on CUDA, fp32 on CPU; orchestrator/train/precision.py
     device: str = "auto"
     channels_last: bool = False
     compile: bool = False
@@ -129,6 +129,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # 0 = at each epoch end only
     keep_top_k: int = 2  # DeepSpeed checkpoints kept by val top-1, plus the last
     deterministic: bool = True
+    # cuDNN times each convolution's algorithms on its first shapes and keeps the fastest (CUDA only). Off
+    # whenever train.deterministic is set: the chosen algorithm may then differ from run to run.
+    cudnn_benchmark: bool = True
 
 
 @dataclass

@@ -53,6 +53,6 @@ class EMA:
             return
         from orchestrator.train.loop import evaluate
 
-        m = evaluate(self.shadow, self.val_loader, self.cfg, self.device, torch.float32)
+        m = evaluate(self.shadow, self.val_loader, self.cfg, self.device)  # fp32: the shadow is an fp32 copy
         self.shadow.eval()  # evaluate() leaves its model in train mode
         metrics.update({"ema_val_top1": m["val_top1"], "ema_val_top5": m["val_top5"], "ema_val_loss": m["val_loss"]})

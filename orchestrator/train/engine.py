@@ -12,6 +12,8 @@ import torch
 from orchestrator.config.schema import Config
 from orchestrator.errors import UserError
 from orchestrator.train import dist
+from orchestrator.train.precision import Precision
+from orchestrator.train.precision import resolve as precision_setting
 
 # Joining the process group lives with the other collectives; the name stays importable from here.
 init_distributed = dist.init
@@ -54,9 +56,7 @@ def resolve_device(cfg: Config) -> str:
 
 
 def resolve_precision(cfg: Config, device: str) -> str:
-    if cfg.train.precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return cfg.train.precision
+    return precision_setting(cfg.train.precision, device)
 
 
 def scaled_lr(cfg: Config) -> float:
@@ -166,6 +166,8 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
+    """The DeepSpeed JSON; ``precision`` a resolved train.precision (bf16-mixed autocasts outside an fp32 engine)."""
+    precision = Precision(precision).engine
     ds: dict = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,

@@ -24,6 +24,7 @@ from orchestrator.config.schema import Config
 from orchestrator.train import dist
 from orchestrator.train.metrics import NonFiniteLoss, StepMetrics, topk_hits
 from orchestrator.train.mix import mix_batch
+from orchestrator.train.precision import FP32, Precision
 
 LOSS_TAIL = 100  # losses kept in the loop state and summary.json; the whole curve is in MLflow ("loss")
 
@@ -117,14 +118,16 @@ def to_device(x: torch.Tensor, y: torch.Tensor, device: str, channels_last: bool
 
 
 @torch.no_grad()
-def evaluate(engine, loader, cfg: Config, device: str, dtype: torch.dtype) -> dict:
+def evaluate(engine, loader, cfg: Config, device: str, precision: Precision = FP32) -> dict:
     """Top-1/top-5/loss over every validation sample once: counts summed on the device, across ranks, and read
     once at the end."""
     engine.eval()
     acc = torch.zeros(4, dtype=torch.float64, device=device)  # images, top-1 hits, top-5 hits, loss sum
     for x, y in loader:
-        x, y = to_device(x, y, device, cfg.train.channels_last, dtype)
-        out = engine(x).float()
+        x, y = to_device(x, y, device, cfg.train.channels_last, precision.inputs)
+        with precision.forward(device):
+            out = engine(x)
+        out = out.float()
         acc[0] += len(y)
         acc[1:3] += topk_hits(out.mean(0), y)
         acc[3] += loss_fn(cfg, out, y).double() * len(y)
@@ -152,7 +155,7 @@ def _sync(recorder: StepMetrics, callbacks: list, state: LoopState, world_size: 
 
 
 def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops, device: str,
-          dtype: torch.dtype, world_size: int, accumulation: int) -> LoopState:
+          precision: Precision, world_size: int, accumulation: int) -> LoopState:
     """Run epochs from ``state`` until train.epochs or train.max_steps; callbacks see every step and epoch."""
     train_loader, val_loader = loaders
     engine.train()
@@ -171,12 +174,13 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
         t_data = time.perf_counter()
         for x, y in train_loader:
             recorder.data_wait += time.perf_counter() - t_data
-            x, y = to_device(x, y, device, t.channels_last, dtype)
+            x, y = to_device(x, y, device, t.channels_last, precision.inputs)
             target = y
             if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
                 x, target = mix_batch(x, y, cfg.model.num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
                                       t.seed, state.step, state.batch_in_epoch)
-            out = engine(x)
+            with precision.forward(device):  # autocast for bf16-mixed; the loss and backward outside it
+                out = engine(x)
             loss = loss_fn(cfg, out.float(), target)
             if state.step + 1 in _FAULT_NAN_STEPS:
                 _FAULT_NAN_STEPS.discard(state.step + 1)  # once
@@ -211,7 +215,7 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             state.epoch += 1
             state.batch_in_epoch = 0
             due = state.epoch % t.eval_every_epochs == 0 or state.epoch == t.epochs
-            metrics = evaluate(engine, val_loader, cfg, device, dtype) if due else {}
+            metrics = evaluate(engine, val_loader, cfg, device, precision) if due else {}
             if metrics:
                 state.last_eval = {k: metrics[k] for k in ("val_top1", "val_top5", "val_loss")}
             for cb in callbacks:

@@ -39,6 +39,7 @@ from orchestrator.train.engine import (
     resolve_precision,
 )
 from orchestrator.train.loop import LoopState, NonFiniteLoss, StopTraining, evaluate, train
+from orchestrator.train.precision import Precision
 from orchestrator.train.signals import INTERRUPT, REQUEUE, StopRequests
 
 log = logging.getLogger("orchestrator.train")
@@ -55,13 +56,14 @@ def setup_logging(info: RankInfo) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
+def seed_everything(seed: int, deterministic: bool, cudnn_benchmark: bool = False) -> None:
+    """Seed every generator; deterministic algorithms, or cuDNN's autotuner (only without determinism)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = cudnn_benchmark and not deterministic
 
 
 def prepare_dataset(cfg: Config, check_files: bool = False) -> Path:
@@ -182,8 +184,8 @@ class Job:
     checkpoints: Any = None  # the Checkpoints callback (a stop saves through it)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+    def precision_mode(self) -> Precision:
+        return Precision(self.precision)
 
     @property
     def total_steps(self) -> int:
@@ -236,7 +238,7 @@ def fit(job: Job) -> Outcome:
     start_samples, t_train = job.state.samples, time.perf_counter()
     try:
         job.state = train(job.engine, job.loaders, job.cfg, job.state, job.callbacks, job.stops, job.device,
-                          job.dtype, job.info.world_size, job.plan.accumulation)
+                          job.precision_mode, job.info.world_size, job.plan.accumulation)
     except StopTraining as stop:
         out.status = "requeued" if stop.code == REQUEUE else "interrupted"
         log.warning("stop requested (%s): checkpointing at step %d", ", ".join(job.stops.received) or "peer",
@@ -269,7 +271,7 @@ def finish(job: Job, out: Outcome) -> int:
                                                             cfg.model.checkpointing))})
     final_metrics = {}
     if out.status == "completed":
-        final_metrics = _final_eval(job.engine, job.loaders[1], cfg, job.device, job.dtype, state)
+        final_metrics = _final_eval(job.engine, job.loaders[1], cfg, job.device, job.precision_mode, state)
         tracker.log_metrics(final_metrics, step=state.step)
     if job.info.is_primary:
         _write_outputs(job, out, final_metrics)
@@ -280,7 +282,7 @@ def finish(job: Job, out: Outcome) -> int:
 
 def _join(cfg: Config, info: RankInfo, device: str) -> None:
     """Seeds, CPU threads and the process group."""
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    seed_everything(cfg.train.seed, cfg.train.deterministic, cfg.train.cudnn_benchmark)
     if device == "cpu":
         # Ranks sharing a host split its cores instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_world_size))
@@ -354,7 +356,7 @@ def _start_tracking(job: Job) -> None:
 
 def _callbacks(job: Job) -> list:
     cfg, tracker = job.cfg, job.tracker
-    sample = next(iter(job.loaders[1]))[0][:16].to(job.device, job.dtype)
+    sample = next(iter(job.loaders[1]))[0][:16].to(job.device, job.precision_mode.inputs)
     job.checkpoints = cb.Checkpoints(job.ckpt, job.engine, cfg.train.checkpoint_every_steps, job.info.is_primary,
                                      tracker)
     callbacks = [cb.Progress(job.total_steps, job.steps_per_epoch, cfg.train.epochs, cfg.train.log_every_steps,
@@ -403,11 +405,11 @@ def _write_outputs(job: Job, out: Outcome, final_metrics: dict) -> None:
              job.run_path / "summary.json")
 
 
-def _final_eval(engine, val_loader, cfg, device, dtype, state: LoopState) -> dict:
+def _final_eval(engine, val_loader, cfg, device, precision: Precision, state: LoopState) -> dict:
     """The last validation figures: reuse the epoch-end evaluation when the run ended on an epoch boundary."""
     if state.batch_in_epoch == 0 and state.last_eval:
         return dict(state.last_eval)
-    m = evaluate(engine, val_loader, cfg, device, dtype)
+    m = evaluate(engine, val_loader, cfg, device, precision)
     return {"val_top1": m["val_top1"], "val_top5": m["val_top5"], "val_loss": m["val_loss"]}
 
 

@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from launch.env import RankInfo  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.train.engine import batch_plan, build_engine, init_distributed, resolve_precision  # noqa: E402
+from orchestrator.train.precision import Precision  # noqa: E402
 
 
 def main() -> int:
@@ -32,17 +33,19 @@ def main() -> int:
     plan = batch_plan(cfg, 1)
     precision = resolve_precision(cfg, "cpu")
     engine = build_engine(cfg, model, plan, steps_per_epoch=10, precision=precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    mode = Precision(precision)
     x = torch.randn(cfg.train.global_batch_size, 6)
     y = torch.randint(0, 3, (cfg.train.global_batch_size,))
     for i in range(plan.accumulation):  # one optimizer step: the micro-batches of one global batch
         sl = slice(i * plan.micro_batch, (i + 1) * plan.micro_batch)
-        loss = torch.nn.functional.cross_entropy(engine(x[sl].to(dtype)).float(), y[sl])
+        with mode.forward("cpu"):
+            out = engine(x[sl].to(mode.inputs))
+        loss = torch.nn.functional.cross_entropy(out.float(), y[sl])
         engine.backward(loss)
         engine.step()
     linear = model if isinstance(model, torch.nn.Linear) else model[1]
     print(json.dumps({"accumulation": plan.accumulation, "steps": engine.global_steps, "precision": precision,
-                      "weight_dtype": str(linear.weight.dtype),
+                      "weight_dtype": str(linear.weight.dtype), "out_dtype": str(out.dtype),
                       "weight": linear.weight.detach().float().flatten().tolist(),
                       "bias": linear.bias.detach().float().tolist()}))
     return 0

@@ -14,6 +14,7 @@ Prints one JSON line per check, each {"check": NAME, "rank": R, ...}:
                           every convolution's output in a training step, and of the parameters
   loop                    the real loop and DALI loader on DATA_ROOT: host reads (item, tolist, bool, ...) between
                           consecutive step ends, and which steps were sync points
+  loop/bf16-mixed, /bf16  the same under each low precision: also the dtypes of the output, weights and BN stats
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from orchestrator.train.checkpoint import CheckpointManager  # noqa: E402
 from orchestrator.train.engine import batch_plan, build_engine, prepare_model  # noqa: E402
 from orchestrator.train.loop import loss_fn, to_device  # noqa: E402
 from orchestrator.train.metrics import StepMetrics  # noqa: E402
+from orchestrator.train.precision import Precision  # noqa: E402
 from orchestrator.train.worker import build_model  # noqa: E402
 
 INFO = rank_info()
@@ -90,10 +92,10 @@ def batch(i: int):
     return torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 4, (4,), generator=g)
 
 
-def make_engine(cfg):
+def make_engine(cfg, precision: str = "fp32"):
     torch.manual_seed(0)
     model = prepare_model(cfg, build_model(cfg), "cpu")
-    return build_engine(cfg, model, batch_plan(cfg, INFO.world_size), steps_per_epoch=10, precision="fp32")
+    return build_engine(cfg, model, batch_plan(cfg, INFO.world_size), steps_per_epoch=10, precision=precision)
 
 
 def step(engine, cfg, i: int, nan_on_rank: int | None = None) -> float:
@@ -187,7 +189,7 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def loop(data_root: str, run_root: Path) -> None:
+def loop(data_root: str, run_root: Path, precision: str = "fp32") -> None:
     from orchestrator.data.dali import build_loader
     from orchestrator.train.loop import LoopState, train
     from orchestrator.train.signals import StopRequests
@@ -197,8 +199,10 @@ def loop(data_root: str, run_root: Path) -> None:
     plan = batch_plan(cfg, INFO.world_size)
     loaders = tuple(build_loader(cfg.data, s, RANK, INFO.world_size, plan.micro_batch, 0, "cpu",
                                  expect_classes=cfg.model.num_classes) for s in ("train", "val"))
-    engine = make_engine(cfg)
+    engine = make_engine(cfg, precision)
     reads = HostReads()
+    seen: dict = {}
+    engine.module.register_forward_hook(lambda m, args, out: seen.update(out=str(out.dtype)))
 
     class Marks:
         def __init__(self):
@@ -217,10 +221,12 @@ def loop(data_root: str, run_root: Path) -> None:
 
     marks = Marks()
     with reads:
-        state = train(engine, loaders, cfg, LoopState(), [marks], StopRequests(), "cpu", torch.float32,
+        state = train(engine, loaders, cfg, LoopState(), [marks], StopRequests(), "cpu", Precision(precision),
                       INFO.world_size, plan.accumulation)
-    emit("loop", reads_per_step=marks.per_step, synced_at=marks.synced, logged=marks.logged, steps=state.step,
-         loss_tail=state.loss_tail)
+    emit("loop" if precision == "fp32" else f"loop/{precision}", reads_per_step=marks.per_step,
+         synced_at=marks.synced, logged=marks.logged, steps=state.step, loss_tail=state.loss_tail,
+         output_dtype=seen.get("out"), weight_dtype=str(next(engine.module.parameters()).dtype),
+         bn_stats_dtype=str(next(b for n, b in engine.module.named_buffers() if n.endswith("running_var")).dtype))
 
 
 def timed(name: str, fn, *args) -> None:
@@ -238,7 +244,8 @@ def main() -> int:
     for stage, optim in ((1, "sgd"), (2, "sgd"), (1, "adamw"), (2, "adamw"), (0, "lamb"), (1, "lamb")):
         timed(f"zero {stage} {optim}", zero, stage, optim, run_root)
     timed("channels_last", channels_last)
-    timed("loop", loop, data_root, run_root)
+    for precision in ("fp32", "bf16-mixed", "bf16"):
+        timed(f"loop {precision}", loop, data_root, run_root, precision)
     dist.shutdown()
     return 0
 
