@@ -173,7 +173,8 @@ def test_bf16_autocast_every_policy(monkeypatch):
             assert rel <= 1e-2, f"{policy} bf16 grad {k}: {rel:.2e}"
 
 
-@pytest.mark.parametrize("stage,policy", [(1, "block_time"), (2, "time")])
+# ZeRO 1 with checkpointing=auto and bit spikes: every ImageNet preset in tests/test_presets.py.
+@pytest.mark.parametrize("stage,policy", [(2, "block_time")])
 def test_deepspeed_zero_launch(tmp_path, stage, policy):
     data = REPO / ".cache/data/digits"
     if not (data / "meta.json").is_file():

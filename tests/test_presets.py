@@ -90,6 +90,18 @@ def test_preset_runs_as_configured(preset, tiny_imagenet, tmp_path):
     shipped = _flat(to_dict(load_config(preset)))
     changed = {k for k in shipped if ran.get(k) != shipped[k]}
     assert changed <= SIZE_KEYS, {k: (shipped[k], ran.get(k)) for k in changed - SIZE_KEYS}
+    # The real checkpoint as preflight reads it before a resume: ZeRO splits the optimizer state per rank, so
+    # another world size is refused in one line (tests/test_cli_contract.py holds the CLI side of that contract).
+    from orchestrator.config.load import resolve_config
+    from orchestrator.preflight import check_resume
+
+    cfg, problems = resolve_config(preset, [*overrides, "train.max_steps=4"])
+    assert not problems and check_resume(cfg, tmp_path / "run", 2, "cpu") == []
+    refused = check_resume(cfg, tmp_path / "run", 1, "cpu")
+    if cfg.deepspeed.zero_stage > 0:
+        assert len(refused) == 1 and "written by 2 ranks with ZeRO stage" in refused[0], refused
+    else:
+        assert refused == [], refused  # ZeRO 0: another world size resumes (test_reliability does it)
     print(f"{preset}: {wall:.1f} s")
 
 
