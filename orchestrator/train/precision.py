@@ -41,10 +41,6 @@ class Precision:
         """What DeepSpeed is told: ``bf16``, ``fp16`` or ``fp32`` (autocast happens outside the engine)."""
         return self.name if self.name in _INPUTS else "fp32"
 
-    @property
-    def low_precision_activations(self) -> bool:
-        return self.name != "fp32"
-
     def forward(self, device: str) -> contextlib.AbstractContextManager:
         """The context a forward (training or evaluation) runs in."""
         dtype = _AUTOCAST.get(self.name)
