@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers.procs import slurm_rank_pid
 
 from launch import slurm
 from orchestrator.config import load_config, to_yaml
@@ -406,25 +407,6 @@ def test_orchestrator_launch_trains_on_4_nodes(cluster, requeue_job, tmp_path):
     assert f"job {job} " in slurm.status(job) and "COMPLETED" in slurm.status(job)
 
 
-def _rank_pid(job: str, rank: int) -> int | None:
-    """The pid of the training process of `rank` in `job` (the topmost process carrying its SLURM_* env)."""
-    want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()}
-    found = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            env = set((d / "environ").read_bytes().split(b"\0"))
-            cmd = (d / "cmdline").read_bytes().split(b"\0")
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if want <= env and b"orchestrator" in b" ".join(cmd) and b"train" in cmd:
-            found[int(d.name)] = ppid
-    tops = [pid for pid, ppid in found.items() if ppid not in found]
-    return tops[0] if len(tops) == 1 else None
-
-
 @pytest.mark.slurm
 def test_killing_one_rank_fails_the_job_promptly(cluster, requeue_job, tmp_path):
     job = _sbatch([*SHAPE, "--time=00:15:00", "--signal=B:USR2@60", f"--output={tmp_path}/%j.out",
@@ -434,7 +416,7 @@ def test_killing_one_rank_fails_the_job_promptly(cluster, requeue_job, tmp_path)
     log = tmp_path / f"{job}.out"
     _wait(job, 420, until=lambda i: i.get("JobState") in slurm.FINAL_STATES
           or (log.is_file() and re.search(r"step \d+/", log.read_text()) is not None))
-    pid = _rank_pid(job, 1)
+    pid = slurm_rank_pid(job, 1)
     assert pid, f"rank 1 of job {job} not found"
     os.kill(pid, signal.SIGKILL)
     t_kill = time.monotonic()
