@@ -213,9 +213,9 @@ def check_device(cfg: Config, local_ranks: int | None = None) -> list[str]:
 
 
 def _precision(cfg: Config, device: str | None) -> str:
-    if cfg.train.precision != "auto" or device is None:
+    if device is None:  # a job that runs elsewhere: auto stays unresolved
         return cfg.train.precision
-    from orchestrator.train.precision import resolve  # torch is loaded once the device is known
+    from orchestrator.train.precision import resolve
 
     return resolve(cfg.train.precision, device)
 

@@ -573,8 +573,7 @@ def main(argv: list[str] | None = None) -> int:
                                              "bf16": other["rate"] if other else None}
     elif "precision" in pieces and cuda:
         result["errors"].append("precision job: skipped (time budget or no bf16-mixed rate)")
-    result["wall_s"] = round(elapsed(), 1)
-    write_result(out_json, result)
+    save()
     note(f"wrote {out_json}")
     print(table(result))
     ok = not result["errors"] and ("resume" not in pieces or result["job_status"] == "completed")
