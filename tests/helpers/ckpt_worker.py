@@ -20,7 +20,9 @@ import signal
 import sys
 import time
 
+import deepspeed  # noqa: F401  (imported before the fork: each child would otherwise spend ~4 s importing it)
 import torch
+import torch._dynamo  # noqa: F401  (the optimizer's constructor imports it: ~3 s, also paid once here)
 
 from launch.env import RankInfo
 from orchestrator.config import load_config
