@@ -34,23 +34,6 @@ KEY_PARAMS = (
 LIST_METRIC_PATTERNS = (r"val.*top.?1|top.?1.*val", r"val.*loss", r"^(train.?)?loss$|train.*loss")
 CELL = 36
 VAL_METRIC = "val_top1"
-_RESUMED = re.compile(r"^resume\.(\d+)\.(.+?)(\.\d+)?$")
-
-
-def effective_params(params: dict[str, str]) -> dict[str, str]:
-    """Params as the run last used them: a value changed on resume (logged as ``resume.<n>.<key>``) replaces
-    the original, shown as ``value (resume n)``; the ``resume.*`` keys themselves are folded away."""
-    eff = {k: v for k, v in params.items() if not _RESUMED.match(k)}
-    changes = []
-    for k, v in params.items():
-        m = _RESUMED.match(k)
-        if m and m.group(2) in eff:
-            changes.append((int(m.group(1)), int((m.group(3) or ".0")[1:]), m.group(2), v))
-    for n, _, key, v in sorted(changes):
-        eff[key] = f"{v} (resume {n})"
-    return eff
-
-
 def _user_error(msg: str) -> Exception:
     try:
         from orchestrator.errors import UserError
@@ -224,7 +207,7 @@ def runs_compare(run_ids: list[str], tracking_uri: str | None = None, all_params
             info_rows.append([tag, *[(v[:12] if tag == "git.commit" and v else v) for v in vals]])
     out = [f"store: {uri}", table(heads, info_rows)]
 
-    params = [effective_params(r.data.params) for r in runs]
+    params = [util.effective_params(r.data.params) for r in runs]
     all_keys = sorted({k for p in params for k in p})
     differ = {k for k in all_keys if len({p.get(k) for p in params}) > 1}
     if all_params:

@@ -196,7 +196,6 @@ def comparison_figures(tracking_uri: str, run_ids: list[str], out_dir: Path) -> 
     from mlflow.tracking import MlflowClient
 
     from . import util
-    from .cli import effective_params
 
     util.apply_http_env()
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -211,7 +210,7 @@ def comparison_figures(tracking_uri: str, run_ids: list[str], out_dir: Path) -> 
 
             raise UserError(f"no run {rid!r} at {tracking_uri} (see `orchestrator runs list`)") from None
     out_dir = Path(out_dir)
-    params = [effective_params(r.data.params) for r in runs]
+    params = [util.effective_params(r.data.params) for r in runs]
     written = []
     scored = [(r, p) for r, p in zip(runs, params, strict=True) if _final(r) is not None]
     differ = varying_params([p for _, p in scored])

@@ -1,4 +1,5 @@
-"""Small pure helpers of the tracker: store resolution, flattening, key and value limits, error classes.
+"""Small pure helpers of the tracker: store resolution, flattening, key and value limits, error classes, params
+as a resumed run last used them.
 
 Nothing here imports mlflow at module import time, so ``create_tracker`` stays cheap on every rank.
 """
@@ -163,3 +164,20 @@ def short(exc: BaseException, n: int = 200) -> str:
     """An exception on one line, at most ``n`` characters (for warnings)."""
     s = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return s if len(s) <= n else s[: n - 3] + "..."
+
+
+_RESUMED = re.compile(r"^resume\.(\d+)\.(.+?)(\.\d+)?$")
+
+
+def effective_params(params: dict[str, str]) -> dict[str, str]:
+    """Params as the run last used them: a value changed on resume (logged as ``resume.<n>.<key>``) replaces
+    the original, shown as ``value (resume n)``; the ``resume.*`` keys themselves are folded away."""
+    eff = {k: v for k, v in params.items() if not _RESUMED.match(k)}
+    changes = []
+    for k, v in params.items():
+        m = _RESUMED.match(k)
+        if m and m.group(2) in eff:
+            changes.append((int(m.group(1)), int((m.group(3) or ".0")[1:]), m.group(2), v))
+    for n, _, key, v in sorted(changes):
+        eff[key] = f"{v} (resume {n})"
+    return eff
