@@ -4,19 +4,21 @@ Same steps, same recipe for every model: tools/claim_table.py's DEFAULTS (60 opt
 T=4, AdamW 0.002 at batch 16, 10% warmup + cosine, seed 0) with ``model.zero_init_residual=true`` as in the
 danet*_imagenet presets; in-process with the project's config, DALI loader, optimizer, schedule, loss and evaluation.
 
-Measured (seed 0; docs/RESULTS.md has the table; rerun after the change to DANet's dense backward):
+Measured (seed 0, 1 thread, on the Intel box; docs/RESULTS.md has the table):
 1. DANet-152 clearly above the plain spiking ResNet-152: 0.5404 vs 0.0975 val top-1 (chance 0.10). HOLDS.
 2. DANet-152 no worse than DANet-18: 0.5404 vs 0.3370. HOLDS with zero-init residuals. Without them
    (zero_init_residual=false, the digits preset's setting) it does NOT hold at this budget: DANet-152 0.3955 vs
    DANet-18 0.5877 (claim 1 still holds there: 0.3955 vs 0.0975). docs/RESULTS.md says so.
 
-The numbers are printed (pytest -s) and are in every assertion message; a rerun reproduced them to the digit.
-Runtime: 248 s for the whole file (pytest -s -q tests/test_claim.py) on this 2-core machine at load 5-7 (shared);
-the three runs use ~163 s of CPU time in one torch thread (103 + 52 + 8), so ~3 min when the machine is idle.
+The numbers are printed (pytest -s) and are in every assertion message; a rerun on one machine with the same thread
+count reproduces them to the digit.
+Runtime: ~105 s for the three runs in 2 torch threads on the 2-core AMD box (131 s in one thread); the 12-01 rerun
+there (docs/RESULTS.md) gave 0.5432 / 0.0975 / 0.3398 (danet152 / spiking_resnet152 / danet18).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,7 +29,8 @@ sys.path.insert(0, str(REPO / "tools"))
 
 from claim_table import DEFAULTS, train_eval  # noqa: E402
 
-RECIPE = {**DEFAULTS, "lr": 0.032, "zero_init": True}
+# two torch threads: the runs are serial, and 2 threads take 105 s for the three against 131 s with one
+RECIPE = {**DEFAULTS, "lr": 0.032, "zero_init": True, "threads": min(2, os.cpu_count() or 1)}
 CLEAR_MARGIN = 0.20  # "clearly higher": 20 points of top-1 on 359 val images (chance is 0.10)
 NO_WORSE_TOL = 0.03  # "no worse": within 3 points (~11 of 359 images)
 
