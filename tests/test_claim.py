@@ -10,8 +10,8 @@ Measured (seed 0, 1 thread, on the Intel box; docs/RESULTS.md has the table):
    (zero_init_residual=false, the digits preset's setting) it does NOT hold at this budget: DANet-152 0.3955 vs
    DANet-18 0.5877 (claim 1 still holds there: 0.3955 vs 0.0975). docs/RESULTS.md says so.
 
-The numbers are printed (pytest -s) and are in every assertion message; a rerun on one machine with the same thread
-count reproduces them to the digit.
+The numbers are printed (pytest -s) and are in every assertion message; a 1-thread rerun on the same machine
+reproduced them to the digit.
 Runtime: ~105 s for the three runs in 2 torch threads on the 2-core AMD box (131 s in one thread); the 12-01 rerun
 there (docs/RESULTS.md) gave 0.5432 / 0.0975 / 0.3398 (danet152 / spiking_resnet152 / danet18).
 """
