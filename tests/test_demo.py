@@ -24,7 +24,7 @@ def run_launch(cwd: Path, *args: str, timeout: int = 900, env: dict | None = Non
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("demo")
-    r = run_launch(cwd, "--run-dir", "runs/demo", f"data.root={REPO}/.cache/data/digits", "train.epochs=4",
+    r = run_launch(cwd, "--run-dir", "runs/demo", f"data.root={REPO}/.cache/data/digits", "train.epochs=2",
                    "train.log_every_steps=5")
     return cwd, r
 
@@ -35,8 +35,8 @@ def test_demo_trains_well_above_chance(demo_run):
     s = json.loads((cwd / "runs/demo/summary.json").read_text())
     assert s["status"] == "completed"
     assert s["world_size"] == 2
-    assert s["epochs"] == 4 and s["steps"] > 0
-    assert s["val_top1"] > 0.6, s  # chance is 0.1
+    assert s["epochs"] == 2 and s["steps"] > 0
+    assert s["val_top1"] > 0.6, s  # chance is 0.1; 2 epochs measured 0.93 (4: 0.97)
     assert 0 <= s["val_top5"] <= 1 and s["val_top5"] >= s["val_top1"]
     assert s["images_per_sec"] > 0 and s["final_train_loss"] is not None
     assert Path(s["checkpoint_dir"], "LATEST").is_file()
