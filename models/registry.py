@@ -2,8 +2,8 @@
 
 Sizes are for the reference configuration (1000 classes, width 64, 224x224, T=4): parameters in millions and
 GFLOPs per time step, counted as multiply-accumulates of the convolutions and the FC (the convention under which
-ResNet-50 is "4.1 GFLOPs"). Models are built on the meta device, so listing allocates no memory and takes about a
-second for the whole registry.
+ResNet-50 is "4.1 GFLOPs"). Models are built on the meta device, so listing allocates no memory; the whole
+registry (20 models) takes ~12 s on a 2-core box, one DANet-152 ~1 s.
 """
 
 from __future__ import annotations

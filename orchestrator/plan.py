@@ -14,6 +14,7 @@ that GPU's measured peaks the estimate is within -1% to +12% per image (BENCHMAR
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -151,12 +152,13 @@ def describe(cfg: Config, nodes: int, gpus_per_node: int) -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=8)
 def _gflops(name: str) -> float:
+    """GFLOPs per time step at 224 px of one registered model (0 when unknown); one meta-device forward, not the
+    whole catalogue (``models list`` builds all 20 models: ~12 s on a 2-core box)."""
     try:
-        from models.registry import list_models
+        from models.registry import model_cost
+        from models.resnet import REGISTRY
     except ImportError:
         return 0.0
-    for r in list_models():
-        if r["name"] == name:
-            return float(r.get("gflops_224", 0.0))
-    return 0.0
+    return float(model_cost(name)["gflops"]) if name in REGISTRY else 0.0
