@@ -131,3 +131,30 @@ def test_peak_memory_from_the_jobs_sqlite_store(tmp_path):
     assert gtc.mlflow_peak_mb(tmp_path / "mlflow.db", second) == 12.0
     assert gtc.mlflow_peak_mb(tmp_path / "mlflow.db") == 12.0
     assert gtc.mlflow_peak_mb(tmp_path / "none.db") is None
+
+
+def test_memory_piece_measures_every_policy_against_the_plan(tmp_path):
+    """The memory piece on CPU (dry sizes): every concrete policy measured beside the plan's estimate at the same
+    micro-batch; auto and the fastest fitting policy are named; the table shows it; an exhausted budget skips
+    the piece with its reason instead of running it."""
+    import argparse
+    import dataclasses
+
+    import torch
+
+    from orchestrator.plan import POLICIES
+
+    args = argparse.Namespace(out=tmp_path, pieces="memory", site=None, budget_s=450.0, variants="",
+                              pack_photos=None)
+    check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+    check.memory()
+    mem = check.result["memory_by_policy"]
+    assert list(mem["policies"]) == list(POLICIES) and mem["micro_batch"] == check.z.micro_batch
+    for row in mem["policies"].values():
+        assert row["plan_gb"] > 0 and row["img_per_s"] > 0 and row["peak_gb"] is None  # no device peak on CPU
+    assert mem["auto_policy"] in POLICIES and mem["fastest_fitting_policy"] in POLICIES
+    assert "auto -> " in gtc.table({**{k: None for k in gtc.REQUIRED}, **check.result})
+    late = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+    late.z = dataclasses.replace(late.z, budget=0.0)
+    late.memory()
+    assert late.result["memory_by_policy"]["policies"] == {} and "memory none: skipped (time budget)" in late.result["errors"]

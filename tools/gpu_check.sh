@@ -9,7 +9,8 @@
 #     bf16-mixed through `orchestrator launch --config danet152_imagenet` (DeepSpeed over NCCL, DALI 'mixed', MLflow on
 #     a local sqlite store, checkpoints): Ctrl-C mid-epoch and resume, an uninterrupted deterministic run to
 #     compare weights with, the model step (today's configuration and faster ones), the job's steady state, a
-#     profile, the steady state on DeepSpeed's bf16 engine if time is left; writes $OUT_DIR/gpu_train_<gpu>.json
+#     profile, memory per checkpointing policy against the plan on the fastest settings, the steady state on
+#     DeepSpeed's bf16 engine if time is left; writes $OUT_DIR/gpu_train_<gpu>.json
 #     (tools/gpu_train_check.py; copy it to docs/bench/). What that machine lacks comes from .cache/gpu_pack
 #     (made here by tools/gpu_pack.sh, carried one piece per run call: see there), unpacked into .cache/gpu_site;
 #     the Triton LIF kernels are checked first.

@@ -11,14 +11,22 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    completes), and an uninterrupted run to compare final weights with (run beside the first, in parallel: on
    one GPU both fit, and neither is timed).
 3. Model step alone (no loader, no DeepSpeed): the baseline (today's configuration: ``models.gpu_check``'s
-   eager step, channels_last weights, cudnn defaults, batch 32) and the variants in ``--variants``; the fastest
-   one is ``model_step_img_per_s`` and its micro-batch is used by 4.
-4. The job again (not deterministic), steady state: images per second between the progress lines of its
-   second third and its last log point (each progress line is a sync point), read as the lines arrive.
-5. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
+   eager step, channels_last weights, cudnn defaults, batch 32).
+4. The job again (not deterministic), steady state at the preset's micro-batch: images per second between the
+   progress lines of its second third and its last log point (each progress line is a sync point), read as the
+   lines arrive: ``end_to_end_img_per_s``.
+5. The model-step variants in ``--variants`` (``VARIANTS``), side by side with the baseline; the fastest of all
+   is ``model_step_img_per_s`` (``fastest_variant``, ``fastest_micro_batch``).
+6. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
    LIF, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall time the GPU was idle).
-6. If time is left, the steady-state job of 4 once more with ``train.precision=bf16`` (DeepSpeed's bf16 engine,
+7. Memory per checkpointing policy on the fastest model step's settings: measured peak and rate against
+   ``orchestrator plan``'s estimate at that micro-batch, the plan's ``auto`` choice for this card, and the
+   fastest policy that fits it (``memory_by_policy``).
+8. If time is left, the steady-state job of 4 once more with ``train.precision=bf16`` (DeepSpeed's bf16 engine,
    the job's precision before ``auto`` became bf16-mixed), side by side: ``end_to_end_by_precision``.
+
+Each piece is skipped, with the reason in ``errors``, when the time budget (``--budget-s``) is spent; the JSON is
+rewritten after each, so a timeout keeps what was measured.
 
 Writes ``OUT/gpu_train_<gpu>.json`` (see ``REQUIRED``) and prints a short table last.
 """
@@ -37,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +53,7 @@ REQUIRED = ("gpu", "torch", "model", "T", "resolution", "precision", "micro_batc
             "baseline_img_per_s", "model_step_img_per_s", "end_to_end_img_per_s", "peak_memory_gb",
             "job_status", "resumed")  # fmt: skip
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
-PIECES = ("resume", "baseline", "throughput", "variants", "profile", "precision")
+PIECES = ("resume", "baseline", "throughput", "variants", "profile", "memory", "precision")
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -344,6 +353,11 @@ def table(result: dict) -> str:
             ("peak memory GB", fmt(result["peak_memory_gb"])),
             ("job status / resumed / weights = uninterrupted", f"{result['job_status']} / {result['resumed']} / "
                                                                f"{result.get('weights_equal_uninterrupted')}")]  # fmt: skip
+    mem = result.get("memory_by_policy") or {}
+    if mem.get("policies"):
+        rows.append((f"memory GB measured/plan, micro-batch {mem['micro_batch']}",
+                     ", ".join(f"{p} {fmt(r['peak_gb'])}/{fmt(r['plan_gb'])}" for p, r in mem["policies"].items())
+                     + f"; auto -> {mem['auto_policy']}, fastest that fits -> {mem['fastest_fitting_policy']}"))
     prof = result.get("profile") or {}
     if prof.get("groups_ms_per_step"):
         rows.append(("profile ms/step " + ("(device)" if prof.get("host_gap_ms_per_step") is not None else "(CPU)"),
@@ -356,6 +370,43 @@ def table(result: dict) -> str:
 
 # --------------------------------------------------------------------------------------------- main
 
+# model-step variants beside the baseline (levers, side by side): overrides of the baseline's model_step arguments
+VARIANTS = {
+    "benchmark": {"benchmark": True},
+    "job_layout": {"benchmark": True, "layout": "input"},
+    "batch64": {"benchmark": True, "batch_factor": 2},  # twice the preset's micro-batch: 64 on a GPU
+    "compile": {"benchmark": True, "compile_": True},
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each piece runs at: the job's own sizes on a GPU (only data and steps shrunk), toy ones on CPU."""
+
+    res: int
+    width: int
+    micro_batch: int
+    classes: int
+    per_class: int
+    val_per_class: int
+    image_size: tuple[int, int]
+    resume_steps: int  # the interrupted/resumed job's steps ...
+    stop_after: int  # ... and the step after which it is interrupted
+    steady_steps: int
+    warmup: int
+    repeats: int
+    workers: int
+    job_timeout: float
+    budget: float
+
+    @classmethod
+    def for_device(cls, cuda: bool, budget_s: float) -> Sizes:
+        if cuda:
+            return cls(224, 64, 32, 8, 128, 16, (500, 375), 16, 8, 30, 3, 6, min(16, os.cpu_count() or 1),
+                       240.0, budget_s)  # fmt: skip
+        # every piece runs, however long a loaded CPU takes: the dry run checks the script, not the speed
+        return cls(32, 4, 2, 8, 4, 2, (160, 120), 4, 2, 6, 1, 1, 2, 1800.0, math.inf)
+
 
 def _env(site: str | None, dry: bool) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -366,6 +417,252 @@ def _env(site: str | None, dry: bool) -> dict:
     return env
 
 
+class TrainCheck:
+    """The pieces in order (see the module docstring), sharing one result dict that is rewritten after each."""
+
+    def __init__(self, args: argparse.Namespace, device, gpu: str) -> None:
+        import torch
+
+        self.args, self.device, self.cuda = args, device, device.type == "cuda"
+        self.pieces = set(args.pieces.split(","))
+        self.t_start = time.monotonic()
+        self.z = Sizes.for_device(self.cuda, args.budget_s)
+        self.work = args.out / "train_check"
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.env = _env(args.site, not self.cuda)
+        self.out_json = args.out / f"gpu_train_{gpu_slug(gpu) if self.cuda else 'cpu-dry-run'}.json"
+        self.result: dict = {
+            "gpu": gpu, "torch": torch.__version__, "model": "danet152", "T": 4, "resolution": self.z.res,
+            "precision": "bf16-mixed" if self.cuda else "fp32", "micro_batch": self.z.micro_batch, "world_size": 1,
+            "baseline_img_per_s": None, "model_step_img_per_s": None, "end_to_end_img_per_s": None,
+            "peak_memory_gb": None, "job_status": None, "resumed": None, "dry_run": not self.cuda, "errors": [],
+            "jobs": {}}  # fmt: skip
+        self.base_kw = dict(name="danet152", batch=self.z.micro_batch, res=self.z.res, width=self.z.width,
+                            layout="model", benchmark=False, policy="none", warmup=self.z.warmup,
+                            repeats=self.z.repeats)  # fmt: skip
+        self.variants: dict[str, dict] = {}
+        self.ffr = self.work / "imagenet_ffr"
+
+    # ---- bookkeeping
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t_start
+
+    def save(self) -> None:
+        """Rewrite the JSON: a timeout later keeps what was measured so far."""
+        self.result["wall_s"] = round(self.elapsed(), 1)
+        write_result(self.out_json, self.result)
+
+    def note(self, msg: str) -> None:
+        print(f"== [{self.elapsed():.0f}s] {msg}", flush=True)
+
+    def attempt(self, label: str, fn):
+        try:
+            return fn()
+        except Exception as exc:  # one piece failing must not lose the others' figures
+            self.result["errors"].append(f"{label}: {type(exc).__name__}: {exc}"[:600])
+            print(f"!! {label} failed: {exc!r}"[:600], flush=True)
+            return None
+
+    def within(self, fraction: float, label: str) -> bool:
+        """Whether the time budget leaves room for ``label`` (else recorded as skipped)."""
+        if self.elapsed() < self.z.budget * fraction:
+            return True
+        self.result["errors"].append(f"{label}: skipped (time budget)")
+        return False
+
+    def job_args(self, batch: int, steps: int, every: int, deterministic: bool) -> list[str]:
+        z = self.z
+        common = [f"data.root={self.ffr}", f"model.num_classes={z.classes}", "launch.mode=local", "launch.nodes=1"]
+        if not self.cuda:
+            common += [f"model.width={z.width}", f"model.input_size={z.res}", f"data.image_size={z.res}",
+                       f"data.val_resize={z.res + z.res // 7}", "launch.local_ranks=1", "data.num_threads=2"]  # fmt: skip
+        return common + [f"train.global_batch_size={batch}", "train.micro_batch_size=0", f"train.max_steps={steps}",
+                         "train.epochs=100", f"train.log_every_steps={every}",
+                         f"train.deterministic={str(deterministic).lower()}"]  # fmt: skip
+
+    # ---- the pieces
+    def dataset(self) -> Path:
+        """1. Photographs -> ImageNet-layout JPEG folder -> ``orchestrator data convert``."""
+        self.note("dataset: photographs -> ImageNet-layout JPEG folder -> orchestrator data convert")
+        if not (self.ffr / "meta.json").is_file():
+            z = self.z
+            counts = build_image_folder(self.work / "imagenet_src", photo_paths(self.args.pack_photos), z.classes,
+                                        z.per_class, z.val_per_class, z.image_size)  # fmt: skip
+            convert_folder(self.work / "imagenet_src", self.ffr, self.env, z.workers)
+            self.result["dataset"] = {**counts, "classes": z.classes, "image_size_approx": list(z.image_size)}
+        return self.ffr
+
+    def resume(self) -> None:
+        """2. Interrupted and resumed (deterministic), beside an uninterrupted reference run in parallel."""
+        z, mb = self.z, self.z.micro_batch
+        self.note(f"job: SIGINT after step {z.stop_after}, resume to {z.resume_steps}; uninterrupted reference beside it")
+        det_env = {**self.env, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS's deterministic workspace
+        args = self.job_args(mb, z.resume_steps, 1, True)
+
+        def both() -> dict:
+            out: dict = {}
+            # the reference in its own working directory: its own MLflow store (two writers on one sqlite file race)
+            ref_cwd = self.work / "reference"
+            ref_cwd.mkdir(exist_ok=True)
+            ref = threading.Thread(target=lambda: out.update(
+                reference=run_job(ref_cwd, "runs/uninterrupted", args, det_env, z.job_timeout)))
+            ref.start()
+            out["interrupted"] = run_job(self.work, "runs/resumed", args, det_env, z.job_timeout,
+                                         stop_after_step=z.stop_after)
+            out["resumed"] = run_job(self.work, "runs/resumed", args, det_env, z.job_timeout)
+            ref.join()
+            return out
+
+        jobs = self.attempt("resume check", both) or {}
+        s1, s2, sr = (jobs.get(k, {}).get("summary", {}) for k in ("interrupted", "resumed", "reference"))
+        r = self.result
+        r["job_status"] = s2.get("status")
+        r["resumed"] = bool(s1.get("status") == "interrupted" and 0 < (s1.get("steps") or 0) < z.resume_steps
+                            and s2.get("status") == "completed" and s2.get("steps") == z.resume_steps
+                            and s2.get("restarts") == 1)  # fmt: skip
+        for key, field in (("weights_equal_uninterrupted", "weights_sha256"), ("losses_equal_uninterrupted", "loss_digest")):
+            r[key] = s2.get(field) == sr.get(field) if s2.get(field) and sr.get(field) else None
+        r["jobs"].update({k: {"rc": j.get("rc"), "status": j.get("summary", {}).get("status"),
+                              "steps": j.get("summary", {}).get("steps"), "wall_s": j.get("wall_s"),
+                              "restarts": j.get("summary", {}).get("restarts"), "log": j.get("log"),
+                              "log_tail": j.get("log_tail")} for k, j in jobs.items()})  # fmt: skip
+
+    def baseline(self) -> None:
+        """3. The model step alone as configured today (models.gpu_check's eager step, batch 32)."""
+        self.note("model step: baseline (today's configuration)")
+        got = self.attempt("baseline", lambda: model_step(self.device, **self.base_kw))
+        if got:
+            self.variants["baseline"] = got
+            self.result["baseline_img_per_s"] = got["img_per_s"]
+
+    def steady_job(self, label: str, *extra: str) -> dict:
+        """The job, not deterministic, inside its first epoch (no evaluation or epoch checkpoint in the window):
+        its steady-state rate and peak memory."""
+        z, mb = self.z, self.z.micro_batch
+        steps = max(3, min(z.steady_steps, (z.classes * z.per_class) // mb - 1))
+        every = max(1, steps // 6)
+        self.note(f"job {label}: steady state, micro-batch {mb}, {steps} steps, progress every {every}")
+        j = run_job(self.work, f"runs/{label}", self.job_args(mb, steps, every, False)
+                    + ["train.checkpoint_every_steps=0", *extra], self.env, z.job_timeout)  # fmt: skip
+        peak = mlflow_peak_mb(self.work / "mlflow.db", j["summary"].get("mlflow_run_id"))
+        out = {"rate": steady_rate(j["steps"], mb), "peak_gb": peak / 1024 if peak is not None and self.cuda else None}
+        self.result["jobs"][label] = {"rc": j["rc"], "status": j["summary"].get("status"), "overrides": list(extra),
+                                      "steps": j["summary"].get("steps"), "wall_s": j["wall_s"],
+                                      "whole_run_img_per_s": j["summary"].get("images_per_sec"),
+                                      "img_per_s": out["rate"], "peak_memory_gb": out["peak_gb"],
+                                      "log": j["log"], "log_tail": j["log_tail"]}  # fmt: skip
+        return out
+
+    def throughput(self) -> None:
+        """4. The real job's steady state at the preset's per-GPU micro-batch: ``end_to_end_img_per_s``."""
+        if not self.within(0.7, "throughput job"):
+            return
+        got = self.attempt("throughput job", lambda: self.steady_job("throughput"))
+        if got:
+            self.result["end_to_end_img_per_s"] = got["rate"]
+            self.result["peak_memory_gb"] = got["peak_gb"]
+
+    def levers(self) -> None:
+        """5. The model-step variants of ``--variants``, side by side with the baseline; the fastest of all is
+        ``model_step_img_per_s``."""
+        self.note("model step: variants")
+        for name in [v for v in self.args.variants.split(",") if v]:
+            if name not in VARIANTS:
+                self.result["errors"].append(f"variant {name!r}: unknown; valid: {', '.join(VARIANTS)}")
+            elif self.within(0.8, f"variant {name}"):
+                got = self.attempt(f"variant {name}", lambda n=name: model_step(self.device, **self.fastest_kw(n)))
+                if got:
+                    self.variants[name] = got
+
+    def fastest_kw(self, variant: str | None = None) -> dict:
+        """model_step's arguments for ``variant`` (default: the fastest measured so far)."""
+        variant = variant or self.result.get("fastest_variant") or "baseline"
+        kw = {**self.base_kw, **VARIANTS.get(variant, {})}
+        kw["batch"] *= kw.pop("batch_factor", 1)
+        return kw
+
+    def summarise_variants(self) -> None:
+        r, v = self.result, self.variants
+        if v:
+            best = max(v, key=lambda k: v[k]["img_per_s"])
+            r.update(model_step_img_per_s=v[best]["img_per_s"], fastest_variant=best,
+                     fastest_micro_batch=self.fastest_kw(best)["batch"])
+        r["model_step_variants"] = v
+        if r["peak_memory_gb"] is None and v.get("baseline"):
+            r["peak_memory_gb"] = v["baseline"]["peak_gb"]
+            r["peak_memory_source"] = "model step (baseline)"
+
+    def profile(self) -> None:
+        """6. torch.profiler over a few steps of the fastest model step."""
+        if not (self.result.get("fastest_variant") and self.within(0.9, "profile")):
+            return
+        self.note("profile: a few steps of the fastest model step")
+        got = self.attempt("profile", lambda: model_step(self.device, **{**self.fastest_kw(), "warmup": 2,
+                                                                          "repeats": 1, "profile": True}))
+        self.result["profile"] = got.get("profile") if got else None
+
+    def memory(self) -> None:
+        """7. Per checkpointing policy, on the fastest model step's settings: the measured peak and step rate
+        against ``orchestrator plan``'s estimate at that micro-batch, and whether ``auto`` (the plan's choice for
+        this card) is the fastest policy that fits it."""
+        import torch
+
+        from orchestrator.config import load_config
+        from orchestrator.plan import POLICIES, choose_auto, estimate
+
+        kw = {**self.fastest_kw(), "warmup": 1, "repeats": 2}
+        card_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if self.cuda else 80.0  # CPU: nominal
+        cfg = load_config("danet152_imagenet", [f"model.width={self.z.width}", f"data.image_size={self.z.res}",
+                                                f"model.input_size={self.z.res}", f"train.micro_batch_size={kw['batch']}",
+                                                "launch.nodes=1", "launch.gpus_per_node=1"])  # fmt: skip
+        plan = {r["policy"]: r for r in estimate(cfg, card_gb, 1)}
+        rows: dict[str, dict] = {}
+        for policy in POLICIES:
+            if not self.within(0.85, f"memory {policy}"):
+                break
+            self.note(f"memory: policy {policy}, micro-batch {kw['batch']}")
+            got = self.attempt(f"memory {policy}", lambda p=policy: model_step(self.device, **{**kw, "policy": p}))
+            rows[policy] = {"plan_gb": plan[policy]["est_gb"], "peak_gb": got["peak_gb"] if got else None,
+                            "img_per_s": got["img_per_s"] if got else None}
+            if got and got["peak_gb"]:
+                rows[policy]["measured_over_plan"] = round(got["peak_gb"] / plan[policy]["est_gb"], 3)
+        fitting = [p for p, r in rows.items() if r["img_per_s"] and (r["peak_gb"] or 0.0) <= card_gb]
+        self.result["memory_by_policy"] = {
+            "micro_batch": kw["batch"], "card_gb": round(card_gb, 1), "policies": rows,
+            "auto_policy": choose_auto(list(plan.values()))["policy"],
+            "fastest_fitting_policy": max(fitting, key=lambda p: rows[p]["img_per_s"]) if fitting else None}
+
+    def precision(self) -> None:
+        """8. If time is left, the steady-state job again on DeepSpeed's bf16 engine, beside bf16-mixed."""
+        if not self.cuda:
+            return
+        if not (self.result["end_to_end_img_per_s"] and self.elapsed() < self.z.budget * 0.8):
+            self.result["errors"].append("precision job: skipped (time budget or no bf16-mixed rate)")
+            return
+        other = self.attempt("precision job", lambda: self.steady_job("throughput_bf16", "train.precision=bf16"))
+        self.result["end_to_end_by_precision"] = {"bf16-mixed": self.result["end_to_end_img_per_s"],
+                                                  "bf16": other["rate"] if other else None}
+
+    def run(self) -> int:
+        if self.attempt("dataset", self.dataset) is None:
+            self.save()
+            print(table(self.result))
+            return 1
+        steps = [("resume", self.resume), ("baseline", self.baseline), ("throughput", self.throughput),
+                 ("variants", self.levers), ("profile", self.profile), ("memory", self.memory),
+                 ("precision", self.precision)]
+        for piece, fn in steps:
+            if piece in self.pieces:
+                fn()
+            if piece == "variants":
+                self.summarise_variants()
+            self.save()
+        self.note(f"wrote {self.out_json}")
+        print(table(self.result))
+        ok = not self.result["errors"] and ("resume" not in self.pieces or self.result["job_status"] == "completed")
+        return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT_DIR", "gpu_check_out")))
@@ -373,211 +670,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pack-photos", type=Path, default=REPO / ".cache" / "gpu_pack" / "c00" / "photos")
     parser.add_argument("--site", default=os.environ.get("GPU_SITE"), help="unpacked packages (PYTHONPATH)")
     parser.add_argument("--variants", default="benchmark,job_layout,batch64",
-                        help="model-step variants beside the baseline: benchmark, job_layout, batch64, compile")
+                        help=f"model-step variants beside the baseline: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip later pieces past this")
     parser.add_argument("--pieces", default=",".join(PIECES), help=f"a subset of {', '.join(PIECES)}")
     args = parser.parse_args(argv)
-    pieces = set(args.pieces.split(","))
-    if pieces - set(PIECES):
-        print(f"--pieces: unknown {sorted(pieces - set(PIECES))}; valid: {', '.join(PIECES)}", file=sys.stderr)
+    unknown = set(args.pieces.split(",")) - set(PIECES)
+    if unknown:
+        print(f"--pieces: unknown {sorted(unknown)}; valid: {', '.join(PIECES)}", file=sys.stderr)
         return 2
-    t_start = time.monotonic()
-    dry = args.dry_run
     import torch
 
-    cuda = torch.cuda.is_available() and not dry
-    if not cuda and not dry:
+    cuda = torch.cuda.is_available() and not args.dry_run
+    if not cuda and not args.dry_run:
         print("no CUDA device: use --dry-run on CPU", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if cuda else "cpu")
     gpu = torch.cuda.get_device_name(0) if cuda else "cpu (dry run)"
-    # sizes: the job's own on a GPU (only data and steps shrunk); toy ones on CPU
-    if cuda:
-        res, width, mb, classes, per_class, val_per_class, img_size = 224, 64, 32, 8, 128, 16, (500, 375)
-        steps_a, stop_a, steps_c, warmup, repeats, workers = 16, 8, 30, 3, 6, min(16, os.cpu_count() or 1)
-        job_timeout, budget = 240.0, args.budget_s
-    else:  # every piece runs, however long a loaded CPU takes: the dry run checks the script, not the speed
-        res, width, mb, classes, per_class, val_per_class, img_size = 32, 4, 2, 8, 4, 2, (160, 120)
-        steps_a, stop_a, steps_c, warmup, repeats, workers = 4, 2, 6, 1, 1, 2
-        job_timeout, budget = 1800.0, math.inf
-    work = args.out / "train_check"
-    work.mkdir(parents=True, exist_ok=True)
-    env = _env(args.site, dry)
-    result: dict = {"gpu": gpu, "torch": torch.__version__, "model": "danet152", "T": 4, "resolution": res,
-                    "precision": "bf16-mixed" if cuda else "fp32", "micro_batch": mb, "world_size": 1,
-                    "baseline_img_per_s": None, "model_step_img_per_s": None, "end_to_end_img_per_s": None,
-                    "peak_memory_gb": None, "job_status": None, "resumed": None, "dry_run": dry,
-                    "errors": []}  # fmt: skip
-    slug = gpu_slug(gpu) if cuda else "cpu-dry-run"
-    out_json = args.out / f"gpu_train_{slug}.json"
-
-    def save() -> None:
-        result["wall_s"] = round(elapsed(), 1)
-        write_result(out_json, result)
-
-    def elapsed() -> float:
-        return time.monotonic() - t_start
-
-    def note(msg: str) -> None:
-        print(f"== [{elapsed():.0f}s] {msg}", flush=True)
-
-    def attempt(label: str, fn):
-        try:
-            return fn()
-        except Exception as exc:  # one piece failing must not lose the others' figures
-            result["errors"].append(f"{label}: {type(exc).__name__}: {exc}"[:600])
-            print(f"!! {label} failed: {exc!r}"[:600], flush=True)
-            return None
-
-    # 1. dataset
-    note("dataset: photographs -> ImageNet-layout JPEG folder -> orchestrator data convert")
-    src, ffr = work / "imagenet_src", work / "imagenet_ffr"
-
-    def dataset():
-        if not (ffr / "meta.json").is_file():
-            counts = build_image_folder(src, photo_paths(args.pack_photos), classes, per_class, val_per_class,
-                                        img_size)  # fmt: skip
-            convert_folder(src, ffr, env, workers)
-            result["dataset"] = {**counts, "classes": classes, "image_size_approx": list(img_size)}
-        return ffr
-
-    if attempt("dataset", dataset) is None:
-        write_result(out_json, result)
-        print(table(result))
-        return 1
-    common = [f"data.root={ffr}", f"model.num_classes={classes}", "launch.mode=local", "launch.nodes=1"]
-    if dry:
-        common += [f"model.width={width}", f"model.input_size={res}", f"data.image_size={res}",
-                   f"data.val_resize={res + res // 7}", "launch.local_ranks=1", "data.num_threads=2"]  # fmt: skip
-
-    def job_args(batch: int, steps: int, every: int, deterministic: bool) -> list[str]:
-        return common + [f"train.global_batch_size={batch}", "train.micro_batch_size=0", f"train.max_steps={steps}",
-                         "train.epochs=100", f"train.log_every_steps={every}",
-                         f"train.deterministic={str(deterministic).lower()}"]  # fmt: skip
-
-    # 2. interrupted + resumed (deterministic), beside an uninterrupted reference
-    det_env = {**env, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # cuBLAS's deterministic workspace
-
-    def resume_check():
-        note(f"job: SIGINT after step {stop_a}, resume to {steps_a}; uninterrupted reference beside it")
-        out: dict = {}
-        # the reference in its own working directory: its own MLflow store (two writers on one sqlite file race)
-        ref_cwd = work / "reference"
-        ref_cwd.mkdir(exist_ok=True)
-        ref = threading.Thread(target=lambda: out.update(reference=run_job(
-            ref_cwd, "runs/uninterrupted", job_args(mb, steps_a, 1, True), det_env, job_timeout)))
-        ref.start()
-        out["interrupted"] = run_job(work, "runs/resumed", job_args(mb, steps_a, 1, True), det_env, job_timeout,
-                                     stop_after_step=stop_a)  # fmt: skip
-        out["resumed"] = run_job(work, "runs/resumed", job_args(mb, steps_a, 1, True), det_env, job_timeout)
-        ref.join()
-        return out
-
-    jobs = (attempt("resume check", resume_check) or {}) if "resume" in pieces else {}
-    a1, a2, ref = (jobs.get(k, {}) for k in ("interrupted", "resumed", "reference"))
-    s1, s2, sr = (j.get("summary", {}) for j in (a1, a2, ref))
-    result["job_status"] = s2.get("status")
-    result["resumed"] = bool(s1.get("status") == "interrupted" and 0 < (s1.get("steps") or 0) < steps_a
-                             and s2.get("status") == "completed" and s2.get("steps") == steps_a
-                             and s2.get("restarts") == 1)  # fmt: skip
-    result["weights_equal_uninterrupted"] = (s2.get("weights_sha256") == sr.get("weights_sha256")
-                                             if s2.get("weights_sha256") and sr.get("weights_sha256") else None)
-    result["losses_equal_uninterrupted"] = (s2.get("loss_digest") == sr.get("loss_digest")
-                                            if s2.get("loss_digest") and sr.get("loss_digest") else None)
-    result["jobs"] = {k: {"rc": j.get("rc"), "status": j.get("summary", {}).get("status"),
-                          "steps": j.get("summary", {}).get("steps"), "wall_s": j.get("wall_s"),
-                          "restarts": j.get("summary", {}).get("restarts"), "log": j.get("log"),
-                          "log_tail": j.get("log_tail")} for k, j in jobs.items()}  # fmt: skip
-
-    save()  # so far: a timeout later keeps what was measured
-    # 3. model step: baseline and variants
-    note("model step: baseline (today's configuration) and variants")
-    variants: dict[str, dict] = {}
-    base_kw = dict(name="danet152", batch=mb, res=res, width=width, layout="model", benchmark=False,
-                   policy="none", warmup=warmup, repeats=repeats)  # fmt: skip
-    got = attempt("baseline", lambda: model_step(device, **base_kw)) if "baseline" in pieces else None
-    if got:
-        variants["baseline"] = got
-        result["baseline_img_per_s"] = got["img_per_s"]
-    save()  # so far: a timeout later keeps what was measured
-    # 4. the job's steady state (the preset's per-GPU micro-batch)
-    spe = (classes * per_class) // mb
-    steps_c = max(3, min(steps_c, spe - 1))  # inside the first epoch: no evaluation or epoch checkpoint in it
-    every = max(1, steps_c // 6)
-
-    def steady_job(label: str, *extra: str) -> dict:
-        """The job, not deterministic, for steps_c steps: its steady-state rate and peak memory."""
-        j = run_job(work, f"runs/{label}", job_args(mb, steps_c, every, False) + ["train.checkpoint_every_steps=0",
-                                                                                 *extra], env, job_timeout)
-        peak = mlflow_peak_mb(work / "mlflow.db", j["summary"].get("mlflow_run_id"))
-        out = {"rate": steady_rate(j["steps"], mb), "peak_gb": peak / 1024 if peak is not None and cuda else None}
-        result["jobs"][label] = {"rc": j["rc"], "status": j["summary"].get("status"), "overrides": list(extra),
-                                 "steps": j["summary"].get("steps"), "wall_s": j["wall_s"],
-                                 "whole_run_img_per_s": j["summary"].get("images_per_sec"),
-                                 "img_per_s": out["rate"], "peak_memory_gb": out["peak_gb"],
-                                 "log": j["log"], "log_tail": j["log_tail"]}  # fmt: skip
-        return out
-    note(f"job: steady state, micro-batch {mb}, {steps_c} steps, progress every {every}")
-    if "throughput" not in pieces:
-        pass
-    elif elapsed() < budget * 0.7:
-        tput = attempt("throughput job", lambda: steady_job("throughput"))
-        if tput:
-            result["end_to_end_img_per_s"] = tput["rate"]
-            result["peak_memory_gb"] = tput["peak_gb"]
-    else:
-        result["errors"].append("throughput job: skipped (time budget)")
-
-    save()  # so far: a timeout later keeps what was measured
-    # 3b. model-step variants (levers, side by side with the baseline)
-    options = {
-        "benchmark": {"benchmark": True},
-        "job_layout": {"benchmark": True, "layout": "input"},
-        "batch64": {"benchmark": True, "batch": 2 * mb},
-        "compile": {"benchmark": True, "compile_": True},
-    }
-    for name in [v for v in args.variants.split(",") if v and "variants" in pieces]:
-        if name not in options:
-            result["errors"].append(f"variant {name!r}: unknown; valid: {', '.join(options)}")
-            continue
-        if elapsed() > budget * 0.8:
-            result["errors"].append(f"variant {name}: skipped (time budget)")
-            continue
-        got = attempt(f"variant {name}", lambda n=name: model_step(device, **{**base_kw, **options[n]}))
-        if got:
-            variants[name] = got
-    if variants:
-        best = max(variants, key=lambda k: variants[k]["img_per_s"])
-        result["model_step_img_per_s"] = variants[best]["img_per_s"]
-        result["fastest_variant"] = best
-        result["fastest_micro_batch"] = {**base_kw, **options.get(best, {})}["batch"]
-    result["model_step_variants"] = variants
-
-    if result["peak_memory_gb"] is None and variants.get("baseline"):
-        result["peak_memory_gb"] = variants["baseline"]["peak_gb"]
-        result["peak_memory_source"] = "model step (baseline)"
-
-    save()  # so far: a timeout later keeps what was measured
-    # 5. profile of the fastest model step
-    if "profile" in pieces and elapsed() < budget * 0.9 and result.get("fastest_variant"):
-        note("profile: a few steps of the fastest model step")
-        kw = {**base_kw, **options.get(result["fastest_variant"], {}), "warmup": 2, "repeats": 1, "profile": True}
-        got = attempt("profile", lambda: model_step(device, **kw))
-        result["profile"] = got.get("profile") if got else None
-    save()  # so far: a timeout later keeps what was measured
-    # 6. the same steady-state job on DeepSpeed's bf16 engine, beside bf16-mixed (auto on a GPU)
-    if "precision" in pieces and cuda and result["end_to_end_img_per_s"] and elapsed() < budget * 0.8:
-        note("job: steady state again with train.precision=bf16 (DeepSpeed's bf16 engine)")
-        other = attempt("precision job", lambda: steady_job("throughput_bf16", "train.precision=bf16"))
-        result["end_to_end_by_precision"] = {"bf16-mixed": result["end_to_end_img_per_s"],
-                                             "bf16": other["rate"] if other else None}
-    elif "precision" in pieces and cuda:
-        result["errors"].append("precision job: skipped (time budget or no bf16-mixed rate)")
-    save()
-    note(f"wrote {out_json}")
-    print(table(result))
-    ok = not result["errors"] and ("resume" not in pieces or result["job_status"] == "completed")
-    return 0 if ok else 1
+    return TrainCheck(args, torch.device("cuda" if cuda else "cpu"), gpu).run()
 
 
 if __name__ == "__main__":
