@@ -19,10 +19,12 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    is ``model_step_img_per_s`` (``fastest_variant``, ``fastest_micro_batch``).
 6. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
    LIF, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall time the GPU was idle).
-7. Memory per checkpointing policy on the fastest model step's settings: measured peak and rate against
+7. The steady-state job of 4 again at the micro-batch ``orchestrator plan`` gives this card, if above the
+   preset's 32: ``end_to_end_by_micro_batch``.
+8. Memory per checkpointing policy on the fastest model step's settings: measured peak and rate against
    ``orchestrator plan``'s estimate at that micro-batch, the plan's ``auto`` choice for this card, and the
    fastest policy that fits it (``memory_by_policy``).
-8. If time is left, the steady-state job of 4 once more with ``train.precision=bf16`` (DeepSpeed's bf16 engine,
+9. If time is left, the steady-state job of 4 once more with ``train.precision=bf16`` (DeepSpeed's bf16 engine,
    the job's precision before ``auto`` became bf16-mixed), side by side: ``end_to_end_by_precision``.
 
 Each piece is skipped, with the reason in ``errors``, when the time budget (``--budget-s``) is spent; the JSON is
@@ -38,6 +40,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -53,7 +56,7 @@ REQUIRED = ("gpu", "torch", "model", "T", "resolution", "precision", "micro_batc
             "baseline_img_per_s", "model_step_img_per_s", "end_to_end_img_per_s", "peak_memory_gb",
             "job_status", "resumed")  # fmt: skip
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
-PIECES = ("resume", "baseline", "throughput", "variants", "profile", "memory", "precision")
+PIECES = ("resume", "baseline", "throughput", "variants", "profile", "plan_batch", "memory", "precision")
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -348,6 +351,8 @@ def table(result: dict) -> str:
             ("baseline model step img/s (today's config)", fmt(result["baseline_img_per_s"])),
             (f"fastest model step img/s ({result.get('fastest_variant')})", fmt(result["model_step_img_per_s"])),
             ("end to end img/s (real job, steady state)", fmt(result["end_to_end_img_per_s"])),
+            *[(f"end to end img/s, micro-batch {k}", fmt(v))
+              for k, v in (result.get("end_to_end_by_micro_batch") or {}).items() if len(result["end_to_end_by_micro_batch"]) > 1],
             *[(f"end to end img/s, train.precision={k}", fmt(v))
               for k, v in (result.get("end_to_end_by_precision") or {}).items()],
             ("peak memory GB", fmt(result["peak_memory_gb"])),
@@ -503,6 +508,8 @@ class TrainCheck:
             out: dict = {}
             # the reference in its own working directory: its own MLflow store (two writers on one sqlite file race)
             ref_cwd = self.work / "reference"
+            for old in (self.work / "runs" / "resumed", ref_cwd / "runs" / "uninterrupted"):
+                shutil.rmtree(old, ignore_errors=True)  # a rerun starts both from scratch
             ref_cwd.mkdir(exist_ok=True)
             ref = threading.Thread(target=lambda: out.update(
                 reference=run_job(ref_cwd, "runs/uninterrupted", args, det_env, z.job_timeout)))
@@ -535,18 +542,20 @@ class TrainCheck:
             self.variants["baseline"] = got
             self.result["baseline_img_per_s"] = got["img_per_s"]
 
-    def steady_job(self, label: str, *extra: str) -> dict:
+    def steady_job(self, label: str, *extra: str, micro_batch: int | None = None) -> dict:
         """The job, not deterministic, inside its first epoch (no evaluation or epoch checkpoint in the window):
-        its steady-state rate and peak memory."""
-        z, mb = self.z, self.z.micro_batch
+        its steady-state rate and peak memory (at the preset's micro-batch unless given)."""
+        z, mb = self.z, micro_batch or self.z.micro_batch
         steps = max(3, min(z.steady_steps, (z.classes * z.per_class) // mb - 1))
         every = max(1, steps // 6)
         self.note(f"job {label}: steady state, micro-batch {mb}, {steps} steps, progress every {every}")
+        shutil.rmtree(self.work / "runs" / label, ignore_errors=True)  # a rerun must not resume a finished run
         j = run_job(self.work, f"runs/{label}", self.job_args(mb, steps, every, False)
                     + ["train.checkpoint_every_steps=0", *extra], self.env, z.job_timeout)  # fmt: skip
         peak = mlflow_peak_mb(self.work / "mlflow.db", j["summary"].get("mlflow_run_id"))
         out = {"rate": steady_rate(j["steps"], mb), "peak_gb": peak / 1024 if peak is not None and self.cuda else None}
         self.result["jobs"][label] = {"rc": j["rc"], "status": j["summary"].get("status"), "overrides": list(extra),
+                                      "micro_batch": mb,
                                       "steps": j["summary"].get("steps"), "wall_s": j["wall_s"],
                                       "whole_run_img_per_s": j["summary"].get("images_per_sec"),
                                       "img_per_s": out["rate"], "peak_memory_gb": out["peak_gb"],
@@ -602,20 +611,13 @@ class TrainCheck:
         self.result["profile"] = got.get("profile") if got else None
 
     def memory(self) -> None:
-        """7. Per checkpointing policy, on the fastest model step's settings: the measured peak and step rate
+        """8. Per checkpointing policy, on the fastest model step's settings: the measured peak and step rate
         against ``orchestrator plan``'s estimate at that micro-batch, and whether ``auto`` (the plan's choice for
         this card) is the fastest policy that fits it."""
-        import torch
-
-        from orchestrator.config import load_config
-        from orchestrator.plan import POLICIES, choose_auto, estimate
+        from orchestrator.plan import POLICIES, choose_auto
 
         kw = {**self.fastest_kw(), "warmup": 1, "repeats": 2}
-        card_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if self.cuda else 80.0  # CPU: nominal
-        cfg = load_config("danet152_imagenet", [f"model.width={self.z.width}", f"data.image_size={self.z.res}",
-                                                f"model.input_size={self.z.res}", f"train.micro_batch_size={kw['batch']}",
-                                                "launch.nodes=1", "launch.gpus_per_node=1"])  # fmt: skip
-        plan = {r["policy"]: r for r in estimate(cfg, card_gb, 1)}
+        plan, card_gb = self.plan_rows(kw["batch"])
         rows: dict[str, dict] = {}
         for policy in POLICIES:
             if not self.within(0.85, f"memory {policy}"):
@@ -632,8 +634,44 @@ class TrainCheck:
             "auto_policy": choose_auto(list(plan.values()))["policy"],
             "fastest_fitting_policy": max(fitting, key=lambda p: rows[p]["img_per_s"]) if fitting else None}
 
+    def plan_rows(self, micro_batch: int) -> tuple[dict[str, dict], float]:
+        """``orchestrator plan``'s per-policy estimate for the danet152 preset at ``micro_batch`` on this card
+        (CPU: a nominal 80 GiB card), and the card's memory in GiB."""
+        import torch
+
+        from orchestrator.config import load_config
+        from orchestrator.plan import estimate
+
+        card_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if self.cuda else 80.0
+        z = self.z
+        cfg = load_config("danet152_imagenet", [f"model.width={z.width}", f"data.image_size={z.res}",
+                                                f"model.input_size={z.res}", f"train.micro_batch_size={micro_batch}",
+                                                "launch.nodes=1", "launch.gpus_per_node=1"])  # fmt: skip
+        return {r["policy"]: r for r in estimate(cfg, card_gb, 1)}, card_gb
+
+    def plan_batch(self) -> None:
+        """7. The steady-state job again at the micro-batch ``orchestrator plan`` gives this card (the largest that
+        fits under the policy ``auto`` picks; a multiple of 8, at most 128 and within the first epoch), beside
+        the preset's: ``end_to_end_by_micro_batch``."""
+        from orchestrator.plan import choose_auto
+
+        z = self.z
+        rows, _ = self.plan_rows(z.micro_batch)
+        cap = min(128, (z.classes * z.per_class) // 4) if self.cuda else 2 * z.micro_batch  # CPU: the path only
+        micro = min(cap, choose_auto(list(rows.values()))["max_micro_batch"])
+        micro = micro - micro % 8 if micro >= 8 else micro
+        by = {str(z.micro_batch): self.result["end_to_end_img_per_s"]}
+        self.result["end_to_end_by_micro_batch"] = by
+        if micro <= z.micro_batch:
+            self.result["plan_micro_batch_note"] = f"plan's micro-batch {micro} is not above the preset's"
+            return
+        if not self.within(0.75, f"plan micro-batch job ({micro})"):
+            return
+        got = self.attempt("plan micro-batch job", lambda: self.steady_job(f"throughput_mb{micro}", micro_batch=micro))
+        by[str(micro)] = got["rate"] if got else None
+
     def precision(self) -> None:
-        """8. If time is left, the steady-state job again on DeepSpeed's bf16 engine, beside bf16-mixed."""
+        """9. If time is left, the steady-state job again on DeepSpeed's bf16 engine, beside bf16-mixed."""
         if not self.cuda:
             return
         if not (self.result["end_to_end_img_per_s"] and self.elapsed() < self.z.budget * 0.8):
@@ -649,8 +687,8 @@ class TrainCheck:
             print(table(self.result))
             return 1
         steps = [("resume", self.resume), ("baseline", self.baseline), ("throughput", self.throughput),
-                 ("variants", self.levers), ("profile", self.profile), ("memory", self.memory),
-                 ("precision", self.precision)]
+                 ("variants", self.levers), ("profile", self.profile),
+                 ("plan_batch", self.plan_batch), ("memory", self.memory), ("precision", self.precision)]
         for piece, fn in steps:
             if piece in self.pieces:
                 fn()
