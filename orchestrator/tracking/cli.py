@@ -34,6 +34,8 @@ KEY_PARAMS = (
 LIST_METRIC_PATTERNS = (r"val.*top.?1|top.?1.*val", r"val.*loss", r"^(train.?)?loss$|train.*loss")
 CELL = 36
 VAL_METRIC = "val_top1"
+
+
 def _user_error(msg: str) -> Exception:
     try:
         from orchestrator.errors import UserError
