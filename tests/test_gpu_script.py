@@ -158,3 +158,23 @@ def test_memory_piece_measures_every_policy_against_the_plan(tmp_path):
     late.z = dataclasses.replace(late.z, budget=0.0)
     late.memory()
     assert late.result["memory_by_policy"]["policies"] == {} and "memory none: skipped (time budget)" in late.result["errors"]
+
+
+def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    """run(): a piece that raises (here the plan estimate inside plan_batch) lands in ``errors`` and the JSON;
+    the pieces after it still run and the exit code says something failed."""
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(out=tmp_path, pieces="plan_batch,precision", site=None, budget_s=450.0, variants="",
+                              pack_photos=None)
+    check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+    (check.ffr / "meta.json").parent.mkdir(parents=True)
+    (check.ffr / "meta.json").write_text("{}")  # the dataset piece finds its folder made
+    monkeypatch.setattr(check, "plan_rows", lambda micro: (_ for _ in ()).throw(RuntimeError("no plan here")))
+    ran = []
+    monkeypatch.setattr(check, "precision", lambda: ran.append("precision"))
+    assert check.run() == 1
+    saved = json.loads(check.out_json.read_text())
+    assert saved["errors"] == ["plan_batch: RuntimeError: no plan here"] and ran == ["precision"]

@@ -691,7 +691,7 @@ class TrainCheck:
                  ("plan_batch", self.plan_batch), ("memory", self.memory), ("precision", self.precision)]
         for piece, fn in steps:
             if piece in self.pieces:
-                fn()
+                self.attempt(piece, fn)  # a piece's own defect (not only its jobs') must not lose the rest
             if piece == "variants":
                 self.summarise_variants()
             self.save()
