@@ -68,12 +68,15 @@ def _need(static: float, per_image: float, batch: int) -> float:
     return (static + batch * per_image) * (1 + WORKSPACE_FRACTION)
 
 
-def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "bf16-mixed") -> list[dict]:
-    """Per-policy memory estimate at the config's micro-batch and the largest micro-batch that fits."""
+def estimate(cfg: Config, gpu_mem_gb: float, world_size: int, precision: str = "bf16-mixed",
+             probe: tuple[dict[str, int], int] | None = None) -> list[dict]:
+    """Per-policy memory estimate at the config's micro-batch and the largest micro-batch that fits.
+    ``probe``: ``activation_bytes(cfg)`` already measured (it builds the model), for estimates of one model at
+    several micro-batches."""
     res = cfg.data.image_size
     micro = cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world_size)
     act_scale = (res / PROBE_RES) ** 2 * (1.0 if precision == "fp32" else 0.5)  # every low precision: 2-byte activations
-    acts, n_params = activation_bytes(cfg)
+    acts, n_params = probe or activation_bytes(cfg)
     static = n_params * _bytes_per_param(cfg, precision, world_size)
     rows = []
     for policy in POLICIES:

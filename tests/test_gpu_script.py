@@ -153,6 +153,9 @@ def test_memory_piece_measures_every_policy_against_the_plan(tmp_path):
     for row in mem["policies"].values():
         assert row["plan_gb"] > 0 and row["img_per_s"] > 0 and row["peak_gb"] is None  # no device peak on CPU
     assert mem["auto_policy"] in POLICIES and mem["fastest_fitting_policy"] in POLICIES
+    probe = check._plan_probe
+    rows, _ = check.plan_rows(4 * check.z.micro_batch)  # another micro-batch: the same probe, a larger estimate
+    assert check._plan_probe is probe and rows["none"]["est_gb"] > mem["policies"]["none"]["plan_gb"]
     assert "auto -> " in gtc.table({**{k: None for k in gtc.REQUIRED}, **check.result})
     late = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
     late.z = dataclasses.replace(late.z, budget=0.0)
@@ -172,7 +175,11 @@ def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
     (check.ffr / "meta.json").parent.mkdir(parents=True)
     (check.ffr / "meta.json").write_text("{}")  # the dataset piece finds its folder made
-    monkeypatch.setattr(check, "plan_rows", lambda micro: (_ for _ in ()).throw(RuntimeError("no plan here")))
+
+    def no_plan(micro_batch: int):
+        raise RuntimeError("no plan here")
+
+    monkeypatch.setattr(check, "plan_rows", no_plan)
     ran = []
     monkeypatch.setattr(check, "precision", lambda: ran.append("precision"))
     assert check.run() == 1

@@ -447,6 +447,7 @@ class TrainCheck:
                             repeats=self.z.repeats)  # fmt: skip
         self.variants: dict[str, dict] = {}
         self.ffr = self.work / "imagenet_ffr"
+        self._plan_probe: tuple[dict[str, int], int] | None = None
 
     # ---- bookkeeping
     def elapsed(self) -> float:
@@ -640,14 +641,16 @@ class TrainCheck:
         import torch
 
         from orchestrator.config import load_config
-        from orchestrator.plan import estimate
+        from orchestrator.plan import activation_bytes, estimate
 
         card_gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if self.cuda else 80.0
         z = self.z
         cfg = load_config("danet152_imagenet", [f"model.width={z.width}", f"data.image_size={z.res}",
                                                 f"model.input_size={z.res}", f"train.micro_batch_size={micro_batch}",
                                                 "launch.nodes=1", "launch.gpus_per_node=1"])  # fmt: skip
-        return {r["policy"]: r for r in estimate(cfg, card_gb, 1)}, card_gb
+        if self._plan_probe is None:  # the model's activation probe, once for every micro-batch asked about
+            self._plan_probe = activation_bytes(cfg)
+        return {r["policy"]: r for r in estimate(cfg, card_gb, 1, probe=self._plan_probe)}, card_gb
 
     def plan_batch(self) -> None:
         """7. The steady-state job again at the micro-batch ``orchestrator plan`` gives this card (the largest that
