@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import empty_seq_like, empty_step_like, is_dense, same_step_layout
+from .layout import empty_seq_like, empty_step_like, is_dense, seq_operand, step_operand
 from .neuron_spec import NeuronSpec
 
 BLOCK = 1024
@@ -121,23 +121,6 @@ def _charge(spec: NeuronSpec) -> int:
     return _CHARGE["lif_decay" if spec.decay_input else "lif"]
 
 
-def _seq_operand(t: torch.Tensor, ref_step: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``t`` and its time stride if each of its steps is laid out as ``ref_step``; else a dense copy that is."""
-    if same_step_layout(t[0], ref_step):
-        return t, t.stride(0)
-    out = torch.empty((t.shape[0], *ref_step.shape), dtype=t.dtype, device=t.device)
-    out = out.as_strided(t.shape, (ref_step.numel(), *ref_step.stride()))
-    out.copy_(t)
-    return out, ref_step.numel()
-
-
-def _step_operand(t: torch.Tensor, ref_step: torch.Tensor) -> torch.Tensor:
-    if same_step_layout(t, ref_step):
-        return t
-    out = torch.empty_like(ref_step, dtype=t.dtype)  # ref_step is dense: empty_like keeps its strides
-    return out.copy_(t)
-
-
 def _grid(m: int) -> tuple[int]:
     if m >= 2**31 - BLOCK:
         raise ValueError(f"one time step has {m} elements; the Triton LIF kernel handles < 2**31 - {BLOCK}")
@@ -151,8 +134,8 @@ def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
     v_last = empty_step_like(x_seq)
     ref = h_seq[0]
     m = ref.numel()
-    x, x_st = _seq_operand(x_seq, ref)
-    v0c = _step_operand(v0, ref) if v0 is not None else v_last  # a dummy pointer when absent (never read)
+    x, x_st = seq_operand(x_seq, ref)
+    v0c = step_operand(v0, ref) if v0 is not None else v_last  # a dummy pointer when absent (never read)
     hard = spec.v_reset is not None
     _lif_fwd[_grid(m)](
         x, v0c, s_seq, h_seq, v_last, m, x_st,
@@ -172,8 +155,8 @@ def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, s
         h_seq, ref = dense.copy_(h_seq), dense[0]
     g_x = empty_seq_like(h_seq)
     g_v0 = empty_step_like(h_seq)
-    gs, gs_st = _seq_operand(g_s, ref)
-    gv = _step_operand(g_v, ref) if g_v is not None else g_v0  # dummy pointer when absent (never read)
+    gs, gs_st = seq_operand(g_s, ref)
+    gv = step_operand(g_v, ref) if g_v is not None else g_v0  # dummy pointer when absent (never read)
     k = 1.0 / spec.tau
     a = 1.0 if spec.type == "if" else 1.0 - k
     b = k if (spec.type != "if" and spec.decay_input) else 1.0

@@ -4,10 +4,12 @@
 ``sew_resnet50`` and ``danet50`` and SpikingJelly's multi-step ``sew_resnet50`` (LIFNode tau 2, ATan(2), hard reset
 0, detach_reset, the same neuron as ours; its CPU LIF op is its only and fastest CPU backend), T=4, batch 4,
 112x112, 2 threads. The models are timed round-robin, one step each per round, so load from other processes on a
-shared machine hits all of them alike; the median over the rounds after warm-up is reported.
+shared machine hits all of them alike; the median over the rounds after warm-up is reported. Our sew_resnet50 is
+also timed in the same rounds with its C++ CPU kernels switched off ("ours, torch ops": the fused LIF's
+vectorised torch path and torch's BatchNorm), which is what those kernels give.
 
-``run_lif_bench()``: one LIF layer ``[T=4, N=4, 256, 28, 28]`` forward + backward: our fused op, our reference
-loop (autograd through every step) and SpikingJelly's LIFNode.
+``run_lif_bench()``: one LIF layer ``[T=4, N=4, 256, 28, 28]`` forward + backward: our fused op (C++ kernel, and
+its torch path), our reference loop (autograd through every step) and SpikingJelly's LIFNode.
 
 SpikingJelly's model file imports one function from torchvision (``load_state_dict_from_url``, for pretrained
 weights), and torchvision does not work beside this torch build (``operator torchvision::nms does not exist``,
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _cpu_kernels
 from .neurons import MultiStepNeuron, NeuronSpec
 from .resnet import create_model
 
@@ -138,6 +141,13 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
         for name in ("sew_resnet50", "danet50")
     }
     steps = {("ours", n): our_step(m) for n, m in ours.items()}
+    sew_step = steps[("ours", "sew_resnet50")]
+
+    def torch_ops_step() -> None:  # the same model on the torch paths its CPU kernels replace
+        with _cpu_kernels.disabled():
+            sew_step()
+
+    steps[("ours, torch ops", "sew_resnet50")] = torch_ops_step
     steps[("spikingjelly", "sew_resnet50")] = sj_step
     times = _rounds(steps, warmup, repeats)  # type: ignore[arg-type]
 
@@ -171,6 +181,10 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
         # the same ratio from the fastest step of each: steadier where other processes share the cores
         "ratio_min_step": by[("spikingjelly", "sew_resnet50")]["step_s_min"]
         / by[("ours", "sew_resnet50")]["step_s_min"],
+        # what the C++ CPU kernels (models/_cpu_kernels.py) give our own step
+        "cpu_kernels": _cpu_kernels.library() is not None,
+        "ratio_cpu_kernels_vs_torch_ops": by[("ours, torch ops", "sew_resnet50")]["step_s_median"]
+        / by[("ours", "sew_resnet50")]["step_s_median"],
         "lif": run_lif_bench(),
     }
     if json_path:
@@ -204,8 +218,13 @@ def run_lif_bench(
 
         return step
 
+    def fused_torch_ops() -> None:
+        with _cpu_kernels.disabled():
+            run(fused)()
+
     times = _rounds(
-        {"fused": run(fused), "reference": run(reference), "spikingjelly": run(sj, functional.reset_net)},
+        {"fused": run(fused), "fused, torch ops": fused_torch_ops, "reference": run(reference),
+         "spikingjelly": run(sj, functional.reset_net)},
         warmup,
         repeats,
     )

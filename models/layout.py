@@ -48,6 +48,25 @@ def same_step_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def seq_operand(t: torch.Tensor, ref_step: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``t`` and its time stride if each of its steps is laid out as ``ref_step`` (dense); else a dense copy that
+    is. For kernels that address a sequence as ``base + t * time_stride + i`` (0 for a broadcast over T)."""
+    if same_step_layout(t[0], ref_step):
+        return t, t.stride(0)
+    out = torch.empty((t.shape[0], *ref_step.shape), dtype=t.dtype, device=t.device)
+    out = out.as_strided(t.shape, (ref_step.numel(), *ref_step.stride()))
+    out.copy_(t)
+    return out, ref_step.numel()
+
+
+def step_operand(t: torch.Tensor, ref_step: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is laid out as ``ref_step`` (dense), else a copy that is."""
+    if same_step_layout(t, ref_step):
+        return t
+    out = torch.empty_like(ref_step, dtype=t.dtype)  # ref_step is dense: empty_like keeps its strides
+    return out.copy_(t)
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: the elements fill ``numel`` consecutive slots in some dim order."""
     return t.permute(physical_order(t)).is_contiguous()

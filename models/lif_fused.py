@@ -13,10 +13,13 @@ Backward, per step t from T-1 down to 0, with ``g_v`` the gradient reaching the 
     g_x[t] = g_h[t] * b        (b = 1/tau for LIF with decay_input, else 1)
     g_v    = g_h[t] * a        (a = 1 - 1/tau for LIF, 1 for IF)
 
-CPU (and CUDA without Triton): a vectorised loop over T writing into preallocated buffers (three passes over the
-data per step forward, six backward for the default neuron). CUDA with Triton importable: one kernel over all
-T per direction (``_lif_triton``); any failure to build or run it falls back to the vectorised path, with a
-warning.
+Three implementations of the same equations, chosen per call:
+- CUDA with Triton importable: one kernel over all T per direction (``_lif_triton``);
+- CPU, float32 / float64: one C++ pass over all T per direction (``_cpu_kernels``, built on first use with the
+  system compiler);
+- anywhere else, and wherever those cannot be built: the vectorised torch loop over T below, writing into
+  preallocated buffers (three passes over the data per step forward, six backward for the default neuron).
+A kernel that fails to build falls back to the vectorised path, with a warning.
 
 The op is registered with ``torch.library`` (``danet::lif_forward`` / ``danet::lif_backward``, each with a fake
 kernel for tracing and the pair wired as forward and backward), so ``torch.compile(fullgraph=True)`` sees one
@@ -33,6 +36,7 @@ import warnings
 
 import torch
 
+from . import _cpu_kernels
 from .layout import empty_seq_like, empty_step_like
 from .neuron_spec import NeuronSpec
 
@@ -57,9 +61,10 @@ def _coefficients(spec: NeuronSpec) -> tuple[float, float]:
     return 1.0 - k, (k if spec.decay_input else 1.0)
 
 
-def _forward_cpu(
+def forward_vectorised(
     x_seq: torch.Tensor, v: torch.Tensor | None, spec: NeuronSpec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(spikes, final membrane, h) with torch ops, a loop over T: any device and dtype."""
     thr = spec.v_threshold
     vr = 0.0 if spec.v_reset is None else spec.v_reset
     k = 1.0 / spec.tau
@@ -100,10 +105,11 @@ def _forward_cpu(
     return s_seq, v_buf, h_seq
 
 
-def _backward_cpu(
+def backward_vectorised(
     g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """g_x and the gradient of the initial membrane; g_h[t] is built in g_x[t], scaled by b at the end."""
+    """g_x and the gradient of the initial membrane with torch ops; g_h[t] is built in g_x[t], scaled by b at the
+    end."""
     thr, alpha = spec.v_threshold, spec.surrogate_alpha
     a, b = _coefficients(spec)
     steps = h_seq.shape[0]
@@ -177,7 +183,9 @@ def _lif_forward(x_seq, v0, *fields):
 def _forward(x_seq, v0, spec: NeuronSpec):
     if x_seq.is_cuda and _triton_ok():
         return _forward_triton(x_seq, v0, spec)
-    return _forward_cpu(x_seq, v0, spec)
+    if _cpu_kernels.applies(x_seq):
+        return _cpu_kernels.forward(x_seq, v0, spec)
+    return forward_vectorised(x_seq, v0, spec)
 
 
 @_lif_forward.register_fake
@@ -197,7 +205,9 @@ def _lif_backward(g_s, g_v, h_seq, *fields):
 def _backward(g_s, g_v, h_seq, spec: NeuronSpec):
     if h_seq.is_cuda and _triton_ok():
         return _backward_triton(g_s, g_v, h_seq, spec)
-    return _backward_cpu(g_s, g_v, h_seq, spec)
+    if _cpu_kernels.applies(h_seq):
+        return _cpu_kernels.backward(g_s, g_v, h_seq, spec)
+    return backward_vectorised(g_s, g_v, h_seq, spec)
 
 
 @_lif_backward.register_fake
@@ -282,7 +292,7 @@ def _forward_triton(x_seq, v0, spec):
     except Exception as exc:
         _TRITON_STATE["ok"] = False
         warnings.warn(f"Triton LIF kernel failed ({exc!r}); using the vectorised path", stacklevel=2)
-        return _forward_cpu(x_seq, v0, spec)
+        return forward_vectorised(x_seq, v0, spec)
 
 
 def _backward_triton(g_s, g_v, h_seq, spec):
@@ -293,4 +303,4 @@ def _backward_triton(g_s, g_v, h_seq, spec):
     except Exception as exc:
         _TRITON_STATE["ok"] = False
         warnings.warn(f"Triton LIF backward failed ({exc!r}); using the vectorised path", stacklevel=2)
-        return _backward_cpu(g_s, g_v, h_seq, spec)
+        return backward_vectorised(g_s, g_v, h_seq, spec)

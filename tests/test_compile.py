@@ -58,7 +58,10 @@ def _compare(policy: str, channels_last: bool) -> None:
         rel = ((a.grad - b.grad).norm() / a.grad.norm().clamp_min(1e-30)).item()
         assert rel <= 1e-5, f"{name}: rel err {rel:.2e}"
     for (name, a), b in zip(eager.named_buffers(), compiled.buffers(), strict=True):
-        assert torch.equal(a, b), name  # BatchNorm running statistics updated once, as in eager
+        # BatchNorm running statistics updated once, as in eager: to rounding, as eager's CPU BatchNorm (the
+        # C++ kernel, models/_cpu_kernels.py) sums in another order than the traced torch op; a second update
+        # would move them by the momentum, orders of magnitude more
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8, msg=name)
 
 
 def test_danet_compiles_fullgraph_and_matches_eager():

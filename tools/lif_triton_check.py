@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from models import _lif_triton as K  # noqa: E402
 from models.layout import empty_seq_like, empty_step_like  # noqa: E402
-from models.lif_fused import _backward_cpu, _forward_cpu  # noqa: E402
+from models.lif_fused import backward_vectorised, forward_vectorised  # noqa: E402
 from models.neuron_spec import NeuronSpec  # noqa: E402
 
 CASES = [
@@ -61,7 +61,7 @@ def run(device: torch.device, cases: list[dict] | None = None) -> list[str]:
         for (name, x), v0 in itertools.product(_layouts(base).items(), (None, v0_cl)):
             tag = f"{case or 'default'} {str(dtype)[6:]} x={name} v0={'cl' if v0 is not None else 'none'}"
             s1, v1, h1 = K.forward(x, v0, spec)
-            s2, v2, h2 = _forward_cpu(x, v0, spec)
+            s2, v2, h2 = forward_vectorised(x, v0, spec)
             if s1.stride() != empty_seq_like(x).stride() or v1.stride() != empty_step_like(x).stride():
                 failures.append(f"{tag}: output strides {s1.stride()} / {v1.stride()}")
             if exact and not (torch.equal(s1, s2) and torch.allclose(h1, h2, atol=1e-6)
@@ -77,7 +77,7 @@ def run(device: torch.device, cases: list[dict] | None = None) -> list[str]:
             }
             for (gname, g), gv in itertools.product(grads.items(), (None, rnd(N, C, H, W).to(dtype))):
                 gx1, gv1 = K.backward(g, gv, h2, spec)
-                gx2, gv2 = _backward_cpu(g, gv, h2, spec)
+                gx2, gv2 = backward_vectorised(g, gv, h2, spec)
                 tol = 1e-5 if exact else 5e-2
                 if not (torch.allclose(gx1.float(), gx2.float(), atol=tol, rtol=tol)
                         and torch.allclose(gv1.float(), gv2.float(), atol=tol, rtol=tol)):  # fmt: skip

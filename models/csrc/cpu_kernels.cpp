@@ -1,0 +1,329 @@
+// The fused multi-step LIF / IF on CPU: one pass over the data per direction (models/_cpu_kernels.py builds and
+// loads this file; models/lif_fused.py documents the equations).
+//
+// Every operand is addressed as base + t * t_stride + i, i in [0, M): each time step is one dense block of M
+// elements in the same physical order in every operand (the Python side guarantees it). Outputs are dense
+// sequences (time stride M); an input may have any time stride, 0 included (a sequence broadcast over T).
+//
+// Forward reads x once and writes the spikes and the charged potential h once; backward reads g_s and h once
+// and writes g_x once. The membrane (forward) and the gradient reaching it (backward) stay in a small block
+// buffer across the T steps, so the inner loops run over consecutive elements and vectorise.
+//
+// Rounding follows the vectorised torch path the Python side falls back to (torch.lerp's and torch.add(alpha=)'s
+// fused multiply-adds, written as std::fma; -ffp-contract=off keeps everything else as written), so the spikes
+// and h equal that path's except where an FMA-less build of torch rounds differently.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/Parallel.h>
+
+extern "C" {
+
+// The neuron, as models/_cpu_kernels.py's _Spec lays it out.
+struct LifSpec {
+    int32_t charge;        // 0: LIF with decay_input, 1: LIF without, 2: IF
+    int32_t hard_reset;    // v_reset is a number (else soft reset: subtract the threshold)
+    int32_t detach_reset;  // the reset passes no gradient through the spike
+    int32_t surrogate;     // 0: atan, 1: sigmoid, 2: rect
+    double tau;
+    double v_threshold;
+    double v_reset;  // 0 when soft
+    double alpha;    // the surrogate's
+};
+
+}  // extern "C"
+
+namespace {
+
+constexpr int64_t kBlock = 512;      // elements per block: the block buffer stays in L1
+constexpr int64_t kPerThread = 1 << 15;  // fewer elements than this per thread: not worth another thread
+
+// torch.lerp(start, end, w) as torch's vectorised CPU kernel computes it.
+template <typename T>
+inline T lerp(T start, T end, T w) {
+    return std::abs(w) < T(0.5) ? std::fma(w, end - start, start) : std::fma(w - T(1), end - start, end);
+}
+
+// sg(d), d = h - v_threshold, in the operation order of lif_fused._surrogate_ (c2 = (pi / 2 alpha)^2).
+template <int Kind, typename T>
+inline T surrogate(T d, T alpha, T c2, T half_width) {
+    if constexpr (Kind == 0) {
+        return T(1) / (d * d * c2 + T(1)) * (alpha / T(2));
+    } else if constexpr (Kind == 1) {
+        const T s = T(1) / (T(1) + std::exp(-(d * alpha)));
+        return s * (T(1) - s) * alpha;
+    } else {
+        return std::abs(d) < half_width ? alpha : T(0);
+    }
+}
+
+template <typename T>
+struct Forward {
+    const T* x;
+    int64_t x_step;
+    const T* v0;  // nullptr: zeros
+    T* spikes;
+    T* h;
+    T* v_last;
+    int64_t steps;
+    int64_t m;
+    LifSpec spec;
+
+    void operator()(int64_t lo, int64_t hi) const {
+        const T k = T(1.0 / spec.tau);
+        const T keep = T(1.0 - 1.0 / spec.tau);  // torch.add's alpha, rounded as torch rounds it
+        const T vr = T(spec.v_reset), thr = T(spec.v_threshold), vr_k = T(spec.v_reset * (1.0 / spec.tau));
+        const bool shifted = spec.v_reset != 0.0 && spec.hard_reset;
+        T v[kBlock];
+        for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+            const int64_t n = std::min(kBlock, hi - b0);
+            bool have_v = v0 != nullptr;
+            if (have_v) std::copy(v0 + b0, v0 + b0 + n, v);
+            for (int64_t t = 0; t < steps; ++t) {
+                const T* xs = x + t * x_step + b0;
+                T* hs = h + t * m + b0;
+                T* ss = spikes + t * m + b0;
+                // charge (the branch is the same for the whole block: the compiler unswitches it)
+                if (spec.charge == 2) {
+                    if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = xs[j] + v[j];
+                    else std::copy(xs, xs + n, hs);
+                } else if (spec.charge == 0) {
+                    if (have_v && shifted) for (int64_t j = 0; j < n; ++j) hs[j] = lerp(v[j], xs[j] + vr, k);
+                    else if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = lerp(v[j], xs[j], k);
+                    else if (shifted) for (int64_t j = 0; j < n; ++j) hs[j] = (xs[j] + vr) * k;
+                    else for (int64_t j = 0; j < n; ++j) hs[j] = xs[j] * k;
+                } else {
+                    if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = std::fma(v[j], keep, xs[j]);
+                    else std::copy(xs, xs + n, hs);
+                    if (shifted) for (int64_t j = 0; j < n; ++j) hs[j] = hs[j] + vr_k;
+                }
+                // fire and reset
+                if (spec.hard_reset) {
+                    for (int64_t j = 0; j < n; ++j) {
+                        const T s = hs[j] >= thr ? T(1) : T(0);
+                        ss[j] = s;
+                        v[j] = s != T(0) ? vr : hs[j];
+                    }
+                } else {
+                    for (int64_t j = 0; j < n; ++j) {
+                        const T s = hs[j] >= thr ? T(1) : T(0);
+                        ss[j] = s;
+                        v[j] = hs[j] - s * thr;
+                    }
+                }
+                have_v = true;
+            }
+            std::copy(v, v + n, v_last + b0);
+        }
+    }
+};
+
+// One time step of backward over a block: g (the carry into step t) becomes the carry into step t - 1.
+template <int Kind, bool Hard, bool Detach, typename T>
+void backward_step(const T* hs, const T* gs, T* gx, T* g, int64_t n, T a, T b, T thr, T vr, T alpha, T c2,
+                   T half_width) {
+    for (int64_t j = 0; j < n; ++j) {
+        const T hv = hs[j];
+        const T sg = surrogate<Kind>(hv - thr, alpha, c2, half_width);
+        T dvdh;
+        if constexpr (Hard) dvdh = (hv >= thr ? T(0) : T(1)) + (Detach ? T(0) : (vr - hv) * sg);
+        else dvdh = Detach ? T(1) : T(1) - thr * sg;
+        const T gh = g[j] * dvdh + gs[j] * sg;
+        gx[j] = gh * b;
+        g[j] = gh * a;
+    }
+}
+
+template <typename T>
+using StepFn = void (*)(const T*, const T*, T*, T*, int64_t, T, T, T, T, T, T, T);
+
+template <typename T, int Kind>
+StepFn<T> pick_step(bool hard, bool detach) {
+    if (hard) return detach ? backward_step<Kind, true, true, T> : backward_step<Kind, true, false, T>;
+    return detach ? backward_step<Kind, false, true, T> : backward_step<Kind, false, false, T>;
+}
+
+template <typename T>
+StepFn<T> pick_step(const LifSpec& spec) {
+    const bool hard = spec.hard_reset, detach = spec.detach_reset;
+    if (spec.surrogate == 0) return pick_step<T, 0>(hard, detach);
+    if (spec.surrogate == 1) return pick_step<T, 1>(hard, detach);
+    return pick_step<T, 2>(hard, detach);
+}
+
+template <typename T>
+struct Backward {
+    const T* g_s;
+    int64_t gs_step;
+    const T* g_v;  // nullptr: no gradient reaches the final membrane
+    const T* h;
+    T* g_x;
+    T* g_v0;
+    int64_t steps;
+    int64_t m;
+    LifSpec spec;
+
+    void operator()(int64_t lo, int64_t hi) const {
+        const StepFn<T> step = pick_step<T>(spec);
+        const bool is_if = spec.charge == 2;
+        const T a = is_if ? T(1) : T(1.0 - 1.0 / spec.tau);
+        const T b = spec.charge == 0 ? T(1.0 / spec.tau) : T(1);
+        const T thr = T(spec.v_threshold), vr = T(spec.v_reset), alpha = T(spec.alpha);
+        const double c = M_PI / 2 * spec.alpha;
+        const T c2 = T(c * c), half_width = T(0.5 / spec.alpha);
+        T g[kBlock];  // the gradient reaching the membrane after step t, times a
+        for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+            const int64_t n = std::min(kBlock, hi - b0);
+            if (g_v != nullptr) std::copy(g_v + b0, g_v + b0 + n, g);
+            else std::fill(g, g + n, T(0));
+            for (int64_t t = steps - 1; t >= 0; --t) {
+                step(h + t * m + b0, g_s + t * gs_step + b0, g_x + t * m + b0, g, n, a, b, thr, vr, alpha, c2,
+                     half_width);
+            }
+            std::copy(g, g + n, g_v0 + b0);
+        }
+    }
+};
+
+// Run body over [0, m) on torch's intra-op threads (its OpenMP pool: this file is built with -fopenmp against
+// the libgomp torch loaded), in chunks of whole blocks, at least kPerThread elements each.
+template <typename Body>
+void parallel(const Body& body, int64_t m) {
+    const int64_t blocks = (m + kBlock - 1) / kBlock;
+    at::parallel_for(0, blocks, kPerThread / kBlock, [&](int64_t lo, int64_t hi) {
+        body(lo * kBlock, std::min(m, hi * kBlock));
+    });
+}
+
+// BatchNorm's training forward on a contiguous NCHW batch, per channel: mean and biased variance in double (two
+// passes, the second over data the first left in cache; torch's CPU kernel takes ~4x as long for these), the running statistics' update, then y = x * alpha +
+// beta with alpha = invstd * weight, beta = bias - mean * alpha (torch's CPU kernel's formulas).
+template <typename T>
+struct BatchNormForward {
+    const T* x;
+    const T* weight;  // nullptr: 1
+    const T* bias;    // nullptr: 0
+    T* running_mean;  // nullptr: not tracked
+    T* running_var;
+    T* y;
+    T* save_mean;
+    T* save_invstd;
+    int64_t n, c, hw;
+    double eps, momentum;
+
+    // sum over the channel of x (or of (x - shift)^2), in kLanes independent double accumulators: a single
+    // accumulator is one serial chain of dependent adds (floating-point sums are not reordered unless written so)
+    double channel_sum(int64_t ch, double shift, bool squares) const {
+        constexpr int kLanes = 8;
+        double acc[kLanes] = {};
+        for (int64_t i = 0; i < n; ++i) {
+            const T* p = x + (i * c + ch) * hw;
+            int64_t j = 0;
+            for (; j + kLanes <= hw; j += kLanes) {
+                for (int k = 0; k < kLanes; ++k) {
+                    const double d = double(p[j + k]) - shift;
+                    acc[k] += squares ? d * d : d;
+                }
+            }
+            for (; j < hw; ++j) {
+                const double d = double(p[j]) - shift;
+                acc[0] += squares ? d * d : d;
+            }
+        }
+        double total = 0;
+        for (int k = 0; k < kLanes; ++k) total += acc[k];
+        return total;
+    }
+
+    void operator()(int64_t c_lo, int64_t c_hi) const {
+        const int64_t count = n * hw;
+        for (int64_t ch = c_lo; ch < c_hi; ++ch) {
+            const double mean = channel_sum(ch, 0.0, false) / double(count);
+            const double sq = channel_sum(ch, mean, true);
+            const double var = sq / double(count);
+            const double invstd = 1.0 / std::sqrt(var + eps);
+            if (running_mean != nullptr) {
+                const double unbiased = count > 1 ? sq / double(count - 1) : var;
+                running_mean[ch] = T(momentum * mean + (1.0 - momentum) * double(running_mean[ch]));
+                running_var[ch] = T(momentum * unbiased + (1.0 - momentum) * double(running_var[ch]));
+            }
+            save_mean[ch] = T(mean);
+            save_invstd[ch] = T(invstd);
+            const double w = weight != nullptr ? double(weight[ch]) : 1.0;
+            const double b = bias != nullptr ? double(bias[ch]) : 0.0;
+            const T alpha = T(invstd * w), beta = T(b - mean * invstd * w);
+            for (int64_t i = 0; i < n; ++i) {
+                const T* p = x + (i * c + ch) * hw;
+                T* q = y + (i * c + ch) * hw;
+                for (int64_t j = 0; j < hw; ++j) q[j] = p[j] * alpha + beta;
+            }
+        }
+    }
+};
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 float32, 1 float64. Returns 0, or 1 for an unknown dtype.
+int danet_lif_forward(int dtype, const void* x, int64_t x_step, const void* v0, void* spikes, void* h,
+                      void* v_last, int64_t steps, int64_t m, const LifSpec* spec) {
+    if (dtype == 0) {
+        Forward<float> f{(const float*)x, x_step, (const float*)v0, (float*)spikes, (float*)h, (float*)v_last,
+                         steps, m, *spec};
+        parallel(f, m);
+    } else if (dtype == 1) {
+        Forward<double> f{(const double*)x, x_step, (const double*)v0, (double*)spikes, (double*)h,
+                          (double*)v_last, steps, m, *spec};
+        parallel(f, m);
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
+int danet_lif_backward(int dtype, const void* g_s, int64_t gs_step, const void* g_v, const void* h, void* g_x,
+                       void* g_v0, int64_t steps, int64_t m, const LifSpec* spec) {
+    if (dtype == 0) {
+        Backward<float> f{(const float*)g_s, gs_step, (const float*)g_v, (const float*)h, (float*)g_x,
+                          (float*)g_v0, steps, m, *spec};
+        parallel(f, m);
+    } else if (dtype == 1) {
+        Backward<double> f{(const double*)g_s, gs_step, (const double*)g_v, (const double*)h, (double*)g_x,
+                           (double*)g_v0, steps, m, *spec};
+        parallel(f, m);
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// BatchNorm2d's training forward on a contiguous NCHW x of shape [n, c, hw]; see BatchNormForward.
+int danet_bn_forward(int dtype, const void* x, const void* weight, const void* bias, void* running_mean,
+                     void* running_var, void* y, void* save_mean, void* save_invstd, int64_t n, int64_t c,
+                     int64_t hw, double eps, double momentum) {
+    // channels per task: enough work (~64k elements) per task to be worth a thread
+    const int64_t grain = std::max<int64_t>(1, kPerThread * 2 / std::max<int64_t>(1, n * hw));
+    if (dtype == 0) {
+        BatchNormForward<float> f{(const float*)x, (const float*)weight, (const float*)bias, (float*)running_mean,
+                                  (float*)running_var, (float*)y, (float*)save_mean, (float*)save_invstd, n, c, hw,
+                                  eps, momentum};
+        at::parallel_for(0, c, grain, f);
+    } else if (dtype == 1) {
+        BatchNormForward<double> f{(const double*)x, (const double*)weight, (const double*)bias,
+                                   (double*)running_mean, (double*)running_var, (double*)y, (double*)save_mean,
+                                   (double*)save_invstd, n, c, hw, eps, momentum};
+        at::parallel_for(0, c, grain, f);
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
+}  // extern "C"
