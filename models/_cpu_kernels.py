@@ -2,12 +2,14 @@
 
 - The fused LIF / IF, one pass over the data per direction over all T (the Triton kernel's scheme). The
   vectorised torch path in ``lif_fused`` makes three passes per step forward and six backward, each a separate
-  op; rounding follows that path (see the source), so spikes and membranes agree with it to the bit.
+  op; rounding follows that path (see the source): spikes equal its spikes, and on this project's x86 box the
+  membranes came out bit-identical too (the tests allow rounding, for CPUs where torch's kernels round
+  differently).
 - BatchNorm's training forward on contiguous NCHW batches (statistics, running-statistics update and the
   normalisation, per channel), where torch's own CPU kernel gathers the statistics several times slower than
   it normalises (its loop is one serial chain of dependent adds; this kernel keeps 8 independent double
   accumulators); the backward is torch's (``native_batch_norm_backward`` with the saved mean and invstd: a
-  kernel written like the forward was slower than it).
+  kernel written like the forward was slower than it). Statistics differ from torch's by summation order only.
 BENCHMARKS.md has what each gives on a training step.
 
 Built with the system C++ compiler (``$CXX``, else ``g++`` / ``c++`` / ``clang++``) against the running torch's
