@@ -169,7 +169,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built on the first call; None where it cannot be used (``why()`` says why)."""
+    """The loaded kernels, built on the first call; None where they cannot be used (``why()`` says why)."""
     if "lib" not in _STATE:
         _STATE["lib"] = _load()
     return _STATE["lib"]  # type: ignore[return-value]
@@ -242,10 +242,11 @@ def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, s
 
 
 def batch_norm_applies(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    """Whether ``batch_norm_train`` takes this batch: 4-D contiguous NCHW (channels_last is fast in torch) and
-    every parameter and buffer present of x's dtype, contiguous."""
+    """Whether ``batch_norm_train`` takes this batch: 4-D contiguous NCHW (channels_last is fast in torch), more
+    than one value per channel (torch's refusal of one stays torch's) and every parameter and buffer present of
+    x's dtype, contiguous."""
     return (
-        x.dim() == 4 and x.is_contiguous() and applies(x)
+        x.dim() == 4 and x.is_contiguous() and applies(x) and x.numel() > x.shape[1]
         and all(p is None or (p.dtype == x.dtype and p.is_contiguous() and p.device == x.device) for p in params)
     )
 

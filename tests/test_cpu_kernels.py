@@ -132,6 +132,8 @@ def test_batchnorm_kernel_equals_torch_batchnorm(dtype, momentum, monkeypatch):
     assert len(calls) == 9  # the kernel ran every training step
     bn = BatchNorm(8).to(dtype)
     bn(torch.randn(4, 8, 5, 5, dtype=dtype).contiguous(memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # torch's refusal, unchanged
+        bn(torch.randn(1, 8, 1, 1, dtype=dtype))
     bn.eval()(torch.randn(4, 8, 5, 5, dtype=dtype))
     assert len(calls) == 9
 
