@@ -138,6 +138,27 @@ def test_batchnorm_kernel_equals_torch_batchnorm(dtype, momentum, monkeypatch):
     assert len(calls) == 9
 
 
+def test_results_do_not_depend_on_the_thread_count():
+    """Each neuron and each channel is computed whole by one thread, in a fixed order: 1 thread or 2, the same
+    bits (a deterministic run stays deterministic on another core count)."""
+    x = torch.randn(4, 4, 64, 28, 28) * 1.5 + 0.6
+    g = torch.randn_like(x)
+    bn_in = torch.randn(16, 64, 28, 28) * 2 + 0.7
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            s, v, h = _cpu_kernels.forward(x, None, NeuronSpec())
+            gx, _ = _cpu_kernels.backward(g, None, h, NeuronSpec())
+            bn = BatchNorm(64)
+            results.append((s, v, h, gx, bn(bn_in), bn.running_mean.clone(), bn.running_var.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_network_with_and_without_the_kernels():
     """danet18 (membrane DA, channels NCHW) in float64: the kernels change outputs, gradients and running
     statistics only by rounding; under block checkpointing too (the recomputed BatchNorm updates nothing)."""
