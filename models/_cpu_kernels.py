@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -49,6 +50,7 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 _CHARGE = {"lif_decay": 0, "lif": 1, "if": 2}
 _SURROGATE = {"atan": 0, "sigmoid": 1, "rect": 2}
 _STATE: dict[str, object] = {}
+log = logging.getLogger(__name__)
 
 
 class _Spec(ctypes.Structure):
@@ -126,6 +128,7 @@ def library_path(cxx: str, flags: list[str]) -> Path:
 def _build(cxx: str, flags: list[str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    log.info("building the CPU kernels with %s into %s (once per host, compiler and torch)", Path(cxx).name, path)
     try:
         r = subprocess.run([cxx, *flags, str(SOURCE), *link_flags(), "-o", str(tmp)], capture_output=True, text=True,
                            timeout=300)
