@@ -107,22 +107,21 @@ class BatchNorm(nn.BatchNorm2d):
             # batch statistics as in the first forward; the running-stat update goes to throwaway copies (the
             # same op with the same saved tensors, which non-reentrant checkpointing verifies)
             mean, var = self.running_mean.clone(), self.running_var.clone()
-            return self._train(x, mean, var, self.momentum or 0.0)
+            if self._fast(x):
+                return _cpu_kernels.batch_norm_train(x, self.weight, self.bias, mean, var, self.momentum or 0.0,
+                                                     self.eps)
+            return F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum or 0.0, self.eps)
         if self.training and self.track_running_stats and self._fast(x):
             self.num_batches_tracked.add_(1)  # what nn.BatchNorm2d.forward does before its own batch_norm
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            return self._train(x, self.running_mean, self.running_var, factor)
+            return _cpu_kernels.batch_norm_train(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                                 factor, self.eps)
         return super().forward(x)
 
     def _fast(self, x: torch.Tensor) -> bool:
         """Whether the C++ training forward takes x (CPU NCHW float; not while compiling: torch's op traces)."""
         return not torch.compiler.is_compiling() and _cpu_kernels.batch_norm_applies(
             x, self.weight, self.bias, self.running_mean, self.running_var)
-
-    def _train(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, momentum: float) -> torch.Tensor:
-        if self._fast(x):
-            return _cpu_kernels.batch_norm_train(x, self.weight, self.bias, mean, var, momentum, self.eps)
-        return F.batch_norm(x, mean, var, self.weight, self.bias, True, momentum, self.eps)
 
 
 def effective_policy(policy: str) -> str:
