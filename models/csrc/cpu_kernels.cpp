@@ -1,7 +1,8 @@
-// The fused multi-step LIF / IF on CPU: one pass over the data per direction (models/_cpu_kernels.py builds and
-// loads this file; models/lif_fused.py documents the equations).
+// The models' CPU kernels (models/_cpu_kernels.py builds and loads this file): the fused multi-step LIF / IF, one
+// pass over the data per direction (models/lif_fused.py documents the equations), and BatchNorm's training
+// forward on contiguous NCHW batches (BatchNormForward, at the end).
 //
-// Every operand is addressed as base + t * t_stride + i, i in [0, M): each time step is one dense block of M
+// LIF: every operand is addressed as base + t * t_stride + i, i in [0, M): each time step is one dense block of M
 // elements in the same physical order in every operand (the Python side guarantees it). Outputs are dense
 // sequences (time stride M); an input may have any time stride, 0 included (a sequence broadcast over T).
 //
