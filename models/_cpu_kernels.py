@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .layout import empty_seq_like, empty_step_like, is_dense, seq_operand, step_operand
+from .layout import dense_seq, empty_seq_like, empty_step_like, seq_operand, step_operand
 from .neuron_spec import NeuronSpec
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
@@ -205,39 +205,36 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
-    """(spikes, final membrane, h) in ``x_seq``'s step layout; the caller checked ``applies(x_seq)``."""
+def _call(name: str, *args) -> None:
+    """Call kernel ``name`` of the loaded library (the caller checked ``applies``); a non-zero return raises."""
     lib = library()
     assert lib is not None
+    rc = getattr(lib, name)(*args)
+    if rc != 0:
+        raise RuntimeError(f"{name} returned {rc}")
+
+
+def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
+    """(spikes, final membrane, h) in ``x_seq``'s step layout; the caller checked ``applies(x_seq)``."""
     s_seq, h_seq = empty_seq_like(x_seq), empty_seq_like(x_seq)
     v_last = empty_step_like(x_seq)
     ref = h_seq[0]
     x, x_st = seq_operand(x_seq, ref)
     v0c = step_operand(v0.to(x_seq.dtype), ref) if v0 is not None else None
-    rc = lib.danet_lif_forward(_DTYPES[x_seq.dtype], x.data_ptr(), x_st, _ptr(v0c), s_seq.data_ptr(),
-                               h_seq.data_ptr(), v_last.data_ptr(), x_seq.shape[0], ref.numel(),
-                               ctypes.byref(_c_spec(spec)))
-    if rc != 0:
-        raise RuntimeError(f"danet_lif_forward returned {rc}")
+    _call("danet_lif_forward", _DTYPES[x_seq.dtype], x.data_ptr(), x_st, _ptr(v0c), s_seq.data_ptr(),
+          h_seq.data_ptr(), v_last.data_ptr(), x_seq.shape[0], ref.numel(), ctypes.byref(_c_spec(spec)))
     return s_seq, v_last, h_seq
 
 
 def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec):
     """(g_x, g_v0) in ``h_seq``'s layout; the caller checked ``applies(h_seq)``."""
-    lib = library()
-    assert lib is not None
+    h_seq = dense_seq(h_seq)  # forward's own output always is
     ref = h_seq[0]
-    if h_seq.stride(0) != ref.numel() or not is_dense(ref):  # not forward's own output (which always is)
-        h_seq = empty_seq_like(h_seq).copy_(h_seq)
-        ref = h_seq[0]
     g_x, g_v0 = empty_seq_like(h_seq), empty_step_like(h_seq)
     gs, gs_st = seq_operand(g_s.to(h_seq.dtype), ref)
     gv = step_operand(g_v.to(h_seq.dtype), ref) if g_v is not None else None
-    rc = lib.danet_lif_backward(_DTYPES[h_seq.dtype], gs.data_ptr(), gs_st, _ptr(gv), h_seq.data_ptr(),
-                                g_x.data_ptr(), g_v0.data_ptr(), h_seq.shape[0], ref.numel(),
-                                ctypes.byref(_c_spec(spec)))
-    if rc != 0:
-        raise RuntimeError(f"danet_lif_backward returned {rc}")
+    _call("danet_lif_backward", _DTYPES[h_seq.dtype], gs.data_ptr(), gs_st, _ptr(gv), h_seq.data_ptr(),
+          g_x.data_ptr(), g_v0.data_ptr(), h_seq.shape[0], ref.numel(), ctypes.byref(_c_spec(spec)))
     return g_x, g_v0
 
 
@@ -257,16 +254,12 @@ def batch_norm_applies(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
 class _BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):  # type: ignore[override]
-        lib = library()
-        assert lib is not None
         n, c = x.shape[:2]
         y = torch.empty_like(x)
         save_mean, save_invstd = x.new_empty(c), x.new_empty(c)
-        rc = lib.danet_bn_forward(_DTYPES[x.dtype], x.data_ptr(), _ptr(weight), _ptr(bias), _ptr(running_mean),
-                                  _ptr(running_var), y.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(),
-                                  n, c, x[0, 0].numel(), eps, momentum)
-        if rc != 0:
-            raise RuntimeError(f"danet_bn_forward returned {rc}")
+        _call("danet_bn_forward", _DTYPES[x.dtype], x.data_ptr(), _ptr(weight), _ptr(bias), _ptr(running_mean),
+              _ptr(running_var), y.data_ptr(), save_mean.data_ptr(), save_invstd.data_ptr(), n, c, x[0, 0].numel(),
+              eps, momentum)
         ctx.save_for_backward(x, weight, save_mean, save_invstd)
         ctx.eps = eps
         return y

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import empty_seq_like, empty_step_like, is_dense, seq_operand, step_operand
+from .layout import dense_seq, empty_seq_like, empty_step_like, seq_operand, step_operand
 from .neuron_spec import NeuronSpec
 
 BLOCK = 1024
@@ -148,11 +148,9 @@ def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
 def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec):
     """(g_x, g_v0) in ``h_seq``'s layout (``h_seq``: forward's own output, a dense sequence)."""
     steps = h_seq.shape[0]
+    h_seq = dense_seq(h_seq)  # forward's own output always is
     ref = h_seq[0]
     m = ref.numel()
-    if h_seq.stride(0) != m or not is_dense(ref):  # not forward's own output (which always is): make it so
-        dense = empty_seq_like(h_seq)
-        h_seq, ref = dense.copy_(h_seq), dense[0]
     g_x = empty_seq_like(h_seq)
     g_v0 = empty_step_like(h_seq)
     gs, gs_st = seq_operand(g_s, ref)

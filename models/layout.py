@@ -48,6 +48,13 @@ def same_step_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def dense_seq(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is a dense sequence (time stride = one dense step), else such a copy in its steps' order."""
+    if t.stride(0) == t[0].numel() and is_dense(t[0]):
+        return t
+    return empty_seq_like(t).copy_(t)
+
+
 def seq_operand(t: torch.Tensor, ref_step: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``t`` and its time stride if each of its steps is laid out as ``ref_step`` (dense); else a dense copy that
     is. For kernels that address a sequence as ``base + t * time_stride + i`` (0 for a broadcast over T)."""

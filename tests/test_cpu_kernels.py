@@ -4,6 +4,8 @@ failing compiler, the switch) and the whole network with the kernels on and off.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.layouts import sequence_layouts
 
 from models import _cpu_kernels, create_model
 from models.checkpointing import BatchNorm
@@ -73,14 +76,7 @@ def test_lif_kernel_equals_the_vectorised_path(case, dtype):
 def test_lif_kernel_keeps_every_layout():
     """NCHW, channels_last, broadcast over T (no copy), broadcast channels_last, a slice (copied): the same
     values as the torch path on a contiguous copy, outputs in the input's step layout."""
-    base = torch.randn(4, 3, 5, 6, 7) * 1.5 + 0.6
-    layouts = {
-        "contiguous": base,
-        "channels_last": base.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 3)),
-        "broadcast": base[:1].expand(4, 3, 5, 6, 7),
-        "broadcast_cl": base[0].contiguous(memory_format=torch.channels_last).unsqueeze(0).expand(4, 3, 5, 6, 7),
-        "slice": torch.cat([base, base], 2)[:, :, 2:7],
-    }
+    layouts = sequence_layouts(torch.randn(4, 3, 5, 6, 7) * 1.5 + 0.6)
     grad = torch.randn(4, 3, 5, 6, 7)
     spec = NeuronSpec()
     for label, x in layouts.items():
@@ -104,11 +100,14 @@ def test_lif_kernel_keeps_every_layout():
 def test_batchnorm_kernel_equals_torch_batchnorm(dtype, momentum, monkeypatch):
     """Outputs, every gradient, running statistics and the batch counter over three steps, against
     nn.BatchNorm2d; channels_last and eval mode stay on torch's kernel."""
+    # 1x1 maps with 4 values per channel: with 2 (the first version of this test) the input gradient is exactly
+    # zero, both sides return rounding noise scaled by invstd, and a close pair of draws failed it now and then
+    torch.manual_seed(0)
     calls = []
     original = _cpu_kernels.batch_norm_train
     monkeypatch.setattr(_cpu_kernels, "batch_norm_train", lambda *a: calls.append(1) or original(*a))
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-12)
-    for shape in [(16, 64, 28, 28), (3, 5, 4, 4), (2, 7, 1, 1)]:
+    for shape in [(16, 64, 28, 28), (3, 5, 4, 4), (4, 7, 1, 1)]:
         ours, ref = BatchNorm(shape[1], momentum=momentum).to(dtype), torch.nn.BatchNorm2d(shape[1], momentum=momentum)
         ref = ref.to(dtype)
         with torch.no_grad():
@@ -167,21 +166,16 @@ def test_network_with_and_without_the_kernels():
         model = create_model("danet18", T=3, num_classes=10, width=8, input_size=32, checkpointing=policy)
         model = model.double()
         x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+        start = copy.deepcopy(model.state_dict())
         results = []
-        for off in (False, True):
-            m = {k: v.clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(m)
+        for kernels in (contextlib.nullcontext, _cpu_kernels.disabled):  # on, then off
+            model.load_state_dict(start)
             model.zero_grad(set_to_none=True)
-            if off:
-                with _cpu_kernels.disabled():
-                    out = model(x)
-                    torch.nn.functional.cross_entropy(out.mean(0), y).backward()
-            else:
+            with kernels():
                 out = model(x)
                 torch.nn.functional.cross_entropy(out.mean(0), y).backward()
             results.append((out.detach(), [p.grad.clone() for p in model.parameters()],
-                            {k: v.clone() for k, v in model.state_dict().items()}))
-            model.load_state_dict(m)
+                            copy.deepcopy(model.state_dict())))
         (out_k, grads_k, state_k), (out_t, grads_t, state_t) = results
         torch.testing.assert_close(out_k, out_t, rtol=1e-10, atol=1e-12)
         for a, b in zip(grads_k, grads_t, strict=True):

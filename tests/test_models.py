@@ -351,16 +351,11 @@ def test_channels_last_same_results_and_stays_channels_last(name, overrides, cl_
 
 def test_fused_lif_outputs_keep_the_input_layout():
     """Any layout in (NCHW, channels_last, broadcast over T, a slice), the same values out, in that layout."""
+    from helpers.layouts import sequence_layouts
+
     from models.layout import empty_seq_like
 
-    base = torch.randn(4, 3, 5, 6, 7) * 1.5 + 0.6
-    layouts = {
-        "contiguous": base,
-        "channels_last": base.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 3)),
-        "broadcast": base[:1].expand(4, 3, 5, 6, 7),
-        "broadcast_cl": base[0].contiguous(memory_format=torch.channels_last).unsqueeze(0).expand(4, 3, 5, 6, 7),
-        "slice": torch.cat([base, base], 2)[:, :, 2:7],
-    }
+    layouts = sequence_layouts(torch.randn(4, 3, 5, 6, 7) * 1.5 + 0.6)
     g = torch.randn(4, 3, 5, 6, 7)
     for label, x in layouts.items():
         x = x.detach().requires_grad_()
