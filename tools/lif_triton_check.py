@@ -88,6 +88,71 @@ def run(device: torch.device, cases: list[dict] | None = None) -> list[str]:
     return failures
 
 
+NAMES = ("g_x", "sum g_y", "sum g_y xhat")
+
+
+def run_bn_neuron(device: torch.device, cases: list[dict] | None = None) -> list[str]:
+    """The BatchNorm + neuron kernels (models/_bn_neuron_triton.py) against models.bn_neuron's torch path: every
+    failure, one line each. fp32: equal spikes, gradients and per-channel sums to 1e-5 of their scale. bf16: against
+    the torch path on the same values in fp32 (the torch path rounds every op in bf16, the kernels once), at most
+    2% of spikes and of gradient elements apart (a spike flipped near the threshold changes its neighbours'), the
+    per-channel sums no further from fp32 than twice the bf16 torch path's (or 5% of their scale; not checked
+    for the discontinuous rect surrogate)."""
+    from models import _bn_neuron_triton as B
+    from models.bn_neuron import _affine, backward_torch, forward_torch
+
+    failures = []
+    gen = torch.Generator().manual_seed(1)
+    cases = CASES if cases is None else cases
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def far(a: torch.Tensor, b: torch.Tensor, tol: float) -> float:
+        """The fraction of elements further apart than ``tol`` of the reference's largest magnitude."""
+        a, b = a.float(), b.float()
+        return ((a - b).abs() > tol * b.abs().max().clamp_min(1e-12)).float().mean().item()
+
+    for case, dtype, batch in itertools.product(cases, (torch.float32, torch.bfloat16), (True, False)):
+        spec = NeuronSpec(**case)
+        exact = dtype == torch.float32
+        base = (rnd(T, N, C, H, W) * 1.5 + 0.8).to(dtype)
+        mean, invstd = rnd(C) * 0.2, torch.rand(C, generator=gen).to(device) + 0.5
+        scale, shift = _affine(torch.rand(C, generator=gen).to(device) + 0.5, rnd(C) * 0.3, mean, invstd)
+        layouts = {k: v for k, v in _layouts(base).items() if k in ("contiguous", "channels_last", "slice")}
+        for name, x in layouts.items():
+            tag = f"bn+neuron {case or 'default'} {str(dtype)[6:]} {'batch' if batch else 'running'} x={name}"
+            ref_x = x if exact else x.float()
+            s1 = B.forward(x, scale, shift, spec)
+            s2 = forward_torch(ref_x, scale, shift, spec)
+            if s1.stride() != empty_seq_like(x).stride():
+                failures.append(f"{tag}: spike strides {s1.stride()}")
+            if (s1.float() != s2).float().mean() > (0.0 if exact else 0.02):
+                failures.append(f"{tag}: {(s1.float() != s2).float().mean():.1%} spikes differ")
+            g = rnd(T * N, C, H, W).to(dtype).contiguous(memory_format=torch.channels_last).unflatten(0, (T, N))
+            got = B.backward(g, x, scale, shift, mean, invstd, batch, spec)
+            want = backward_torch(g if exact else g.float(), ref_x, scale, shift, mean, invstd, batch, spec)
+            if exact:
+                checks = [(what, a, b, 1e-5, 0.0) for what, a, b in zip(NAMES, got, want, strict=True)]
+            else:  # g_x per element; the sums no further from fp32 than the torch path's own bf16 sums are
+                checks = [("g_x", got[0], want[0], 5e-2, 0.02)]
+                today = backward_torch(g, x, scale, shift, mean, invstd, batch, spec)
+                # (not for the rect surrogate: a spike flipped by rounding moves its gradient by alpha)
+                sums = zip(NAMES[1:], got[1:], want[1:], today[1:]) if spec.surrogate != "rect" else ()
+                for what, a, b, c in sums:
+                    bound = max(2 * (c.float() - b).abs().max().item(), 0.05 * b.abs().max().item())
+                    if (a.float() - b).abs().max() > bound:
+                        failures.append(f"{tag}: {what} off by {(a.float() - b).abs().max():.3g} "
+                                        f"(the bf16 torch path: {(c.float() - b).abs().max():.3g})")
+            for what, a, b, tol, share in checks:
+                if far(a, b, tol) > share:
+                    failures.append(f"{tag}: {what} differs in {far(a, b, tol):.1%} of elements "
+                                    f"(max {(a.float() - b.float()).abs().max():.3g} of {b.abs().max():.3g})")
+            if got[0].stride() != empty_seq_like(x).stride():
+                failures.append(f"{tag}: g_x strides {got[0].stride()}")
+    return failures
+
+
 def main() -> int:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     cuda = torch.cuda.is_available() and not interpret
@@ -96,7 +161,8 @@ def main() -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     # --quick: the default neuron only (each variant is a kernel compile on a GPU, ~1 s each)
-    failures = run(device, CASES[:1] if "--quick" in sys.argv[1:] else None)
+    cases = CASES[:1] if "--quick" in sys.argv[1:] else None
+    failures = run(device, cases) + run_bn_neuron(device, cases)
     for f in failures:
         print("FAIL", f)
     mode = "CUDA" if cuda else "Triton interpreter (CPU)"
