@@ -138,7 +138,7 @@ def run_bn_neuron(device: torch.device, cases: list[dict] | None = None) -> list
                 checks = [("g_x", got[0], want[0], 5e-2, 0.02)]
                 today = backward_torch(g, x, scale, shift, mean, invstd, batch, spec)
                 # (not for the rect surrogate: a spike flipped by rounding moves its gradient by alpha)
-                sums = zip(NAMES[1:], got[1:], want[1:], today[1:]) if spec.surrogate != "rect" else ()
+                sums = zip(NAMES[1:], got[1:], want[1:], today[1:], strict=True) if spec.surrogate != "rect" else ()
                 for what, a, b, c in sums:
                     bound = max(2 * (c.float() - b).abs().max().item(), 0.05 * b.abs().max().item())
                     if (a.float() - b).abs().max() > bound:
