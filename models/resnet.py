@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpointing
+from . import bn_neuron as fused_bn, checkpointing
 from .checkpointing import BatchNorm
 from .connections import Connection, DASpec, DenseWeights, GradStash, domain_of
 from .layout import flat_seq, repeat_time, spatial_mean
@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "checkpointing": "none",
     "spike_storage": "float",
     "memory_budget_gb": 0.0,
+    "fuse_bn_neuron": False,
 }
 
 
@@ -105,6 +106,7 @@ class Branch(nn.Module):
         n_neurons = len(specs) - 1 if style == "post" else len(specs)
         self.neurons = nn.ModuleList(make_neuron(neuron) for _ in range(n_neurons))
         self.policy = "none"
+        self.fuse_bn_neuron = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ops in order; a BatchNorm followed by a neuron (and a leading neuron) is one segment for `time`
@@ -127,7 +129,9 @@ class Branch(nn.Module):
         return x
 
     def _bn_neuron(self, unit: int, neuron: int):
-        bn_seq, sn = self.units[unit].bn_seq, self.neurons[neuron]
+        bn, bn_seq, sn = self.units[unit].bn, self.units[unit].bn_seq, self.neurons[neuron]
+        if self.fuse_bn_neuron and fused_bn.applies(bn, sn):
+            return lambda y: fused_bn.bn_neuron(y, bn, sn)
         return lambda y: sn(bn_seq(y))
 
 
@@ -140,14 +144,19 @@ class Projection(nn.Module):
         self.conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
         self.bn = BatchNorm(cout)
         self.neuron = make_neuron(neuron) if neuron is not None else None
+        self.fuse_bn_neuron = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:2]
         x = flat_seq(x)
         if self.pool is not None:
             x = self.pool(x)
-        x = self.bn(self.conv(x)).unflatten(0, shape)
-        return self.neuron(x) if self.neuron is not None else x
+        x = self.conv(x)
+        if self.neuron is None:
+            return self.bn(x).unflatten(0, shape)
+        if self.fuse_bn_neuron and fused_bn.applies(self.bn, self.neuron):
+            return fused_bn.bn_neuron(x.unflatten(0, shape), self.bn, self.neuron)
+        return self.neuron(self.bn(x).unflatten(0, shape))
 
 
 class Stage(nn.Module):
@@ -275,6 +284,7 @@ class SpikingResNet(nn.Module):
         checkpointing: str = "none",
         spike_storage: str = "float",
         memory_budget_gb: float = 0.0,
+        fuse_bn_neuron: bool = False,
     ) -> None:
         super().__init__()
         self.T = T
@@ -308,6 +318,19 @@ class SpikingResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, ConvBN):
                 m.spike_storage = spike_storage
+        self.fuse_bn_neuron = fuse_bn_neuron
+
+    @property
+    def fuse_bn_neuron(self) -> bool:
+        """Whether each BatchNorm that feeds an LIF / IF neuron runs with it as one op (``models.bn_neuron``)."""
+        return self._fuse_bn_neuron
+
+    @fuse_bn_neuron.setter
+    def fuse_bn_neuron(self, on: bool) -> None:
+        self._fuse_bn_neuron = bool(on)
+        for m in self.modules():
+            if isinstance(m, (Branch, Projection)):
+                m.fuse_bn_neuron = self._fuse_bn_neuron
 
     @property
     def checkpointing(self) -> str:
@@ -427,6 +450,8 @@ def create_model(name: str, **overrides: Any) -> SpikingResNet:
         problems.append(
             f"spike_storage={cfg['spike_storage']!r}: expected one of {', '.join(checkpointing.SPIKE_STORAGE)}"
         )
+    if not isinstance(cfg["fuse_bn_neuron"], bool):
+        problems.append(f"fuse_bn_neuron={cfg['fuse_bn_neuron']!r}: expected true or false")
     connection = FAMILIES[family]
     try:
         if cfg["connection"] not in (None, "default"):
@@ -457,4 +482,5 @@ def create_model(name: str, **overrides: Any) -> SpikingResNet:
         checkpointing=cfg["checkpointing"],
         spike_storage=cfg["spike_storage"],
         memory_budget_gb=float(cfg["memory_budget_gb"]),
+        fuse_bn_neuron=cfg["fuse_bn_neuron"],
     )

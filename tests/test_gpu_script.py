@@ -185,3 +185,28 @@ def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     assert check.run() == 1
     saved = json.loads(check.out_json.read_text())
     assert saved["errors"] == ["plan_batch: RuntimeError: no plan here"] and ran == ["precision"]
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypatch, faster):
+    """The fusion piece: the fused model step variant runs on CPU at the dry sizes (the model really fuses); the
+    job with ``model.fuse_bn_neuron=true`` runs beside the preset's only when that variant beat its unfused twin."""
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(out=tmp_path, pieces="fusion", site=None, budget_s=450.0, variants="", pack_photos=None)
+    check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+    got = gtc.model_step(check.device, **{**check.fastest_kw("fused_bn_neuron"), "warmup": 0, "repeats": 1})
+    assert got["img_per_s"] > 0
+    check.variants = {"benchmark": {"img_per_s": 10.0}, "fused_bn_neuron": {"img_per_s": 12.0 if faster else 9.0}}
+    check.result["end_to_end_img_per_s"] = 5.0
+    jobs = []
+    monkeypatch.setattr(check, "steady_job", lambda label, *extra: jobs.append((label, extra)) or {"rate": 6.0})
+    check.fusion()
+    by = check.result["end_to_end_by_fusion"]
+    if faster:
+        assert jobs == [("throughput_fused", ("model.fuse_bn_neuron=true",))] and by == {"off": 5.0, "on": 6.0}
+    else:
+        assert jobs == [] and by == {"off": 5.0} and "not above unfused" in check.result["fusion_note"]
+    assert "model.fuse_bn_neuron" in gtc.table(check.result)

@@ -19,13 +19,15 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    is ``model_step_img_per_s`` (``fastest_variant``, ``fastest_micro_batch``).
 6. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
    LIF, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall time the GPU was idle).
-7. The steady-state job of 4 again at the micro-batch ``orchestrator plan`` gives this card, if above the
+7. The steady-state job of 4 again with ``model.fuse_bn_neuron=true`` (BatchNorm + neuron as one op), if its
+   model step beat the unfused one: ``end_to_end_by_fusion``.
+8. The steady-state job of 4 again at the micro-batch ``orchestrator plan`` gives this card, if above the
    preset's 32: ``end_to_end_by_micro_batch``.
-8. Memory per checkpointing policy on the fastest model step's settings: measured peak and rate against
+9. Memory per checkpointing policy on the fastest model step's settings: measured peak and rate against
    ``orchestrator plan``'s estimate at that micro-batch, the plan's ``auto`` choice for this card, and the
    fastest policy that fits it (``memory_by_policy``).
-9. If time is left, the steady-state job of 4 once more with ``train.precision=bf16`` (DeepSpeed's bf16 engine,
-   the job's precision before ``auto`` became bf16-mixed), side by side: ``end_to_end_by_precision``.
+10. If time is left, the steady-state job of 4 once more with ``train.precision=bf16`` (DeepSpeed's bf16 engine,
+    the job's precision before ``auto`` became bf16-mixed), side by side: ``end_to_end_by_precision``.
 
 Each piece is skipped, with the reason in ``errors``, when the time budget (``--budget-s``) is spent; the JSON is
 rewritten after each, so a timeout keeps what was measured.
@@ -56,7 +58,7 @@ REQUIRED = ("gpu", "torch", "model", "T", "resolution", "precision", "micro_batc
             "baseline_img_per_s", "model_step_img_per_s", "end_to_end_img_per_s", "peak_memory_gb",
             "job_status", "resumed")  # fmt: skip
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
-PIECES = ("resume", "baseline", "throughput", "variants", "profile", "plan_batch", "memory", "precision")
+PIECES = ("resume", "baseline", "throughput", "variants", "profile", "fusion", "plan_batch", "memory", "precision")
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -197,17 +199,19 @@ def mlflow_peak_mb(db: Path, run_id: str | None = None) -> float | None:
 
 
 def _model_step(device, name: str, batch: int, res: int, width: int, layout: str, benchmark: bool,
-               policy: str, warmup: int, repeats: int, compile_: bool = False, profile: bool = False) -> dict:  # fmt: skip
+               policy: str, warmup: int, repeats: int, compile_: bool = False, profile: bool = False,
+               fuse: bool = False) -> dict:  # fmt: skip
     """danet forward + backward + SGD step, bf16 autocast on CUDA (fp32 on CPU). ``layout``: 'model' (weights
     channels_last, images NCHW: today's models.gpu_check), 'input' (images channels_last, weights contiguous:
-    the job's), 'none'. Either way every convolution runs NHWC."""
+    the job's), 'none'. Either way every convolution runs NHWC. ``fuse``: BatchNorm + neuron as one op."""
     import torch
 
     from models import create_model
 
     torch.backends.cudnn.benchmark = benchmark
     torch.manual_seed(0)
-    model = create_model(name, T=4, input_size=res, width=width, checkpointing=policy).to(device)
+    model = create_model(name, T=4, input_size=res, width=width, checkpointing=policy, fuse_bn_neuron=fuse)
+    model = model.to(device)
     if layout == "model":
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -355,6 +359,8 @@ def table(result: dict) -> str:
               for k, v in (result.get("end_to_end_by_micro_batch") or {}).items() if len(result["end_to_end_by_micro_batch"]) > 1],
             *[(f"end to end img/s, train.precision={k}", fmt(v))
               for k, v in (result.get("end_to_end_by_precision") or {}).items()],
+            *[(f"end to end img/s, model.fuse_bn_neuron {k}", fmt(v))
+              for k, v in (result.get("end_to_end_by_fusion") or {}).items()],
             ("peak memory GB", fmt(result["peak_memory_gb"])),
             ("job status / resumed / weights = uninterrupted", f"{result['job_status']} / {result['resumed']} / "
                                                                f"{result.get('weights_equal_uninterrupted')}")]  # fmt: skip
@@ -381,6 +387,7 @@ VARIANTS = {
     "job_layout": {"benchmark": True, "layout": "input"},
     "batch64": {"benchmark": True, "batch_factor": 2},  # twice the preset's micro-batch: 64 on a GPU
     "compile": {"benchmark": True, "compile_": True},
+    "fused_bn_neuron": {"benchmark": True, "fuse": True},  # models.bn_neuron's Triton kernels
 }
 
 
@@ -612,7 +619,7 @@ class TrainCheck:
         self.result["profile"] = got.get("profile") if got else None
 
     def memory(self) -> None:
-        """8. Per checkpointing policy, on the fastest model step's settings: the measured peak and step rate
+        """9. Per checkpointing policy, on the fastest model step's settings: the measured peak and step rate
         against ``orchestrator plan``'s estimate at that micro-batch, and whether ``auto`` (the plan's choice for
         this card) is the fastest policy that fits it."""
         from orchestrator.plan import POLICIES, choose_auto
@@ -653,7 +660,7 @@ class TrainCheck:
         return {r["policy"]: r for r in estimate(cfg, card_gb, 1, probe=self._plan_probe)}, card_gb
 
     def plan_batch(self) -> None:
-        """7. The steady-state job again at the micro-batch ``orchestrator plan`` gives this card (the largest that
+        """8. The steady-state job again at the micro-batch ``orchestrator plan`` gives this card (the largest that
         fits under the policy ``auto`` picks; a multiple of 8, at most 128 and within the first epoch), beside
         the preset's: ``end_to_end_by_micro_batch``."""
         from orchestrator.plan import choose_auto
@@ -673,8 +680,25 @@ class TrainCheck:
         got = self.attempt("plan micro-batch job", lambda: self.steady_job(f"throughput_mb{micro}", micro_batch=micro))
         by[str(micro)] = got["rate"] if got else None
 
+    def fusion(self) -> None:
+        """7. The steady-state job again with ``model.fuse_bn_neuron=true``, beside the preset's (off):
+        ``end_to_end_by_fusion``; run only where the fused model step was measured faster than its unfused twin."""
+        v = self.variants
+        fused, plain = v.get("fused_bn_neuron"), v.get("benchmark")
+        if not (fused and plain and self.result["end_to_end_img_per_s"]):
+            return
+        self.result["end_to_end_by_fusion"] = by = {"off": self.result["end_to_end_img_per_s"]}
+        if fused["img_per_s"] <= plain["img_per_s"]:
+            self.result["fusion_note"] = (f"fused model step {fused['img_per_s']:.1f} img/s is not above unfused "
+                                          f"{plain['img_per_s']:.1f}: job not run")
+            return
+        if not self.within(0.7, "fusion job"):
+            return
+        got = self.attempt("fusion job", lambda: self.steady_job("throughput_fused", "model.fuse_bn_neuron=true"))
+        by["on"] = got["rate"] if got else None
+
     def precision(self) -> None:
-        """9. If time is left, the steady-state job again on DeepSpeed's bf16 engine, beside bf16-mixed."""
+        """10. If time is left, the steady-state job again on DeepSpeed's bf16 engine, beside bf16-mixed."""
         if not self.cuda:
             return
         if not (self.result["end_to_end_img_per_s"] and self.elapsed() < self.z.budget * 0.8):
@@ -690,7 +714,7 @@ class TrainCheck:
             print(table(self.result))
             return 1
         steps = [("resume", self.resume), ("baseline", self.baseline), ("throughput", self.throughput),
-                 ("variants", self.levers), ("profile", self.profile),
+                 ("variants", self.levers), ("profile", self.profile), ("fusion", self.fusion),
                  ("plan_batch", self.plan_batch), ("memory", self.memory), ("precision", self.precision)]
         for piece, fn in steps:
             if piece in self.pieces:
@@ -710,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes (gloo, width 4, 32 px, few steps)")
     parser.add_argument("--pack-photos", type=Path, default=REPO / ".cache" / "gpu_pack" / "c00" / "photos")
     parser.add_argument("--site", default=os.environ.get("GPU_SITE"), help="unpacked packages (PYTHONPATH)")
-    parser.add_argument("--variants", default="benchmark,job_layout,batch64",
+    parser.add_argument("--variants", default="benchmark,job_layout,batch64,fused_bn_neuron",
                         help=f"model-step variants beside the baseline: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip later pieces past this")
     parser.add_argument("--pieces", default=",".join(PIECES), help=f"a subset of {', '.join(PIECES)}")

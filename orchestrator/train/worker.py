@@ -125,7 +125,8 @@ def model_kwargs(cfg: Config) -> dict:
     return dict(num_classes=m.num_classes, T=m.T, width=m.width, in_channels=m.in_channels,
                 input_size=m.input_size, connection=m.connection, da=asdict(m.da), neuron=asdict(m.neuron),
                 zero_init_residual=m.zero_init_residual, checkpointing=m.checkpointing,
-                spike_storage=m.spike_storage, memory_budget_gb=m.memory_budget_gb)
+                spike_storage=m.spike_storage, memory_budget_gb=m.memory_budget_gb,
+                fuse_bn_neuron=m.fuse_bn_neuron)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:

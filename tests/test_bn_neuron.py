@@ -1,0 +1,156 @@
+"""BatchNorm + neuron as one op (models/bn_neuron.py, ``model.fuse_bn_neuron``): the op against BatchNorm then the
+neuron for every neuron variant, layout and mode (batch statistics, running statistics, the cumulative average),
+and the whole network fused and unfused under each checkpointing policy. The Triton kernels are checked against
+this op's torch path by tools/lif_triton_check.py (on a GPU, or in Triton's interpreter)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models import bn_neuron as bn_module, create_model
+from models.bn_neuron import bn_neuron
+from models.checkpointing import BatchNorm
+from models.neurons import make_neuron
+
+CASES = [
+    dict(type="lif"),
+    dict(type="lif", v_reset=None),
+    dict(type="lif", v_reset=-0.2, detach_reset=False),
+    dict(type="lif", decay_input=False, surrogate="sigmoid", surrogate_alpha=4.0),
+    dict(type="lif", v_reset=None, detach_reset=False, surrogate="rect", surrogate_alpha=1.0),
+    dict(type="if"),
+]
+T, N, C, H, W = 3, 4, 6, 5, 5
+
+
+def _pair(momentum: float | None = 0.1, affine: bool = True) -> tuple[BatchNorm, BatchNorm]:
+    bn = BatchNorm(C, momentum=momentum, affine=affine).double()
+    if affine:
+        torch.nn.init.uniform_(bn.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(bn.bias, -0.3, 0.8)
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 2.0)
+    return bn, copy.deepcopy(bn)
+
+
+def _both(x: torch.Tensor, g: torch.Tensor, bn_ref: BatchNorm, bn_fused: BatchNorm, spec: dict, steps: int = 1):
+    """(reference, fused) results after ``steps`` forward/backward passes: spikes, x grad, param grads."""
+    out = []
+    for bn, fused in ((bn_ref, False), (bn_fused, True)):
+        sn = make_neuron(spec)
+        for _ in range(steps):
+            xi = x.clone().requires_grad_()
+            bn.zero_grad(set_to_none=True)
+            s = bn_neuron(xi, bn, sn) if fused else sn(bn(xi.flatten(0, 1)).unflatten(0, (T, N)))
+            (s * g).sum().backward()
+        out.append((s.detach(), xi.grad, [p.grad for p in bn.parameters()]))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_the_op_equals_batchnorm_then_the_neuron(case, mode):
+    torch.manual_seed(0)
+    x = torch.randn(T, N, C, H, W, dtype=torch.float64) * 1.5 + 0.7
+    g = torch.randn(T, N, C, H, W, dtype=torch.float64)
+    bn_ref, bn_fused = _pair()
+    bn_ref.train(mode == "train")
+    bn_fused.train(mode == "train")
+    (s1, gx1, gp1), (s2, gx2, gp2) = _both(x, g, bn_ref, bn_fused, case, steps=2)
+    assert torch.equal(s1, s2)
+    assert s1.sum() > 0 and (s1 == 0).any()  # spikes and silence both occur, so the comparison means something
+    torch.testing.assert_close(gx2, gx1, rtol=1e-9, atol=1e-12)
+    for a, b in zip(gp2, gp1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for name, buf in bn_ref.named_buffers():
+        torch.testing.assert_close(dict(bn_fused.named_buffers())[name], buf, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "slice"])
+def test_the_op_keeps_the_layout_and_takes_strided_input(layout):
+    torch.manual_seed(1)
+    x = torch.randn(T, N, C, H, W, dtype=torch.float64) + 0.8
+    if layout == "channels_last":
+        x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (T, N))
+    else:
+        x = torch.cat([x, x], 2)[:, :, 1 : 1 + C]
+    g = torch.randn(T, N, C, H, W, dtype=torch.float64)
+    (s1, gx1, gp1), (s2, gx2, gp2) = _both(x, g, *_pair(), {})
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(gx2, gx1, rtol=1e-9, atol=1e-12)
+    if layout == "channels_last":  # outputs and gradients stay channels_last (no hidden conversion)
+        assert s2[0].is_contiguous(memory_format=torch.channels_last)
+        assert gx2[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_cumulative_average_and_no_affine():
+    """momentum=None (the cumulative average over batches) and affine=False follow nn.BatchNorm2d."""
+    torch.manual_seed(2)
+    x = torch.randn(T, N, C, H, W, dtype=torch.float64) + 0.8
+    g = torch.randn(T, N, C, H, W, dtype=torch.float64)
+    bn_ref, bn_fused = _pair(momentum=None, affine=False)
+    (s1, gx1, _), (s2, gx2, _) = _both(x, g, bn_ref, bn_fused, {}, steps=3)
+    assert torch.equal(s1, s2)
+    torch.testing.assert_close(gx2, gx1, rtol=1e-9, atol=1e-12)
+    assert int(bn_fused.num_batches_tracked) == 3
+    torch.testing.assert_close(bn_fused.running_var, bn_ref.running_var, rtol=1e-12, atol=1e-14)
+
+
+def test_one_value_per_channel_is_refused_in_training():
+    bn, _ = _pair()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn_neuron(torch.randn(1, 1, C, 1, 1, dtype=torch.float64), bn, make_neuron(None))
+
+
+def test_plif_and_the_reference_backend_run_unfused():
+    """Neurons the op does not cover take BatchNorm then the neuron, with the same result as calling them."""
+    torch.manual_seed(3)
+    x = torch.randn(T, N, C, H, W, dtype=torch.float64) + 0.8
+    for spec in (dict(type="plif"), dict(backend="reference")):
+        bn_a, bn_b = _pair()
+        sn = make_neuron(spec).double()
+        want = sn(bn_a(x.flatten(0, 1)).unflatten(0, (T, N)))
+        torch.testing.assert_close(bn_neuron(x, bn_b, sn), want)
+
+
+@pytest.mark.parametrize("name,da", [("danet18", None), ("danet18", {"domain": "spike", "span": "stage"}),
+                                     ("sew_resnet18", None)])  # fmt: skip
+def test_network_fused_and_unfused(name, da, monkeypatch):
+    """Outputs, every gradient and every buffer after two steps agree to rounding (float64), under each
+    checkpointing policy; with ``fuse_bn_neuron`` off the network is the one it always was, on every BatchNorm
+    that feeds a neuron runs fused."""
+    calls = []
+    real = bn_module._forward
+    monkeypatch.setattr(bn_module, "_forward", lambda *a: calls.append(1) or real(*a))
+    kw = dict(T=2, num_classes=10, width=8, input_size=32) | ({"da": da} if da else {})
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+    for policy in ("none", "time", "block", "block_time"):
+        torch.manual_seed(0)
+        base = create_model(name, checkpointing=policy, **kw).double()
+        results = []
+        for fuse in (False, True):
+            model = copy.deepcopy(base)
+            model.fuse_bn_neuron = fuse
+            calls.clear()
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                out = model(x)
+                torch.nn.functional.cross_entropy(out.mean(0), y).backward()
+            results.append((out.detach(), [p.grad for p in model.parameters()], model.state_dict()))
+            assert (len(calls) > 0) == fuse, policy
+        (o1, g1, st1), (o2, g2, st2) = results
+        torch.testing.assert_close(o2, o1, rtol=1e-9, atol=1e-11, msg=policy)
+        for a, b in zip(g2, g1, strict=True):
+            assert ((a - b).norm() / b.norm().clamp_min(1e-300)).item() <= 1e-8, policy
+        for k in st1:
+            torch.testing.assert_close(st2[k], st1[k], rtol=1e-10, atol=1e-12, msg=f"{policy} {k}")
+
+
+def test_the_option_is_validated_and_reaches_the_blocks():
+    model = create_model("danet18", T=2, num_classes=4, width=4, input_size=16, fuse_bn_neuron=True)
+    assert model.fuse_bn_neuron and all(b.fuse_bn_neuron for s in model.stages for b in s.branches)
+    with pytest.raises(ValueError, match="fuse_bn_neuron='yes': expected true or false"):
+        create_model("danet18", fuse_bn_neuron="yes")
