@@ -26,29 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._lif_triton import _SURROGATE, _charge
+from ._lif_triton import _SURROGATE, _charge, _neuron_step, _surrogate_and_reset
 from .layout import empty_seq_like, physical_order, seq_operand
 from .neuron_spec import NeuronSpec
 
 NUM_WARPS = 4
-
-
-@triton.jit
-def _neuron_step(v, y, k, vr, thr, dtype: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr):
-    """One step from membrane v and input y: (h as stored, spike, next membrane)."""
-    if CHARGE == 0:
-        h = v + (y + vr - v) * k
-    elif CHARGE == 1:
-        h = y + (1.0 - k) * v + vr * k
-    else:
-        h = v + y
-    h = h.to(dtype).to(tl.float32)
-    s = (h >= thr).to(tl.float32)
-    if HARD:
-        v = h - h * s + vr * s
-    else:
-        v = h - thr * s
-    return h, s, v
 
 
 @triton.jit
@@ -116,24 +98,7 @@ def _bwd(
             h, s, v = _neuron_step(v, y, k, vr, thr, dtype, CHARGE, HARD)
             xp += x_step
         gs = tl.load(gs_ptr + (T - 1 - i) * g_step + offs, mask=mask, other=0.0).to(tl.float32)
-        d = h - thr
-        if SURROGATE == 0:
-            z = 1.5707963267948966 * alpha * d
-            sg = (alpha * 0.5) / (1.0 + z * z)
-        elif SURROGATE == 1:
-            sig = 1.0 / (1.0 + tl.exp(-alpha * d))
-            sg = alpha * sig * (1.0 - sig)
-        else:
-            sg = tl.where(tl.abs(d) < 0.5 / alpha, alpha, 0.0)
-        s = (h >= thr).to(tl.float32)
-        if HARD:
-            dvdh = 1.0 - s
-            if not DETACH:
-                dvdh = dvdh + (vr - h) * sg
-        else:
-            dvdh = tl.full([BR, BC], 1.0, dtype=tl.float32)
-            if not DETACH:
-                dvdh = dvdh - thr * sg
+        sg, dvdh = _surrogate_and_reset(h, thr, vr, alpha, HARD, DETACH, SURROGATE)
         gh = gs * sg + carry * dvdh
         carry = gh * a
         gy = (gh * b).to(dtype)

@@ -31,6 +31,24 @@ _SURROGATE = {"atan": 0, "sigmoid": 1, "rect": 2}
 
 
 @triton.jit
+def _neuron_step(v, y, k, vr, thr, dtype: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr):
+    """One step from membrane v and input y: (h as stored, spike, next membrane)."""
+    if CHARGE == 0:
+        h = v + (y + vr - v) * k
+    elif CHARGE == 1:
+        h = y + (1.0 - k) * v + vr * k
+    else:
+        h = v + y
+    h = h.to(dtype).to(tl.float32)
+    s = (h >= thr).to(tl.float32)
+    if HARD:
+        v = h - h * s + vr * s
+    else:
+        v = h - thr * s
+    return h, s, v
+
+
+@triton.jit
 def _lif_fwd(
     x_ptr, v0_ptr, s_ptr, h_ptr, vt_ptr, M, x_st, k, vr, thr,
     T: tl.constexpr, HAS_V0: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr,
@@ -46,25 +64,37 @@ def _lif_fwd(
     xp, sp, hp = x_ptr, s_ptr, h_ptr
     for _t in tl.static_range(T):
         x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
-        if CHARGE == 0:
-            h = v + (x + vr - v) * k
-        elif CHARGE == 1:
-            h = x + (1.0 - k) * v + vr * k
-        else:
-            h = v + x
-        hq = h.to(h_ptr.dtype.element_ty)
-        h = hq.to(tl.float32)
-        s = (h >= thr).to(tl.float32)
-        if HARD:
-            v = h - h * s + vr * s
-        else:
-            v = h - thr * s
+        h, s, v = _neuron_step(v, x, k, vr, thr, h_ptr.dtype.element_ty, CHARGE, HARD)
         tl.store(sp + offs, s.to(s_ptr.dtype.element_ty), mask=mask)
-        tl.store(hp + offs, hq, mask=mask)
+        tl.store(hp + offs, h.to(h_ptr.dtype.element_ty), mask=mask)  # h is already rounded to this dtype
         xp += x_step
         sp += o_step
         hp += o_step
     tl.store(vt_ptr + offs, v.to(vt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _surrogate_and_reset(h, thr, vr, alpha, HARD: tl.constexpr, DETACH: tl.constexpr, SURROGATE: tl.constexpr):
+    """(sg(h - thr), dv/dh) at the stored potential h: the two factors of one backward step."""
+    d = h - thr
+    if SURROGATE == 0:
+        z = 1.5707963267948966 * alpha * d
+        sg = (alpha * 0.5) / (1.0 + z * z)
+    elif SURROGATE == 1:
+        sig = 1.0 / (1.0 + tl.exp(-alpha * d))
+        sg = alpha * sig * (1.0 - sig)
+    else:
+        sg = tl.where(tl.abs(d) < 0.5 / alpha, alpha, 0.0)
+    s = (h >= thr).to(tl.float32)
+    if HARD:
+        dvdh = 1.0 - s
+        if not DETACH:
+            dvdh = dvdh + (vr - h) * sg
+    else:
+        dvdh = tl.zeros_like(h) + 1.0
+        if not DETACH:
+            dvdh = dvdh - thr * sg
+    return sg, dvdh
 
 
 @triton.jit
@@ -88,24 +118,7 @@ def _lif_bwd(
     for _i in tl.static_range(T):
         h = tl.load(hp + offs, mask=mask, other=0.0).to(tl.float32)
         gs = tl.load(gsp + offs, mask=mask, other=0.0).to(tl.float32)
-        d = h - thr
-        if SURROGATE == 0:
-            z = 1.5707963267948966 * alpha * d
-            sg = (alpha * 0.5) / (1.0 + z * z)
-        elif SURROGATE == 1:
-            sig = 1.0 / (1.0 + tl.exp(-alpha * d))
-            sg = alpha * sig * (1.0 - sig)
-        else:
-            sg = tl.where(tl.abs(d) < 0.5 / alpha, alpha, 0.0)
-        s = (h >= thr).to(tl.float32)
-        if HARD:
-            dvdh = 1.0 - s
-            if not DETACH:
-                dvdh = dvdh + (vr - h) * sg
-        else:
-            dvdh = tl.full([BLOCK], 1.0, dtype=tl.float32)
-            if not DETACH:
-                dvdh = dvdh - thr * sg
+        sg, dvdh = _surrogate_and_reset(h, thr, vr, alpha, HARD, DETACH, SURROGATE)
         gh = gs * sg + carry * dvdh
         tl.store(gxp + offs, (gh * b).to(gx_ptr.dtype.element_ty), mask=mask)
         carry = gh * a

@@ -9,8 +9,9 @@ neuron's charged potential ``h`` to memory and reads them back, and keeps ``h`` 
   walks the steps back to get ``g_y`` and reduces the two per-channel sums BatchNorm's backward needs, then one
   elementwise pass for ``g_x``.
 
-So per site 8 passes over the activation instead of 14, and ``h`` is never stored (the memory of the ``time``
-checkpointing policy without its recompute of the whole segment).
+Counting reads and writes of activation-sized tensors per site: forward 3 instead of 6 (statistics, normalise,
+neuron), backward 6 instead of 8; and ``h`` is never stored (``orchestrator plan`` for danet152: 503 instead of
+566 MiB of saved activations per image under ``none``).
 
 Same equations as ``BatchNorm`` then ``MultiStepNeuron``: ``y = x * scale + shift`` with ``scale = w / sqrt(var +
 eps)`` and ``shift = b - mean * scale`` (statistics in at least fp32), ``y`` and ``h`` rounded to the input's

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import bn_neuron as fused_bn, checkpointing
+from . import bn_neuron as fused_bn
+from . import checkpointing
 from .checkpointing import BatchNorm
 from .connections import Connection, DASpec, DenseWeights, GradStash, domain_of
 from .layout import flat_seq, repeat_time, spatial_mean

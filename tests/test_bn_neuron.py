@@ -10,7 +10,8 @@ import copy
 import pytest
 import torch
 
-from models import bn_neuron as bn_module, create_model
+from models import bn_neuron as bn_module
+from models import create_model
 from models.bn_neuron import bn_neuron
 from models.checkpointing import BatchNorm
 from models.neurons import make_neuron
