@@ -190,7 +190,8 @@ def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypa
 @pytest.mark.parametrize("faster", [True, False])
 def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypatch, faster):
     """The fusion piece: the fused model step variant runs on CPU at the dry sizes (the model really fuses); the
-    job with ``model.fuse_bn_neuron=true`` runs beside the preset's only when that variant beat its unfused twin."""
+    job with ``model.fuse_bn_neuron=true`` runs beside the preset's only when that variant beat its unfused twin,
+    and the plan's micro-batch job takes the flag only when that job was faster end to end."""
     import argparse
 
     import torch
@@ -207,6 +208,8 @@ def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypat
     by = check.result["end_to_end_by_fusion"]
     if faster:
         assert jobs == [("throughput_fused", ("model.fuse_bn_neuron=true",))] and by == {"off": 5.0, "on": 6.0}
+        assert check.winning_overrides() == ["model.fuse_bn_neuron=true"]  # carried into the plan's job
     else:
         assert jobs == [] and by == {"off": 5.0} and "not above unfused" in check.result["fusion_note"]
+        assert check.winning_overrides() == []
     assert "model.fuse_bn_neuron" in gtc.table(check.result)

@@ -22,7 +22,7 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
 7. The steady-state job of 4 again with ``model.fuse_bn_neuron=true`` (BatchNorm + neuron as one op), if its
    model step beat the unfused one: ``end_to_end_by_fusion``.
 8. The steady-state job of 4 again at the micro-batch ``orchestrator plan`` gives this card, if above the
-   preset's 32: ``end_to_end_by_micro_batch``.
+   preset's 32 (with the fusion if 7 measured it faster): ``end_to_end_by_micro_batch``.
 9. Memory per checkpointing policy on the fastest model step's settings: measured peak and rate against
    ``orchestrator plan``'s estimate at that micro-batch, the plan's ``auto`` choice for this card, and the
    fastest policy that fits it (``memory_by_policy``).
@@ -677,8 +677,16 @@ class TrainCheck:
             return
         if not self.within(0.75, f"plan micro-batch job ({micro})"):
             return
-        got = self.attempt("plan micro-batch job", lambda: self.steady_job(f"throughput_mb{micro}", micro_batch=micro))
+        extra = self.winning_overrides()
+        self.result["plan_micro_batch_overrides"] = extra
+        got = self.attempt("plan micro-batch job",
+                           lambda: self.steady_job(f"throughput_mb{micro}", *extra, micro_batch=micro))
         by[str(micro)] = got["rate"] if got else None
+
+    def winning_overrides(self) -> list[str]:
+        """The job overrides measured faster end to end in this run (the fusion job), to carry into later jobs."""
+        fusion = self.result.get("end_to_end_by_fusion") or {}
+        return ["model.fuse_bn_neuron=true"] if (fusion.get("on") or 0) > (fusion.get("off") or 0) else []
 
     def fusion(self) -> None:
         """7. The steady-state job again with ``model.fuse_bn_neuron=true``, beside the preset's (off):
