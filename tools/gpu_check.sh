@@ -13,7 +13,7 @@
 #     DeepSpeed's bf16 engine if time is left; writes $OUT_DIR/gpu_train_<gpu>.json
 #     (tools/gpu_train_check.py; copy it to docs/bench/). What that machine lacks comes from .cache/gpu_pack
 #     (made here by tools/gpu_pack.sh, carried one piece per run call: see there), unpacked into .cache/gpu_site;
-#     the Triton LIF kernels are checked first.
+#     the Triton kernels (the LIF, BatchNorm + LIF) are checked first.
 # Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out). STEPS="models data memory" (the default)
 # runs a subset, e.g. when device time is short; STEPS=train the job check.
 set -u
