@@ -6,12 +6,12 @@ channels_last; OUTER: those outside), and a program owns a tile of BR rows (a ro
 BC channels over all T steps: each channel's scale, shift and sums are a vector along the tile, whatever the
 layout. The tile shape follows the layout so that the contiguous dim is the tile's long one.
 
-- ``_fwd``: y = x * scale + shift, charge, fire, reset in registers; writes the spikes only.
-- ``_bwd``: per step from the last, recomputes the membrane from x (at most T steps of registers work, the loads
+- ``_bn_lif_fwd``: y = x * scale + shift, charge, fire, reset in registers; writes the spikes only.
+- ``_bn_lif_bwd``: per step from the last, recomputes the membrane from x (at most T steps of registers work, the loads
   of x hit the cache), walks the gradient back as ``_lif_triton._lif_bwd`` does, writes ``g_y`` and each tile's
   per-channel sums of ``g_y`` and ``g_y * xhat`` to its own row of a partial buffer (summed by torch afterwards:
   deterministic, no atomics);
-- ``_elemt``: ``g_x = scale * (g_y - sum_gy / M - xhat * sum_gy_xhat / M)`` (or ``scale * g_y`` with running
+- ``_bn_lif_elemt``: ``g_x = scale * (g_y - sum_gy / M - xhat * sum_gy_xhat / M)`` (or ``scale * g_y`` with running
   statistics).
 
 Arithmetic in fp32; y, h and g_y are rounded to the storage dtype where the unfused pair stores them, so forward
@@ -47,7 +47,7 @@ def _tile(R, C, INNER, BR: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _fwd(
+def _bn_lif_fwd(
     x_ptr, s_ptr, scale_ptr, shift_ptr, R, C, INNER, x_st, k, vr, thr,
     T: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
@@ -68,7 +68,7 @@ def _fwd(
 
 
 @triton.jit
-def _bwd(
+def _bn_lif_bwd(
     gs_ptr, x_ptr, gy_ptr, part_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, R, C, INNER, gs_st, x_st,
     k, a, b, vr, thr, alpha,
     T: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, DETACH: tl.constexpr, SURROGATE: tl.constexpr,
@@ -112,7 +112,7 @@ def _bwd(
 
 
 @triton.jit
-def _elemt(
+def _bn_lif_elemt(
     gy_ptr, x_ptr, gx_ptr, scale_ptr, mean_ptr, invstd_ptr, ca_ptr, cb_ptr, R, C, INNER, x_st,
     T: tl.constexpr, BATCH: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
@@ -158,7 +158,7 @@ def forward(x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spec:
     rows, channels, inner, br, bc = _geometry(s_seq[0])
     x, x_st = seq_operand(x_seq, s_seq[0])
     hard = spec.v_reset is not None
-    _fwd[_grid(rows, channels, br, bc)](
+    _bn_lif_fwd[_grid(rows, channels, br, bc)](
         x, s_seq, scale, shift, rows, channels, inner, x_st,
         1.0 / spec.tau, spec.v_reset if hard else 0.0, spec.v_threshold,
         T=x_seq.shape[0], CHARGE=_charge(spec), HARD=hard, BR=br, BC=bc, num_warps=NUM_WARPS,
@@ -180,7 +180,7 @@ def backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: Ne
     a = 1.0 if spec.type == "if" else 1.0 - k
     b = k if (spec.type != "if" and spec.decay_input) else 1.0
     hard = spec.v_reset is not None
-    _bwd[grid](
+    _bn_lif_bwd[grid](
         gs, x, g_y, part, scale, shift, mean, invstd, rows, channels, inner, gs_st, x_st,
         k, a, b, spec.v_reset if hard else 0.0, spec.v_threshold, spec.surrogate_alpha,
         T=steps, CHARGE=_charge(spec), HARD=hard, DETACH=spec.detach_reset, SURROGATE=_SURROGATE[spec.surrogate],
@@ -192,7 +192,7 @@ def backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: Ne
     ca = (sum_gy / count).float().contiguous()
     cb = (sum_gy_xhat / count).float().contiguous()
     g_x = empty_seq_like(x_seq)
-    _elemt[grid](
+    _bn_lif_elemt[grid](
         g_y, x, g_x, scale, mean, invstd, ca, cb, rows, channels, inner, x_st,
         T=steps, BATCH=batch_stats, BR=br, BC=bc, num_warps=NUM_WARPS,
     )  # fmt: skip

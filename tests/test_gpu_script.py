@@ -199,7 +199,7 @@ def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypat
     args = argparse.Namespace(out=tmp_path, pieces="fusion", site=None, budget_s=450.0, variants="", pack_photos=None)
     check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
     got = gtc.model_step(check.device, **{**check.fastest_kw("fused_bn_neuron"), "warmup": 0, "repeats": 1})
-    assert got["img_per_s"] > 0
+    assert got["img_per_s"] > 0 and gtc.fused_path(cuda=False) == "torch ops (CPU)"
     check.variants = {"benchmark": {"img_per_s": 10.0}, "fused_bn_neuron": {"img_per_s": 12.0 if faster else 9.0}}
     check.result["end_to_end_img_per_s"] = 5.0
     jobs = []

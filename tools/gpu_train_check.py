@@ -18,7 +18,8 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
 5. The model-step variants in ``--variants`` (``VARIANTS``), side by side with the baseline; the fastest of all
    is ``model_step_img_per_s`` (``fastest_variant``, ``fastest_micro_batch``).
 6. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
-   LIF, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall time the GPU was idle).
+   LIF, fused BatchNorm + neuron, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall
+   time the GPU was idle).
 7. The steady-state job of 4 again with ``model.fuse_bn_neuron=true`` (BatchNorm + neuron as one op), if its
    model step beat the unfused one: ``end_to_end_by_fusion``.
 8. The steady-state job of 4 again at the micro-batch ``orchestrator plan`` gives this card, if above the
@@ -267,6 +268,7 @@ def model_step(device, **kw) -> dict:
 
 
 GROUPS = (  # (group, substrings of aten op / kernel names, lower case); the first match wins
+    ("bn_neuron", ("_bn_lif_",)),  # the fused BatchNorm + neuron kernels (model.fuse_bn_neuron)
     ("lif", ("lif_forward", "lif_backward", "_lif_fwd", "_lif_bwd", "fusedlif")),
     ("batch_norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
     ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass")),
@@ -276,6 +278,16 @@ GROUPS = (  # (group, substrings of aten op / kernel names, lower case); the fir
     ("optimizer", ("foreach", "multi_tensor", "sgd", "_fused_")),
     ("elementwise", ("elementwise", "aten::add", "aten::mul", "aten::sub", "aten::div", "reduce", "sum", "mean")),
 )
+
+
+def fused_path(cuda: bool) -> str:
+    """Which implementation the fused BatchNorm + neuron ran on: its Triton kernels, or torch ops (and why)."""
+    from models import bn_neuron
+
+    failed = bn_neuron._STATE.get("failed")
+    if failed:
+        return f"torch ops (the Triton kernels failed: {failed})"
+    return "triton" if cuda else "torch ops (CPU)"
 
 
 def _group(name: str) -> str:
@@ -590,6 +602,8 @@ class TrainCheck:
                 got = self.attempt(f"variant {name}", lambda n=name: model_step(self.device, **self.fastest_kw(n)))
                 if got:
                     self.variants[name] = got
+                if name == "fused_bn_neuron":
+                    self.result["fused_bn_neuron_path"] = fused_path(self.cuda)
 
     def fastest_kw(self, variant: str | None = None) -> dict:
         """model_step's arguments for ``variant`` (default: the fastest measured so far)."""
