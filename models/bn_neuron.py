@@ -114,8 +114,13 @@ class _BNNeuron(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------- dispatch
 
 
+# The backward kernel recomputes the membrane for each step from step 0: T (T + 1) / 2 unrolled steps, so long
+# sequences take the torch path rather than a kernel that takes minutes to compile.
+MAX_TRITON_T = 16
+
+
 def _triton_ok(x: torch.Tensor) -> bool:
-    if not (x.is_cuda and lif_fused._triton_ok()) or _STATE.get("failed"):
+    if not (x.is_cuda and lif_fused._triton_ok()) or _STATE.get("failed") or x.shape[0] > MAX_TRITON_T:
         return False
     try:
         from . import _bn_neuron_triton  # noqa: F401
