@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from helpers.neurons import FUSED_NEURON_CASES, case_id
 
 from models import bn_neuron as bn_module
 from models import create_model
@@ -16,14 +17,6 @@ from models.bn_neuron import bn_neuron
 from models.checkpointing import BatchNorm
 from models.neurons import make_neuron
 
-CASES = [
-    dict(type="lif"),
-    dict(type="lif", v_reset=None),
-    dict(type="lif", v_reset=-0.2, detach_reset=False),
-    dict(type="lif", decay_input=False, surrogate="sigmoid", surrogate_alpha=4.0),
-    dict(type="lif", v_reset=None, detach_reset=False, surrogate="rect", surrogate_alpha=1.0),
-    dict(type="if"),
-]
 T, N, C, H, W = 3, 4, 6, 5, 5
 
 
@@ -51,7 +44,7 @@ def _both(x: torch.Tensor, g: torch.Tensor, bn_ref: BatchNorm, bn_fused: BatchNo
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", FUSED_NEURON_CASES, ids=case_id)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_the_op_equals_batchnorm_then_the_neuron(case, mode):
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.layouts import sequence_layouts
+from helpers.neurons import FUSED_NEURON_CASES, case_id
 
 from models import _cpu_kernels, create_model
 from models.checkpointing import BatchNorm
@@ -25,17 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(_cpu_kernels._compiler() is None, reason="no C++ compiler on this machine")
 
-LIF_CASES = [
-    dict(type="lif"),
-    dict(type="lif", v_reset=None),
-    dict(type="lif", v_reset=-0.2, detach_reset=False),
-    dict(type="lif", decay_input=False, surrogate="sigmoid", surrogate_alpha=4.0),
-    dict(type="lif", decay_input=False, v_reset=0.3),
-    dict(type="lif", v_reset=None, detach_reset=False, surrogate="rect", surrogate_alpha=1.0),
-    dict(type="lif", tau=3.0, v_threshold=0.5),
-    dict(type="if"),
-    dict(type="if", v_reset=None, surrogate="sigmoid"),
-]
 
 
 def test_the_kernels_build_and_load_here():
@@ -48,7 +38,7 @@ def test_the_kernels_build_and_load_here():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", LIF_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", FUSED_NEURON_CASES, ids=case_id)
 def test_lif_kernel_equals_the_vectorised_path(case, dtype):
     """Spikes equal; membranes and gradients to rounding; with and without an initial membrane and a gradient
     on the final one; a step large enough to be split across threads and one smaller than a block."""

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from helpers.neurons import FUSED_NEURON_CASES, case_id
 
 from models import Connection, MultiStepNeuron, NeuronSpec, create_model, model_names
 from models.lif_fused import fused_lif
@@ -34,17 +35,7 @@ def test_every_model_forward_backward(name):
 
 # ------------------------------------------------------------------------------------------------ neurons
 
-NEURON_CASES = [
-    dict(type="lif"),
-    dict(type="lif", v_reset=None),
-    dict(type="lif", v_reset=-0.2, detach_reset=False),
-    dict(type="lif", decay_input=False, surrogate="sigmoid", surrogate_alpha=4.0),
-    dict(type="lif", v_reset=None, detach_reset=False, surrogate="rect", surrogate_alpha=1.0),
-    dict(type="lif", tau=3.0, v_threshold=0.5),
-    dict(type="if"),
-    dict(type="if", v_reset=None, surrogate="sigmoid"),
-    dict(type="plif"),
-]
+NEURON_CASES = [*FUSED_NEURON_CASES, dict(type="plif")]
 
 
 def _inputs(shape=(5, 3, 4, 6, 6), seed=0):
@@ -52,7 +43,7 @@ def _inputs(shape=(5, 3, 4, 6, 6), seed=0):
     return torch.randn(shape, generator=g) * 1.5 + 0.6, torch.randn(shape, generator=g)
 
 
-@pytest.mark.parametrize("case", NEURON_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("case", NEURON_CASES, ids=case_id)
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_multistep_equals_single_steps(case, backend):
     neuron = MultiStepNeuron(NeuronSpec(**case, backend=backend))
@@ -67,7 +58,7 @@ def test_multistep_equals_single_steps(case, backend):
     assert 0.05 < spikes.mean() < 0.95  # the inputs exercise both branches
 
 
-@pytest.mark.parametrize("case", [c for c in NEURON_CASES if c["type"] != "plif"], ids=str)
+@pytest.mark.parametrize("case", FUSED_NEURON_CASES, ids=case_id)
 @pytest.mark.parametrize("with_v0", [False, True])
 def test_fused_lif_equals_reference_loop(case, with_v0):
     x, g = _inputs()
