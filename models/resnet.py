@@ -131,7 +131,7 @@ class Branch(nn.Module):
 
     def _bn_neuron(self, unit: int, neuron: int):
         bn, bn_seq, sn = self.units[unit].bn, self.units[unit].bn_seq, self.neurons[neuron]
-        if self.fuse_bn_neuron and fused_bn.applies(bn, sn):
+        if self.fuse_bn_neuron:  # (bn_neuron runs the pair itself where the fusion does not apply)
             return lambda y: fused_bn.bn_neuron(y, bn, sn)
         return lambda y: sn(bn_seq(y))
 
@@ -155,7 +155,7 @@ class Projection(nn.Module):
         x = self.conv(x)
         if self.neuron is None:
             return self.bn(x).unflatten(0, shape)
-        if self.fuse_bn_neuron and fused_bn.applies(self.bn, self.neuron):
+        if self.fuse_bn_neuron:
             return fused_bn.bn_neuron(x.unflatten(0, shape), self.bn, self.neuron)
         return self.neuron(self.bn(x).unflatten(0, shape))
 
