@@ -33,10 +33,14 @@ with ``s_0`` the stage's base and ``x_in`` the stage input:
 
 Costs: learnable DA keeps a stage's branch outputs alive until the stage ends and does l multiply-adds for block l
 (O(L^2) elementwise work per stage, e.g. 666 for DANet-152's 36-block stage 3); ``fixed`` is as cheap as a ResNet.
+As torch ops each term is a pass over the stream (3 tensor reads/writes forward, 5 backward); ``model.fuse_da``
+sums up to 16 terms per pass with Triton kernels on CUDA (``_da_triton``: ~1 read per term either way).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -123,32 +127,103 @@ class _DenseAggregate(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, base, alpha, stash, row, *ys):  # type: ignore[override]
-        ctx.stash, ctx.row, ctx.index = stash, row, len(ys)
+    def forward(ctx, base, alpha, stash, row, fused, *ys):  # type: ignore[override]
+        ctx.stash, ctx.row, ctx.index, ctx.fused = stash, row, len(ys), fused
         ctx.save_for_backward(ys[-1], alpha)
-        acc = torch.addcmul(base, ys[0], alpha[row])
-        for k in range(1, len(ys)):  # in place: no new stream-sized tensor per term (same arithmetic)
-            acc.addcmul_(ys[k], alpha[row + k])
-        return acc
+        return _weighted_sum(base, list(ys), alpha, row, fused)
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         y, alpha = ctx.saved_tensors
         stash, j = ctx.stash, ctx.index  # this node computed s_j (1-based j = number of ys)
         stash.g[j] = g
-        grad_alpha = torch.zeros_like(alpha)
-        grad_y = None
-        for m in sorted(stash.g):  # m >= j: s_m = base + ... + alpha_{m,j} y_j + ...
-            if m < j:
-                continue
-            gm = stash.g[m]
-            a = alpha[m * (m - 1) // 2 + j - 1]
-            grad_y = gm * a if grad_y is None else grad_y.addcmul_(gm, a)
-            dot = _dot(gm, y.to(gm.dtype))
-            grad_alpha[m * (m - 1) // 2 + j - 1] = dot.to(alpha.dtype)
+        ms = [m for m in sorted(stash.g) if m >= j]  # s_m = base + ... + alpha_{m,j} y_j + ...  (m = j, j+1, ..)
+        gms = [stash.g[m] for m in ms]
         if j == 1:
             stash.g.clear()  # the stage's backward is done
-        return (g, grad_alpha, None, None) + (None,) * (j - 1) + (grad_y,)
+        grad_y, grad_alpha = _column_grads(y, ms, gms, alpha, j, ctx.fused)
+        return (g, grad_alpha, None, None, None) + (None,) * (j - 1) + (grad_y,)
+
+
+def _weighted_sum(base, ys: list[torch.Tensor], alpha, row: int, fused: bool) -> torch.Tensor:
+    """``base + sum_k alpha[row + k] ys[k]``: the kernel where it applies, else in-place addcmuls (no new
+    stream-sized tensor per term)."""
+    if fused and _kernels_apply(base, *ys):
+        got = _try_kernels("forward", lambda: _kernels().weighted_sum(base, ys, alpha, row, 1, 0))
+        if got is not None:
+            return got
+    acc = torch.addcmul(base, ys[0], alpha[row])
+    for k in range(1, len(ys)):
+        acc.addcmul_(ys[k], alpha[row + k])
+    return acc
+
+
+def _column_grads(y, ms: list[int], gms: list[torch.Tensor], alpha, j: int, fused: bool):
+    """(dL/dy_j = sum_m alpha_{m,j} g_m, dL/dalpha with <g_m, y_j> at each alpha_{m,j}) over ``ms`` = j, j+1, ..."""
+    if fused and ms == list(range(j, j + len(ms))) and _kernels_apply(y, *gms):
+        # column j of the alphas, rows m = j..: index m (m - 1) / 2 + j - 1 = first + k j + k (k - 1) / 2
+        first = j * (j - 1) // 2 + j - 1
+        got = _try_kernels("backward", lambda: _kernels().weighted_sum_dots(y, gms, alpha, first, j, 1))
+        if got is not None:
+            grad_y, dots = got
+            index = _column_index(j, len(ms), alpha.device)
+            return grad_y, torch.zeros_like(alpha).index_copy_(0, index, dots.to(alpha.dtype))
+    grad_alpha = torch.zeros_like(alpha)
+    grad_y = None
+    for m, gm in zip(ms, gms, strict=True):
+        a = alpha[m * (m - 1) // 2 + j - 1]
+        grad_y = gm * a if grad_y is None else grad_y.addcmul_(gm, a)
+        grad_alpha[m * (m - 1) // 2 + j - 1] = _dot(gm, y.to(gm.dtype)).to(alpha.dtype)
+    return grad_y, grad_alpha
+
+
+_KERNEL_STATE: dict[str, object] = {}
+
+
+def _kernels():
+    from . import _da_triton
+
+    return _da_triton
+
+
+def _kernels_apply(*ts: torch.Tensor) -> bool:
+    """Whether the Triton kernels can sum ``ts``: CUDA, one dtype, one shape, dense, one layout (else torch ops)."""
+    first = ts[0]
+    if not _on_device(first) or _KERNEL_STATE.get("ok") is False:
+        return False
+    if "ok" not in _KERNEL_STATE:
+        try:
+            _kernels()
+            _KERNEL_STATE["ok"] = True
+        except Exception as exc:  # no triton or an incompatible one: the torch ops are exact too
+            _KERNEL_STATE["ok"], _KERNEL_STATE["why"] = False, repr(exc)
+            return False
+    return flat_view(first) is not None and all(
+        _on_device(t) and t.dtype == first.dtype and t.shape == first.shape and same_step_layout(t, first)
+        and flat_view(t) is not None
+        for t in ts[1:]
+    )  # fmt: skip
+
+
+def _try_kernels(what: str, fn):
+    """``fn()``, or None after a failure, which is warned about once and turns the kernels off for the process."""
+    try:
+        return fn()
+    except Exception as exc:
+        _KERNEL_STATE["ok"], _KERNEL_STATE["failed"] = False, repr(exc)
+        warnings.warn(f"Triton DA {what} kernel failed ({exc!r}); using torch ops", stacklevel=3)
+        return None
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    """Where the kernels run (tools/lif_triton_check.py widens it to CPU tensors for Triton's interpreter)."""
+    return t.is_cuda
+
+
+@functools.cache
+def _column_index(j: int, rows: int, device: torch.device) -> torch.Tensor:
+    """Positions of alpha_{m,j} for m = j .. j + rows - 1 in the flat alpha vector (built once per device)."""
+    return torch.tensor([m * (m - 1) // 2 + j - 1 for m in range(j, j + rows)], device=device)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -166,6 +241,7 @@ class DenseWeights(nn.Module):
         super().__init__()
         self.num_blocks = num_blocks
         self.alpha = nn.Parameter(torch.ones(num_blocks * (num_blocks + 1) // 2))
+        self.fused = False  # ``model.fuse_da``: the sums as Triton kernels on CUDA (``models._da_triton``)
 
     def aggregate(self, base: torch.Tensor, ys: list[torch.Tensor], stash: GradStash | None = None) -> torch.Tensor:
         """s_l = base + sum_k alpha_{l,k} y_k for l = len(ys), summed in order (alpha = 1 gives the stream).
@@ -176,8 +252,11 @@ class DenseWeights(nn.Module):
         row = len(ys) * (len(ys) - 1) // 2
         # Under torch.compile the plain chain is traced instead: the stash is shared Python state between backward
         # nodes, which a traced graph cannot hold, and the compiler plans the backward's buffers itself.
-        if stash is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return _DenseAggregate.apply(base, self.alpha, stash, row, *ys)
+        compiling, grad = torch.compiler.is_compiling(), torch.is_grad_enabled()
+        if stash is not None and grad and not compiling:
+            return _DenseAggregate.apply(base, self.alpha, stash, row, self.fused, *ys)
+        if self.fused and not grad and not compiling:  # evaluation, a checkpoint's first forward
+            return _weighted_sum(base, ys, self.alpha, row, True)
         acc = base
         for k, y in enumerate(ys):
             acc = torch.addcmul(acc, y, self.alpha[row + k])

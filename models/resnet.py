@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "spike_storage": "float",
     "memory_budget_gb": 0.0,
     "fuse_bn_neuron": False,
+    "fuse_da": False,
 }
 
 
@@ -286,6 +287,7 @@ class SpikingResNet(nn.Module):
         spike_storage: str = "float",
         memory_budget_gb: float = 0.0,
         fuse_bn_neuron: bool = False,
+        fuse_da: bool = False,
     ) -> None:
         super().__init__()
         self.T = T
@@ -320,6 +322,19 @@ class SpikingResNet(nn.Module):
             if isinstance(m, ConvBN):
                 m.spike_storage = spike_storage
         self.fuse_bn_neuron = fuse_bn_neuron
+        self.fuse_da = fuse_da
+
+    @property
+    def fuse_da(self) -> bool:
+        """Whether learnable DA's weighted sums run as Triton kernels on CUDA (``models._da_triton``)."""
+        return self._fuse_da
+
+    @fuse_da.setter
+    def fuse_da(self, on: bool) -> None:
+        self._fuse_da = bool(on)
+        for m in self.modules():
+            if isinstance(m, DenseWeights):
+                m.fused = self._fuse_da
 
     @property
     def fuse_bn_neuron(self) -> bool:
@@ -451,8 +466,9 @@ def create_model(name: str, **overrides: Any) -> SpikingResNet:
         problems.append(
             f"spike_storage={cfg['spike_storage']!r}: expected one of {', '.join(checkpointing.SPIKE_STORAGE)}"
         )
-    if not isinstance(cfg["fuse_bn_neuron"], bool):
-        problems.append(f"fuse_bn_neuron={cfg['fuse_bn_neuron']!r}: expected true or false")
+    for key in ("fuse_bn_neuron", "fuse_da"):
+        if not isinstance(cfg[key], bool):
+            problems.append(f"{key}={cfg[key]!r}: expected true or false")
     connection = FAMILIES[family]
     try:
         if cfg["connection"] not in (None, "default"):
@@ -484,4 +500,5 @@ def create_model(name: str, **overrides: Any) -> SpikingResNet:
         spike_storage=cfg["spike_storage"],
         memory_budget_gb=float(cfg["memory_budget_gb"]),
         fuse_bn_neuron=cfg["fuse_bn_neuron"],
+        fuse_da=cfg["fuse_da"],
     )

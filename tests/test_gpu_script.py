@@ -187,29 +187,34 @@ def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     assert saved["errors"] == ["plan_batch: RuntimeError: no plan here"] and ran == ["precision"]
 
 
-@pytest.mark.parametrize("faster", [True, False])
-def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypatch, faster):
-    """The fusion piece: the fused model step variant runs on CPU at the dry sizes (the model really fuses); the
-    job with ``model.fuse_bn_neuron=true`` runs beside the preset's only when that variant beat its unfused twin,
-    and the plan's micro-batch job takes the flag only when that job was faster end to end."""
+@pytest.mark.parametrize("won", [("fused_bn_neuron",), ("fused_da",), ("fused_bn_neuron", "fused_da"), ()])
+def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypatch, won):
+    """The fusion piece: both fused model-step variants run on CPU at the dry sizes (the models really fuse);
+    one job runs beside the preset's with the flags of those variants that beat their unfused twin (none: no
+    job), and the plan's micro-batch job takes them only when that job was faster end to end."""
     import argparse
 
     import torch
 
     args = argparse.Namespace(out=tmp_path, pieces="fusion", site=None, budget_s=450.0, variants="", pack_photos=None)
     check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
-    got = gtc.model_step(check.device, **{**check.fastest_kw("fused_bn_neuron"), "warmup": 0, "repeats": 1})
-    assert got["img_per_s"] > 0 and gtc.fused_path(cuda=False) == "torch ops (CPU)"
-    check.variants = {"benchmark": {"img_per_s": 10.0}, "fused_bn_neuron": {"img_per_s": 12.0 if faster else 9.0}}
+    for name in gtc.FUSIONS:
+        got = gtc.model_step(check.device, **{**check.fastest_kw(name), "warmup": 0, "repeats": 1})
+        assert got["img_per_s"] > 0 and gtc.fused_path(False, name) == "torch ops (CPU)"
+    check.variants = {"benchmark": {"img_per_s": 10.0},
+                      **{n: {"img_per_s": 12.0 if n in won else 9.0} for n in gtc.FUSIONS}}  # fmt: skip
     check.result["end_to_end_img_per_s"] = 5.0
     jobs = []
     monkeypatch.setattr(check, "steady_job", lambda label, *extra: jobs.append((label, extra)) or {"rate": 6.0})
     check.fusion()
     by = check.result["end_to_end_by_fusion"]
-    if faster:
-        assert jobs == [("throughput_fused", ("model.fuse_bn_neuron=true",))] and by == {"off": 5.0, "on": 6.0}
-        assert check.winning_overrides() == ["model.fuse_bn_neuron=true"]  # carried into the plan's job
+    flags = tuple(gtc.FUSIONS[n] for n in won)
+    if won:
+        assert jobs == [("throughput_fused", flags)] and by == {"off": 5.0, "on": 6.0}
+        assert check.winning_overrides() == list(flags)  # carried into the plan's job
+        assert all(f in gtc.table(check.result) for f in flags)
     else:
-        assert jobs == [] and by == {"off": 5.0} and "not above unfused" in check.result["fusion_note"]
-        assert check.winning_overrides() == []
-    assert "model.fuse_bn_neuron" in gtc.table(check.result)
+        assert jobs == [] and by == {"off": 5.0} and check.winning_overrides() == []
+    lost = set(gtc.FUSIONS) - set(won)
+    assert all(f"{n} model step" in check.result.get("fusion_note", "") for n in lost)
+    assert "fusions off" in gtc.table(check.result)

@@ -415,3 +415,23 @@ def test_triton_lif_kernels_in_the_interpreter():
     r = subprocess.run([sys.executable, str(tool)], env={**os.environ, "TRITON_INTERPRET": "1"},
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "0 failures" in r.stdout, (r.stdout + r.stderr)[-3000:]
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_the_h200():
+    """Every Triton kernel, at the launches the interpreter check makes, compiles for sm_90 with the ptxas Triton
+    ships (tools/triton_compile_check.py; no GPU needed) and spills nothing, where triton is installed."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "triton_compile_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, str(tool)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and ", 0 failures" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    for kernel in ("_lif_fwd", "_bn_lif_bwd", "_weighted_sum_dots"):
+        assert f".{kernel}(" in r.stdout
+    assert not re.search(r"(stack|local) [1-9]", r.stdout), r.stdout  # register spills

@@ -20,8 +20,9 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
 6. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
    LIF, fused BatchNorm + neuron, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall
    time the GPU was idle).
-7. The steady-state job of 4 again with ``model.fuse_bn_neuron=true`` (BatchNorm + neuron as one op), if its
-   model step beat the unfused one: ``end_to_end_by_fusion``.
+7. The steady-state job of 4 again with the fusions whose model-step variant beat the unfused one (``FUSIONS``:
+   ``model.fuse_bn_neuron=true``, BatchNorm + neuron as one op; ``model.fuse_da=true``, DA's sums as kernels):
+   ``end_to_end_by_fusion``.
 8. The steady-state job of 4 again at the micro-batch ``orchestrator plan`` gives this card, if above the
    preset's 32 (with the fusion if 7 measured it faster): ``end_to_end_by_micro_batch``.
 9. Memory per checkpointing policy on the fastest model step's settings: measured peak and rate against
@@ -201,17 +202,19 @@ def mlflow_peak_mb(db: Path, run_id: str | None = None) -> float | None:
 
 def _model_step(device, name: str, batch: int, res: int, width: int, layout: str, benchmark: bool,
                policy: str, warmup: int, repeats: int, compile_: bool = False, profile: bool = False,
-               fuse: bool = False) -> dict:  # fmt: skip
+               fuse: bool = False, fuse_da: bool = False) -> dict:  # fmt: skip
     """danet forward + backward + SGD step, bf16 autocast on CUDA (fp32 on CPU). ``layout``: 'model' (weights
     channels_last, images NCHW: today's models.gpu_check), 'input' (images channels_last, weights contiguous:
-    the job's), 'none'. Either way every convolution runs NHWC. ``fuse``: BatchNorm + neuron as one op."""
+    the job's), 'none'. Either way every convolution runs NHWC. ``fuse``: BatchNorm + neuron as one op;
+    ``fuse_da``: learnable DA's sums as kernels."""
     import torch
 
     from models import create_model
 
     torch.backends.cudnn.benchmark = benchmark
     torch.manual_seed(0)
-    model = create_model(name, T=4, input_size=res, width=width, checkpointing=policy, fuse_bn_neuron=fuse)
+    model = create_model(name, T=4, input_size=res, width=width, checkpointing=policy, fuse_bn_neuron=fuse,
+                         fuse_da=fuse_da)
     model = model.to(device)
     if layout == "model":
         model = model.to(memory_format=torch.channels_last)
@@ -272,7 +275,7 @@ GROUPS = (  # (group, substrings of aten op / kernel names, lower case); the fir
     ("lif", ("lif_forward", "lif_backward", "_lif_fwd", "_lif_bwd", "fusedlif")),
     ("batch_norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
     ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass")),
-    ("da_sums", ("addcmul", "aten::dot", "dot_kernel")),
+    ("da_sums", ("addcmul", "aten::dot", "dot_kernel", "_weighted_sum")),  # torch ops, or models._da_triton
     ("casts_copies", ("copy", "_to_copy", "aten::to", "clone", "contiguous", "nchwtonhwc", "nhwctonchw",
                       "transpose", "cast", "convert")),  # fmt: skip
     ("optimizer", ("foreach", "multi_tensor", "sgd", "_fused_")),
@@ -280,11 +283,12 @@ GROUPS = (  # (group, substrings of aten op / kernel names, lower case); the fir
 )
 
 
-def fused_path(cuda: bool) -> str:
-    """Which implementation the fused BatchNorm + neuron ran on: its Triton kernels, or torch ops (and why)."""
-    from models import bn_neuron
+def fused_path(cuda: bool, variant: str = "fused_bn_neuron") -> str:
+    """Which implementation a fusion variant ran on: its Triton kernels, or torch ops (and why)."""
+    from models import bn_neuron, connections
 
-    failed = bn_neuron._STATE.get("failed")
+    state = bn_neuron._STATE if variant == "fused_bn_neuron" else connections._KERNEL_STATE
+    failed = state.get("failed") or state.get("why")
     if failed:
         return f"torch ops (the Triton kernels failed: {failed})"
     return "triton" if cuda else "torch ops (CPU)"
@@ -371,7 +375,8 @@ def table(result: dict) -> str:
               for k, v in (result.get("end_to_end_by_micro_batch") or {}).items() if len(result["end_to_end_by_micro_batch"]) > 1],
             *[(f"end to end img/s, train.precision={k}", fmt(v))
               for k, v in (result.get("end_to_end_by_precision") or {}).items()],
-            *[(f"end to end img/s, model.fuse_bn_neuron {k}", fmt(v))
+            *[(f"end to end img/s, fusions {k}" + (f" ({', '.join(result.get('fusion_overrides') or [])})"
+                                                   if k == "on" else ""), fmt(v))
               for k, v in (result.get("end_to_end_by_fusion") or {}).items()],
             ("peak memory GB", fmt(result["peak_memory_gb"])),
             ("job status / resumed / weights = uninterrupted", f"{result['job_status']} / {result['resumed']} / "
@@ -400,7 +405,10 @@ VARIANTS = {
     "batch64": {"benchmark": True, "batch_factor": 2},  # twice the preset's micro-batch: 64 on a GPU
     "compile": {"benchmark": True, "compile_": True},
     "fused_bn_neuron": {"benchmark": True, "fuse": True},  # models.bn_neuron's Triton kernels
+    "fused_da": {"benchmark": True, "fuse_da": True},  # models._da_triton's kernels for DA's sums
 }
+# fusion variants, and the job override that turns each on (the fusion job takes those whose variant won)
+FUSIONS = {"fused_bn_neuron": "model.fuse_bn_neuron=true", "fused_da": "model.fuse_da=true"}
 
 
 @dataclass(frozen=True)
@@ -602,8 +610,8 @@ class TrainCheck:
                 got = self.attempt(f"variant {name}", lambda n=name: model_step(self.device, **self.fastest_kw(n)))
                 if got:
                     self.variants[name] = got
-                if name == "fused_bn_neuron":
-                    self.result["fused_bn_neuron_path"] = fused_path(self.cuda)
+                if name in FUSIONS:
+                    self.result[f"{name}_path"] = fused_path(self.cuda, name)
 
     def fastest_kw(self, variant: str | None = None) -> dict:
         """model_step's arguments for ``variant`` (default: the fastest measured so far)."""
@@ -700,23 +708,28 @@ class TrainCheck:
     def winning_overrides(self) -> list[str]:
         """The job overrides measured faster end to end in this run (the fusion job), to carry into later jobs."""
         fusion = self.result.get("end_to_end_by_fusion") or {}
-        return ["model.fuse_bn_neuron=true"] if (fusion.get("on") or 0) > (fusion.get("off") or 0) else []
+        won = (fusion.get("on") or 0) > (fusion.get("off") or 0)
+        return list(self.result.get("fusion_overrides") or []) if won else []
 
     def fusion(self) -> None:
-        """7. The steady-state job again with ``model.fuse_bn_neuron=true``, beside the preset's (off):
-        ``end_to_end_by_fusion``; run only where the fused model step was measured faster than its unfused twin."""
+        """7. The steady-state job again with each fusion whose model-step variant beat its unfused twin
+        (``benchmark``) turned on, beside the preset's (all off): ``end_to_end_by_fusion``."""
         v = self.variants
-        fused, plain = v.get("fused_bn_neuron"), v.get("benchmark")
-        if not (fused and plain and self.result["end_to_end_img_per_s"]):
+        plain = v.get("benchmark")
+        measured = {name: v[name] for name in FUSIONS if name in v}
+        if not (measured and plain and self.result["end_to_end_img_per_s"]):
             return
         self.result["end_to_end_by_fusion"] = by = {"off": self.result["end_to_end_img_per_s"]}
-        if fused["img_per_s"] <= plain["img_per_s"]:
-            self.result["fusion_note"] = (f"fused model step {fused['img_per_s']:.1f} img/s is not above unfused "
-                                          f"{plain['img_per_s']:.1f}: job not run")
+        won = [name for name, got in measured.items() if got["img_per_s"] > plain["img_per_s"]]
+        lost = sorted(set(measured) - set(won))
+        if lost:
+            self.result["fusion_note"] = "; ".join(
+                f"{n} model step {measured[n]['img_per_s']:.1f} img/s is not above unfused "
+                f"{plain['img_per_s']:.1f}: left off" for n in lost)  # fmt: skip
+        if not won or not self.within(0.7, "fusion job"):
             return
-        if not self.within(0.7, "fusion job"):
-            return
-        got = self.attempt("fusion job", lambda: self.steady_job("throughput_fused", "model.fuse_bn_neuron=true"))
+        self.result["fusion_overrides"] = extra = [FUSIONS[n] for n in won]
+        got = self.attempt("fusion job", lambda: self.steady_job("throughput_fused", *extra))
         by["on"] = got["rate"] if got else None
 
     def precision(self) -> None:
@@ -756,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes (gloo, width 4, 32 px, few steps)")
     parser.add_argument("--pack-photos", type=Path, default=REPO / ".cache" / "gpu_pack" / "c00" / "photos")
     parser.add_argument("--site", default=os.environ.get("GPU_SITE"), help="unpacked packages (PYTHONPATH)")
-    parser.add_argument("--variants", default="benchmark,job_layout,batch64,fused_bn_neuron",
+    parser.add_argument("--variants", default="benchmark,job_layout,batch64,fused_bn_neuron,fused_da",
                         help=f"model-step variants beside the baseline: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip later pieces past this")
     parser.add_argument("--pieces", default=",".join(PIECES), help=f"a subset of {', '.join(PIECES)}")

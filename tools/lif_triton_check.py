@@ -1,6 +1,7 @@
 """The Triton LIF kernels (models/_lif_triton.py) against the vectorised path, for every operand layout they can
 be given: NCHW, channels_last, broadcast over T (stride 0), a slice (copied), channels_last initial membrane,
 gradients contiguous / channels_last / all-broadcast; each neuron variant; fp32 (exact spikes, 1e-6) and bf16.
+Then the BatchNorm + neuron kernels (``run_bn_neuron``) and the DA aggregation kernels (``run_da``).
 
 On a GPU: ``python tools/lif_triton_check.py [--quick]`` (the real kernels; --quick: the default neuron only). Without one: ``TRITON_INTERPRET=1 python
 tools/lif_triton_check.py`` with triton installed runs the same kernels in Triton's interpreter on CPU tensors.
@@ -153,6 +154,82 @@ def run_bn_neuron(device: torch.device, cases: list[dict] | None = None) -> list
     return failures
 
 
+def run_da(device: torch.device, quick: bool = False) -> list[str]:
+    """The DA aggregation kernels (models/_da_triton.py) against float64 sums of the same values, for 1 to 37 terms
+    (launches of up to 16 chained), NCHW and channels_last, fp32 (1e-5 of the scale) and bf16 (one rounding: 1%);
+    then a DANet-101 step (its 23-block stage chains launches) with ``fuse_da`` on against off: equal loss and
+    gradients (fp32, 1e-4 of each gradient's scale). Every failure, one line each."""
+    from models import _da_triton as D
+    from models import connections, create_model
+
+    failures = []
+    gen = torch.Generator().manual_seed(2)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device)
+
+    def off(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+    shape = (T * N, C, H, W)
+    layouts = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    for dtype, (lname, fmt), n in itertools.product(
+        (torch.float32, torch.bfloat16), layouts.items(), (19,) if quick else (1, 5, 16, 17, 37)
+    ):
+        tag, tol = f"da {str(dtype)[6:]} {lname} {n} terms", 1e-5 if dtype == torch.float32 else 1e-2
+
+        def make() -> torch.Tensor:
+            return rnd(*shape).to(dtype).contiguous(memory_format=fmt)  # noqa: B023
+
+        base, ts = make(), [make() for _ in range(n)]
+        alpha = rnd(n * (n + 1) // 2)
+        row = n * (n - 1) // 2
+        got = D.weighted_sum(base, ts, alpha, row, 1, 0)
+        want = base.double() + sum(alpha[row + k].double() * t.double() for k, t in enumerate(ts))
+        if got.stride() != base.stride() or got.dtype != dtype:
+            failures.append(f"{tag}: sum strides {got.stride()} dtype {got.dtype}, base {base.stride()}")
+        if off(got, want) > tol:
+            failures.append(f"{tag}: sum off by {off(got, want):.3g} of its scale")
+        j = 3  # column j, rows m = j .. j + n - 1
+        rows = j + n - 1
+        alpha = rnd(rows * (rows + 1) // 2)
+        idx = [m * (m - 1) // 2 + j - 1 for m in range(j, j + n)]
+        y, gs = make(), [make() for _ in range(n)]
+        got, dots = D.weighted_sum_dots(y, gs, alpha, j * (j - 1) // 2 + j - 1, j, 1)
+        want = sum(alpha[i].double() * g.double() for i, g in zip(idx, gs, strict=True))
+        want_dots = torch.stack([(g.double() * y.double()).sum() for g in gs])
+        if got.stride() != y.stride():
+            failures.append(f"{tag}: gradient strides {got.stride()}, y {y.stride()}")
+        if off(got, want) > tol:
+            failures.append(f"{tag}: gradient off by {off(got, want):.3g} of its scale")
+        if off(dots, want_dots) > 1e-5:  # fp32 sums of products of the stored values
+            failures.append(f"{tag}: dots off by {off(dots, want_dots):.3g} of their scale")
+
+    # The network: DANet-101's stages of 3, 4, 23 and 3 blocks, learnable DA (the default), fp32.
+    on_device = connections._on_device
+    connections._on_device = lambda t: True  # the interpreter runs the kernels on CPU tensors
+    try:
+        grads = {}
+        for fused in (False, True):
+            torch.manual_seed(0)
+            model = create_model("danet101", T=2, input_size=32, width=4, num_classes=10).to(device)
+            model.train()
+            for m in model.modules():
+                if isinstance(m, connections.DenseWeights):
+                    m.fused = fused
+                    with torch.no_grad():
+                        m.alpha.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(m.num_blocks))
+            x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(device)
+            model(x).mean(0).logsumexp(1).sum().backward()
+            grads[fused] = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+        for k, want in grads[False].items():
+            if off(grads[True][k], want) > 1e-4:
+                failures.append(f"da network: fused gradient of {k} off by {off(grads[True][k], want):.3g}")
+    finally:
+        connections._on_device = on_device
+    return failures
+
+
 def main() -> int:
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     cuda = torch.cuda.is_available() and not interpret
@@ -162,7 +239,7 @@ def main() -> int:
     device = torch.device("cuda" if cuda else "cpu")
     # --quick: the default neuron only (each variant is a kernel compile on a GPU, ~1 s each)
     cases = CASES[:1] if "--quick" in sys.argv[1:] else None
-    failures = run(device, cases) + run_bn_neuron(device, cases)
+    failures = run(device, cases) + run_bn_neuron(device, cases) + run_da(device, quick=cases is not None)
     for f in failures:
         print("FAIL", f)
     mode = "CUDA" if cuda else "Triton interpreter (CPU)"

@@ -76,6 +76,7 @@ class ModelConfig:
     spike_storage: str = "float"  # float | byte | bit
     memory_budget_gb: float = 0.0  # per device, for checkpointing=auto (0 = the device's memory)
     fuse_bn_neuron: bool = False  # BatchNorm + LIF/IF as one op (Triton on CUDA); off until measured faster
+    fuse_da: bool = False  # learnable DA's weighted sums as Triton kernels on CUDA; off until measured faster
 
 
 @dataclass

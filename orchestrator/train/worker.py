@@ -126,7 +126,7 @@ def model_kwargs(cfg: Config) -> dict:
                 input_size=m.input_size, connection=m.connection, da=asdict(m.da), neuron=asdict(m.neuron),
                 zero_init_residual=m.zero_init_residual, checkpointing=m.checkpointing,
                 spike_storage=m.spike_storage, memory_budget_gb=m.memory_budget_gb,
-                fuse_bn_neuron=m.fuse_bn_neuron)
+                fuse_bn_neuron=m.fuse_bn_neuron, fuse_da=m.fuse_da)
 
 
 def build_model(cfg: Config) -> torch.nn.Module:
