@@ -148,7 +148,7 @@ class _DenseAggregate(torch.autograd.Function):
 def _weighted_sum(base, ys: list[torch.Tensor], alpha, row: int, fused: bool) -> torch.Tensor:
     """``base + sum_k alpha[row + k] ys[k]``: the kernel where it applies, else in-place addcmuls (no new
     stream-sized tensor per term)."""
-    if fused and _kernels_apply(base, *ys):
+    if fused and _counted("forward", _kernels_apply(base, *ys)):
         got = _try_kernels("forward", lambda: _kernels().weighted_sum(base, ys, alpha, row, 1, 0))
         if got is not None:
             return got
@@ -160,7 +160,7 @@ def _weighted_sum(base, ys: list[torch.Tensor], alpha, row: int, fused: bool) ->
 
 def _column_grads(y, ms: list[int], gms: list[torch.Tensor], alpha, j: int, fused: bool):
     """(dL/dy_j = sum_m alpha_{m,j} g_m, dL/dalpha with <g_m, y_j> at each alpha_{m,j}) over ``ms`` = j, j+1, ..."""
-    if fused and ms == list(range(j, j + len(ms))) and _kernels_apply(y, *gms):
+    if fused and _counted("backward", ms == list(range(j, j + len(ms))) and _kernels_apply(y, *gms)):
         # column j of the alphas, rows m = j..: index m (m - 1) / 2 + j - 1 = first + k j + k (k - 1) / 2
         first = j * (j - 1) // 2 + j - 1
         got = _try_kernels("backward", lambda: _kernels().weighted_sum_dots(y, gms, alpha, first, j, 1))
@@ -203,6 +203,17 @@ def _kernels_apply(*ts: torch.Tensor) -> bool:
         and flat_view(t) is not None
         for t in ts[1:]
     )  # fmt: skip
+
+
+# How often a fused sum took the kernels or torch ops (another dtype or layout), per direction: the GPU check
+# reports it, so a layout that silently misses the kernels shows.
+COUNTS: dict[str, int] = {}
+
+
+def _counted(direction: str, kernels: bool) -> bool:
+    key = f"{direction} {'kernels' if kernels else 'torch'}"
+    COUNTS[key] = COUNTS.get(key, 0) + 1
+    return kernels
 
 
 def _try_kernels(what: str, fn):

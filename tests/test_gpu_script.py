@@ -187,20 +187,31 @@ def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     assert saved["errors"] == ["plan_batch: RuntimeError: no plan here"] and ran == ["precision"]
 
 
-@pytest.mark.parametrize("won", [("fused_bn_neuron",), ("fused_da",), ("fused_bn_neuron", "fused_da"), ()])
-def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypatch, won):
-    """The fusion piece: both fused model-step variants run on CPU at the dry sizes (the models really fuse);
-    one job runs beside the preset's with the flags of those variants that beat their unfused twin (none: no
-    job), and the plan's micro-batch job takes them only when that job was faster end to end."""
+def _check(tmp_path, pieces: str):
     import argparse
 
     import torch
 
-    args = argparse.Namespace(out=tmp_path, pieces="fusion", site=None, budget_s=450.0, variants="", pack_photos=None)
-    check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+    args = argparse.Namespace(out=tmp_path, pieces=pieces, site=None, budget_s=450.0, variants="", pack_photos=None)
+    return gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+
+
+def test_fused_model_step_variants_run_at_the_dry_sizes(tmp_path):
+    """Each fusion's model-step variant runs on CPU at the dry sizes with its flag on (the models really fuse)."""
+    check = _check(tmp_path, "variants")
     for name in gtc.FUSIONS:
-        got = gtc.model_step(check.device, **{**check.fastest_kw(name), "warmup": 0, "repeats": 1})
+        kw = check.fastest_kw(name)
+        assert kw["fuse" if name == "fused_bn_neuron" else "fuse_da"] is True
+        got = gtc.model_step(check.device, **{**kw, "warmup": 0, "repeats": 1})
         assert got["img_per_s"] > 0 and gtc.fused_path(False, name) == "torch ops (CPU)"
+
+
+@pytest.mark.parametrize("won", [("fused_bn_neuron",), ("fused_da",), ("fused_bn_neuron", "fused_da"), ()])
+def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypatch, won):
+    """The fusion piece: one job runs beside the preset's with the flags of those fusion variants that beat
+    their unfused twin (none: no job), and the plan's micro-batch job takes them only when that job was faster
+    end to end."""
+    check = _check(tmp_path, "fusion")
     check.variants = {"benchmark": {"img_per_s": 10.0},
                       **{n: {"img_per_s": 12.0 if n in won else 9.0} for n in gtc.FUSIONS}}  # fmt: skip
     check.result["end_to_end_img_per_s"] = 5.0

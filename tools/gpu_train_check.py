@@ -291,7 +291,11 @@ def fused_path(cuda: bool, variant: str = "fused_bn_neuron") -> str:
     failed = state.get("failed") or state.get("why")
     if failed:
         return f"torch ops (the Triton kernels failed: {failed})"
-    return "triton" if cuda else "torch ops (CPU)"
+    if not cuda:
+        return "torch ops (CPU)"
+    if variant == "fused_da":  # sums whose operands' dtypes or layouts differ take torch ops: say how many
+        return "triton (" + ", ".join(f"{k} {v}" for k, v in sorted(connections.COUNTS.items())) + ")"
+    return "triton"
 
 
 def _group(name: str) -> str:
