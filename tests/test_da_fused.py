@@ -137,3 +137,25 @@ def test_a_failing_kernel_warns_once_and_falls_back(kernels, monkeypatch):
         torch.testing.assert_close(got, w.aggregate(base, ys))
     assert connections._KERNEL_STATE["ok"] is False and "no such PTX" in connections._KERNEL_STATE["failed"]
     assert not connections._kernels_apply(base, *ys)
+
+
+def test_a_gradient_in_another_layout_is_laid_out_once_for_the_kernels(kernels):
+    """A stream gradient arriving NCHW for a channels_last stream is copied once into the stream's layout, so the
+    backward kernels still take it (rather than torch ops for every alpha it meets)."""
+    w = DenseWeights(2)
+    w.fused = True
+    cl = torch.channels_last
+    base = torch.randn(2, 3, 4, 4).contiguous(memory_format=cl).requires_grad_()
+    y1 = torch.randn(2, 3, 4, 4).contiguous(memory_format=cl).requires_grad_()
+    y2 = torch.randn(2, 3, 4, 4).contiguous(memory_format=cl).requires_grad_()
+    stash = connections.GradStash()
+    s1 = w.aggregate(base, [y1], stash)
+    s2 = w.aggregate(base, [y1, y2], stash)
+    connections.COUNTS.clear()
+    g1, g2 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)  # NCHW, as autograd may hand them over
+    torch.autograd.backward([s1, s2], [g1, g2])
+    assert connections.COUNTS == {"backward kernels": 2}
+    a = w.alpha.detach()  # rows: s1 = base + a0 y1; s2 = base + a1 y1 + a2 y2
+    torch.testing.assert_close(y1.grad, a[0] * g1 + a[1] * g2)
+    torch.testing.assert_close(y2.grad, a[2] * g2)
+    torch.testing.assert_close(w.alpha.grad, torch.stack([(g1 * y1).sum(), (g2 * y1).sum(), (g2 * y2).sum()]))
