@@ -136,7 +136,8 @@ class _DenseAggregate(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         y, alpha = ctx.saved_tensors
         stash, j = ctx.stash, ctx.index  # this node computed s_j (1-based j = number of ys)
-        if ctx.fused and g.shape == y.shape and not (same_step_layout(g, y) and flat_view(g) is not None):
+        if (ctx.fused and _on_device(g) and g.shape == y.shape
+                and not (same_step_layout(g, y) and flat_view(g) is not None)):
             g = torch.empty_like(y, dtype=g.dtype).copy_(g)  # once, in y's layout: the kernels read g_j j times
         stash.g[j] = g
         ms = [m for m in sorted(stash.g) if m >= j]  # s_m = base + ... + alpha_{m,j} y_j + ...  (m = j, j+1, ..)
