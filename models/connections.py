@@ -199,7 +199,7 @@ def _kernels_apply(*ts: torch.Tensor) -> bool:
             _kernels()
             _KERNEL_STATE["ok"] = True
         except Exception as exc:  # no triton or an incompatible one: the torch ops are exact too
-            _KERNEL_STATE["ok"], _KERNEL_STATE["why"] = False, repr(exc)
+            _KERNEL_STATE["ok"], _KERNEL_STATE["failed"] = False, repr(exc)
             return False
     return flat_view(first) is not None and all(
         _on_device(t) and t.dtype == first.dtype and t.shape == first.shape and same_step_layout(t, first)

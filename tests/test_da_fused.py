@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from helpers.dense import dense_danet, outputs_and_grads, step_batch
 
 from models import connections, create_model
 from models.connections import DenseWeights
@@ -56,24 +57,14 @@ def kernels(monkeypatch):
 def test_fused_sums_give_the_unfused_network(policy, kernels):
     """danet50 (stages of 3, 4, 6, 3 blocks) with fuse_da on equals it off: outputs, every gradient, the alphas'
     included; each aggregation went through the kernels' entry points (forward and backward)."""
-    torch.manual_seed(0)
-    net = create_model("danet50", T=2, input_size=32, num_classes=10, width=4, checkpointing=policy).train()
-    for stage in net.stages:
-        with torch.no_grad():
-            stage.weights.alpha.uniform_(0.5, 1.5)  # distinct weights per edge, so a misplaced one shows
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-
-    def run(model):
-        out = model(x)
-        torch.nn.functional.cross_entropy(out.mean(0), y).backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
+    net = dense_danet(policy, width=4)
+    x, y = step_batch()
     fused = copy.deepcopy(net)
     fused.fuse_da = True
-    out_ref, g_ref = run(net)
+    out_ref, g_ref = outputs_and_grads(net, x, y)
     assert kernels.calls == {"sum": 0, "dots": 0}
     connections.COUNTS.clear()
-    out, g = run(fused)
+    out, g = outputs_and_grads(fused, x, y)
     blocks = sum(len(s.branches) for s in net.stages)
     assert connections.COUNTS.get("backward kernels") == blocks and "backward torch" not in connections.COUNTS
     assert kernels.calls["dots"] == blocks  # one backward per aggregation input y_j

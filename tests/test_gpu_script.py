@@ -201,7 +201,7 @@ def test_fused_model_step_variants_run_at_the_dry_sizes(tmp_path):
     check = _check(tmp_path, "variants")
     for name in gtc.FUSIONS:
         kw = check.fastest_kw(name)
-        assert kw["fuse" if name == "fused_bn_neuron" else "fuse_da"] is True
+        assert all(kw[k] == v for k, v in gtc.VARIANTS[name].items())
         got = gtc.model_step(check.device, **{**kw, "warmup": 0, "repeats": 1})
         assert got["img_per_s"] > 0 and gtc.fused_path(False, name) == "torch ops (CPU)"
 

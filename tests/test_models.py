@@ -241,25 +241,17 @@ def test_dense_aggregate_backward_matches_plain_autograd(policy, monkeypatch):
     """The stage-wide DA backward (g_l stashed, one gradient per y) equals autograd's addcmul chain."""
     import copy
 
+    from helpers.dense import dense_danet, outputs_and_grads, step_batch
+
     from models.connections import DenseWeights
 
-    torch.manual_seed(0)
-    net = create_model("danet50", T=2, input_size=32, num_classes=10, width=8, checkpointing=policy).train()
-    for stage in net.stages:
-        with torch.no_grad():
-            stage.weights.alpha.uniform_(0.5, 1.5)  # distinct weights per edge, so a misplaced one shows
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-
-    def grads(model):
-        out = model(x)
-        torch.nn.functional.cross_entropy(out.mean(0), y).backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
+    net = dense_danet(policy, width=8)
+    x, y = step_batch()
     plain = copy.deepcopy(net)
-    out, g = grads(net)
+    out, g = outputs_and_grads(net, x, y)
     original = DenseWeights.aggregate
     monkeypatch.setattr(DenseWeights, "aggregate", lambda self, base, ys, stash=None: original(self, base, ys))
-    out_ref, g_ref = grads(plain)
+    out_ref, g_ref = outputs_and_grads(plain, x, y)
     assert torch.equal(out, out_ref)
     for name in g:
         scale = g_ref[name].abs().max().clamp_min(1e-12)

@@ -288,7 +288,7 @@ def fused_path(cuda: bool, variant: str = "fused_bn_neuron") -> str:
     from models import bn_neuron, connections
 
     state = bn_neuron._STATE if variant == "fused_bn_neuron" else connections._KERNEL_STATE
-    failed = state.get("failed") or state.get("why")
+    failed = state.get("failed")
     if failed:
         return f"torch ops (the Triton kernels failed: {failed})"
     if not cuda:

@@ -212,13 +212,12 @@ def run_da(device: torch.device, quick: bool = False) -> list[str]:
         grads = {}
         for fused in (False, True):
             torch.manual_seed(0)
-            model = create_model("danet101", T=2, input_size=32, width=4, num_classes=10).to(device)
+            model = create_model("danet101", T=2, input_size=32, width=4, num_classes=10, fuse_da=fused).to(device)
             model.train()
-            for m in model.modules():
-                if isinstance(m, connections.DenseWeights):
-                    m.fused = fused
-                    with torch.no_grad():
-                        m.alpha.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(m.num_blocks))
+            for stage in model.stages:
+                seed = torch.Generator().manual_seed(len(stage.branches))
+                with torch.no_grad():
+                    stage.weights.alpha.uniform_(0.5, 1.5, generator=seed)
             x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)).to(device)
             model(x).mean(0).logsumexp(1).sum().backward()
             grads[fused] = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}

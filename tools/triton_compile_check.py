@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         record(args.record)
         return 0
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: the compile half needs the real compiler", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         rec = Path(tmp) / "launches.json"
         env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -139,10 +142,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"the interpreter run failed:\n{(r.stdout + r.stderr)[-3000:]}", file=sys.stderr)
             return 1
         got = json.loads(rec.read_text())
-    env_free = os.environ.get("TRITON_INTERPRET") == "1"
-    if env_free:
-        print("unset TRITON_INTERPRET: the compile half needs the real compiler", file=sys.stderr)
-        return 2
     failures = [f"interpreter: {f}" for f in got["failures"]]
     for f in failures:
         print("FAIL", f)
