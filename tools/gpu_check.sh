@@ -13,7 +13,9 @@
 #     DeepSpeed's bf16 engine if time is left; writes $OUT_DIR/gpu_train_<gpu>.json
 #     (tools/gpu_train_check.py; copy it to docs/bench/). What that machine lacks comes from .cache/gpu_pack
 #     (made here by tools/gpu_pack.sh, carried one piece per run call: see there), unpacked into .cache/gpu_site;
-#     the Triton kernels (the LIF, BatchNorm + LIF) are checked first.
+#     the Triton kernels (the LIF, BatchNorm + LIF) are checked first. Before any GPU time:
+#     tools/gpu_stack_check.sh runs the model, kernel, preset and dry-run tests here on that machine's torch and
+#     Triton versions (torch 2.11, Triton 3.6), Triton's compiler and interpreter included.
 # Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out). STEPS="models data memory" (the default)
 # runs a subset, e.g. when device time is short; STEPS=train the job check.
 set -u

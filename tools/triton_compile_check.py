@@ -7,8 +7,11 @@ compiles each for ``--arch`` (default 90: the H100 / H200) down to a cubin, with
 its registers and spill stores (``cuobjdump --dump-resource-usage``). A kernel that fails here would fall back to
 torch ops on the GPU: the lever it carries would go unmeasured.
 
-    pip install --no-deps --target /tmp/tritonpkg triton
+    pip install --no-deps --target /tmp/tritonpkg triton==3.6.0   # the GPU machine's (torch 2.11); or the newest
     PYTHONPATH=/tmp/tritonpkg python tools/triton_compile_check.py [--arch 90]
+
+Pin the Triton of the machine the kernels will run on: its compiler, not this one, decides there (3.6.0 and
+3.9.0 both compile all 31 kernels, 2026-12-02).
 
 Prints one line per compiled kernel and exits 1 when any fails to compile.
 """
