@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layout import dense_alike, flat_view, same_step_layout
+from .layout import flat_view, same_step_layout
 from .neuron_spec import spec_from_any
 
 
@@ -191,7 +191,8 @@ def _kernels():
 
 def _kernels_apply(*ts: torch.Tensor) -> bool:
     """Whether the Triton kernels can sum ``ts``: CUDA, one dtype, one shape, dense, one layout (else torch ops)."""
-    if not _on_device(ts[0]) or _KERNEL_STATE.get("ok") is False:
+    first = ts[0]
+    if not _on_device(first) or _KERNEL_STATE.get("ok") is False:
         return False
     if "ok" not in _KERNEL_STATE:
         try:
@@ -200,7 +201,11 @@ def _kernels_apply(*ts: torch.Tensor) -> bool:
         except Exception as exc:  # no triton or an incompatible one: the torch ops are exact too
             _KERNEL_STATE["ok"], _KERNEL_STATE["failed"] = False, repr(exc)
             return False
-    return dense_alike(ts)
+    return flat_view(first) is not None and all(
+        _on_device(t) and t.dtype == first.dtype and t.shape == first.shape and same_step_layout(t, first)
+        and flat_view(t) is not None
+        for t in ts[1:]
+    )  # fmt: skip
 
 
 # How often a fused sum took the kernels or torch ops (another dtype or layout), per direction: the GPU check

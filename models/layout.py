@@ -9,8 +9,6 @@ GPU a layout conversion around every convolution).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 
@@ -85,17 +83,6 @@ def flat_view(t: torch.Tensor) -> torch.Tensor | None:
     """A 1-D view of a dense ``t`` in its physical order (no copy), or None when ``t`` is not dense."""
     p = t.permute(physical_order(t))
     return p.view(-1) if p.is_contiguous() else None
-
-
-def dense_alike(ts: Sequence[torch.Tensor]) -> bool:
-    """Whether every tensor is dense and of the first one's device, dtype, shape and layout: then their
-    ``flat_view``s line up element for element (what the DA sums' kernels need)."""
-    first = ts[0]
-    return flat_view(first) is not None and all(
-        t.device == first.device and t.dtype == first.dtype and same_step_layout(t, first)
-        and flat_view(t) is not None
-        for t in ts[1:]
-    )  # fmt: skip
 
 
 def flat_seq(x_seq: torch.Tensor) -> torch.Tensor:
