@@ -17,6 +17,10 @@ cd "$(dirname "$0")/.."
 TORCH=${TORCH:-2.11.0}
 TRITON=${TRITON:-3.6.0}
 STACK_VENV=${STACK_VENV:-/tmp/danet-gpu-stack}
+if [ ! -x .venv/bin/python ]; then
+  echo "gpu_stack_check: error: no project venv at .venv (run \`make setup\` first: the other packages come from it)" >&2
+  exit 2
+fi
 PROJECT_SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 PY="$STACK_VENV/bin/python"
 
