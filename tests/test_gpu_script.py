@@ -229,3 +229,75 @@ def test_fusion_job_runs_only_where_the_fused_model_step_won(tmp_path, monkeypat
     lost = set(gtc.FUSIONS) - set(won)
     assert all(f"{n} model step" in check.result.get("fusion_note", "") for n in lost)
     assert "fusions off" in gtc.table(check.result)
+
+
+def test_equivalence_piece_finds_the_fast_paths_equal_and_a_wrong_one_not(tmp_path, monkeypatch):
+    """The equivalence piece at the dry sizes: the fusions and the job's layout give the baseline's loss and
+    gradients (what only changes cudnn's choice or the micro-batch is not checked); a variant that computes
+    something else (a gradient scaled by 1.01) is recorded as differing, named in errors, and counted neither
+    as the fastest nor as a fusion to turn on."""
+    check = _check(tmp_path, "variants,equivalence")
+    names = ["benchmark", "job_layout", "batch64", *gtc.FUSIONS]
+    check.variants = {n: {"img_per_s": 1.0 if n == "baseline" else 2.0, "peak_gb": None} for n in ["baseline", *names]}
+    check.variants["fused_da"]["img_per_s"] = 3.0  # the fastest, until shown to differ
+    real = gtc.gradients
+
+    def gradients(device, **kw):
+        loss, g = real(device, **kw)
+        if kw.get("fuse_da"):  # a planted defect on one path: one parameter's gradient 1% off
+            k = max(g, key=lambda n: g[n].norm())
+            g[k] = g[k] * 1.01
+        return loss, g
+
+    monkeypatch.setattr(gtc, "gradients", gradients)
+    check.equivalence()
+    check.summarise_variants()
+    eq = check.result["equivalence"]
+    assert set(eq) - {"grad_tol", "loss_tol", "batch", "res"} == {"job_layout", *gtc.FUSIONS}
+    for n in ("job_layout", "fused_bn_neuron"):
+        assert eq[n]["equal"] and eq[n]["grad_rel_l2"] <= gtc.GRAD_TOL and eq[n]["loss_off"] <= gtc.LOSS_TOL, eq[n]
+    assert eq["fused_da"]["equal"] is False and eq["fused_da"]["grad_rel_l2"] > gtc.GRAD_TOL
+    assert any(e.startswith("equivalence fused_da: gradients differ") for e in check.result["errors"])
+    assert check.result["fastest_variant"] != "fused_da" and check.result["model_step_img_per_s"] == 2.0
+    check.variants["benchmark"]["img_per_s"] = 1.5
+    check.result["end_to_end_img_per_s"] = 5.0
+    jobs = []
+    monkeypatch.setattr(check, "steady_job", lambda label, *extra: jobs.append(extra) or {"rate": 6.0})
+    check.fusion()
+    assert jobs == [(gtc.FUSIONS["fused_bn_neuron"],)], "the differing fusion was turned on"
+    assert "fused_da: gradients differ" in check.result["fusion_note"]
+    assert "fused_da DIFFER" in gtc.table(check.result) and "fused_bn_neuron equal" in gtc.table(check.result)
+
+
+def test_compare_gradients_sees_a_nan_and_a_missing_gradient():
+    import torch
+
+    ref = (1.0, {"a": torch.ones(3), "b": torch.ones(2)})
+    assert gtc.compare_gradients(ref, ref)["equal"]
+    nan = gtc.compare_gradients(ref, (1.0, {"a": torch.tensor([1.0, float("nan"), 1.0]), "b": torch.ones(2)}))
+    assert nan["equal"] is False and nan["worst_parameter"] == "a"
+    assert gtc.compare_gradients(ref, (1.0, {"a": torch.ones(3)}))["equal"] is False
+    assert gtc.compare_gradients(ref, (1.001, ref[1]))["equal"] is False  # the loss alone
+
+
+@pytest.mark.parametrize(
+    "script, env, says",
+    [
+        # DRY_RUN rehearses the train step only: any other STEPS is refused before anything runs
+        ("gpu_check.sh", {"DRY_RUN": "1", "STEPS": "models data memory"}, "set STEPS=train"),
+        ("gpu_check.sh", {"DRY_RUN": "1", "STEPS": "train memory"}, "set STEPS=train"),
+        # the rehearsal needs the pack it rehearses (in a copy of the tree that has none)
+        ("gpu_rehearse.sh", {}, "no .cache/gpu_pack/c00/MANIFEST.json"),
+    ],
+)
+def test_gpu_scripts_refuse_bad_settings_in_one_line(tmp_path, script, env, says):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / script).write_bytes((REPO / "tools" / script).read_bytes())
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(tools / script)], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OUT_DIR": str(out), **env})  # fmt: skip
+    said = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2, said
+    assert len(said) == 1 and says in said[0], said
+    assert sorted(tmp_path.iterdir()) == [tools] and [p.name for p in tools.iterdir()] == [script], "it wrote something"

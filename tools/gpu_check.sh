@@ -8,14 +8,16 @@
 #  4. train (only when named in STEPS; alone it fits in 8 minutes: STEPS=train): the real job, danet152 T=4 224 px
 #     bf16-mixed through `orchestrator launch --config danet152_imagenet` (DeepSpeed over NCCL, DALI 'mixed', MLflow on
 #     a local sqlite store, checkpoints): Ctrl-C mid-epoch and resume, an uninterrupted deterministic run to
-#     compare weights with, the model step (today's configuration and faster ones), the job's steady state, a
-#     profile, memory per checkpointing policy against the plan on the fastest settings, the steady state on
-#     DeepSpeed's bf16 engine if time is left; writes $OUT_DIR/gpu_train_<gpu>.json
+#     compare weights with, the model step (today's configuration and faster ones, each faster path's fp32
+#     gradients against today's), the job's steady state, a profile, memory per checkpointing policy against the
+#     plan on the fastest settings, the steady state on DeepSpeed's bf16 engine if time is left; writes
+#     $OUT_DIR/gpu_train_<gpu>.json
 #     (tools/gpu_train_check.py; copy it to docs/bench/). What that machine lacks comes from .cache/gpu_pack
 #     (made here by tools/gpu_pack.sh, carried one piece per run call: see there), unpacked into .cache/gpu_site;
 #     the Triton kernels (the LIF, BatchNorm + LIF) are checked first. Before any GPU time:
 #     tools/gpu_stack_check.sh runs the model, kernel, preset and dry-run tests here on that machine's torch and
-#     Triton versions (torch 2.11, Triton 3.6), Triton's compiler and interpreter included.
+#     Triton versions (torch 2.11, Triton 3.6), Triton's compiler and interpreter included; tools/gpu_rehearse.sh
+#     runs this very step (DRY_RUN=1) from the pack in a Python 3.12 holding that torch and little else, as there.
 # Prints a short table last. Results: $OUT_DIR (default ./gpu_check_out). STEPS="models data memory" (the default)
 # runs a subset, e.g. when device time is short; STEPS=train the job check.
 set -u
@@ -23,15 +25,22 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 OUT_DIR=${OUT_DIR:-${OUT:-./gpu_check_out}}
-mkdir -p "$OUT_DIR"
 POLICIES=${POLICIES:-"none:float time:bit block:float block_time:bit"}
 STEPS=${STEPS:-"models data memory"}
 want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; echo "SKIP $1 (not in STEPS)"; return 1; }
 START=$(date +%s)
 note() { echo "== [$(( $(date +%s) - START ))s] $*"; }
 
-"$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0), torch.__version__)" \
-  || { echo "no CUDA device: this script measures a GPU (exit 1)"; exit 1; }
+# DRY_RUN=1 (the train step only; tools/gpu_rehearse.sh): the same path on CPU, at toy sizes, kernels interpreted
+DRY_RUN=${DRY_RUN:-0}
+if [ "$DRY_RUN" = 1 ]; then
+  [ "$STEPS" = train ] || { echo "DRY_RUN=1 rehearses the train step only: set STEPS=train, not '$STEPS' (exit 2)"; exit 2; }
+  "$PY" -c "import torch; print('dry run on CPU:', torch.__version__)" || exit 1
+else
+  "$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0), torch.__version__)" \
+    || { echo "no CUDA device: this script measures a GPU (exit 1)"; exit 1; }
+fi
+mkdir -p "$OUT_DIR"
 
 note "1/3 models.gpu_check"
 if ! want models; then :
@@ -55,7 +64,7 @@ if want train; then
   note "4/4 train: unpack .cache/gpu_pack, Triton LIF check, tools/gpu_train_check.py"
   SITE=""
   if [ -f .cache/gpu_pack/c00/MANIFEST.json ]; then
-    SITE=$(timeout 150 "$PY" tools/gpu_pack.py unpack --pack .cache/gpu_pack --site .cache/gpu_site) \
+    SITE=$(timeout "${UNPACK_TIMEOUT_S:-150}" "$PY" tools/gpu_pack.py unpack --pack .cache/gpu_pack --site .cache/gpu_site) \
       || { echo "unpacking .cache/gpu_pack failed (see above)"; SITE=""; }
   else
     echo "no .cache/gpu_pack/c00/MANIFEST.json: using what this Python has (tools/gpu_pack.sh makes the pack)"
@@ -65,14 +74,21 @@ if want train; then
   [ -n "$SITE" ] && export LD_LIBRARY_PATH="$SITE/nvidia/nvjpeg/lib:$SITE/nvidia/nvimgcodec${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   "$PY" -c "import deepspeed, omegaconf, mlflow, nvidia.dali, PIL; print('job stack: deepspeed', deepspeed.__version__, \
 'dali', nvidia.dali.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
-  timeout 120 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
-  left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
-  timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py --out "$OUT_DIR" --site "$SITE" \
+  if [ "$DRY_RUN" = 1 ]; then
+    TRITON_INTERPRET=1 timeout 900 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
+    dry=(--dry-run); left=100000
+  else
+    timeout 120 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
+    dry=(); left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
+  fi
+  set -o pipefail  # the job check's exit status, not tail's, is the step's
+  timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py "${dry[@]}" --out "$OUT_DIR" --site "$SITE" \
     --budget-s $(( left > 90 ? left - 45 : 45 )) 2>&1 | tee "$OUT_DIR/gpu_train_check.txt" | grep -v "^\s*$" | tail -40 \
-    || echo "gpu_train_check failed or timed out"
+    || { TRAIN_RC=1; echo "gpu_train_check failed or timed out"; }
+  set +o pipefail
 fi
 
-want memory || { note "done"; exit 0; }
+want memory || { note "done"; exit "${TRAIN_RC:-0}"; }
 note "3/3 danet152 T=4 224 bf16 batch 32 per policy"
 : > "$OUT_DIR/memory.jsonl"
 for ps in $POLICIES; do

@@ -17,6 +17,10 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    lines arrive: ``end_to_end_img_per_s``.
 5. The model-step variants in ``--variants`` (``VARIANTS``), side by side with the baseline; the fastest of all
    is ``model_step_img_per_s`` (``fastest_variant``, ``fastest_micro_batch``).
+   Each variant that computes the same step another way (layout, fusions, compile) is then
+   checked against the baseline: one fp32 forward + backward (TF32 off) at the job's width and a small batch
+   and resolution, loss and gradients within ``LOSS_TOL`` / ``GRAD_TOL`` of the baseline's (``equivalence``). A variant
+   that differs is not counted as the fastest and its fusion is not turned on in the jobs.
 6. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
    LIF, fused BatchNorm + neuron, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall
    time the GPU was idle).
@@ -60,7 +64,8 @@ REQUIRED = ("gpu", "torch", "model", "T", "resolution", "precision", "micro_batc
             "baseline_img_per_s", "model_step_img_per_s", "end_to_end_img_per_s", "peak_memory_gb",
             "job_status", "resumed")  # fmt: skip
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
-PIECES = ("resume", "baseline", "throughput", "variants", "profile", "fusion", "plan_batch", "memory", "precision")
+PIECES = ("resume", "baseline", "throughput", "variants", "equivalence", "profile", "fusion", "plan_batch", "memory",
+          "precision")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -209,20 +214,8 @@ def _model_step(device, name: str, batch: int, res: int, width: int, layout: str
     ``fuse_da``: learnable DA's sums as kernels."""
     import torch
 
-    from models import create_model
-
-    torch.backends.cudnn.benchmark = benchmark
-    torch.manual_seed(0)
-    model = create_model(name, T=4, input_size=res, width=width, checkpointing=policy, fuse_bn_neuron=fuse,
-                         fuse_da=fuse_da)
-    model = model.to(device)
-    if layout == "model":
-        model = model.to(memory_format=torch.channels_last)
+    model, x, y = _model_and_batch(device, name, batch, res, width, layout, benchmark, policy, fuse, fuse_da)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    x = torch.randn(batch, 3, res, res, device=device)
-    if layout == "input":
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=device)
     fn = torch.compile(model) if compile_ else model
     cuda = device.type == "cuda"
 
@@ -254,6 +247,81 @@ def _model_step(device, name: str, batch: int, res: int, width: int, layout: str
     if profile:
         out["profile"] = profile_steps(step, sync, 3, cuda)
     return out
+
+
+def _model_and_batch(device, name: str, batch: int, res: int, width: int, layout: str, benchmark: bool, policy: str,
+                     fuse: bool, fuse_da: bool) -> tuple:  # fmt: skip
+    """The model (seeded: the same weights for every configuration) and one batch of images and labels, laid
+    out as ``layout`` says (see ``_model_step``)."""
+    import torch
+
+    from models import create_model
+
+    torch.backends.cudnn.benchmark = benchmark
+    torch.manual_seed(0)
+    model = create_model(name, T=4, input_size=res, width=width, checkpointing=policy, fuse_bn_neuron=fuse,
+                         fuse_da=fuse_da)
+    model = model.to(device)
+    if layout == "model":
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, res, res, device=device)
+    if layout == "input":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    return model, x, y
+
+
+# A faster path computes the same thing: its fp32 loss and gradients against the baseline's. A spike is a
+# threshold, so fp32 rounding that differs (another reduction order in a fused BatchNorm, another sum order in
+# DA) flips the odd neuron whose membrane sits within rounding of it, and one flip moves the gradients near it
+# by far more than rounding: so the verdict is on the whole step, the gradient difference's norm over all
+# parameters against the gradient's (a wrong formula gives 1e-2 and more; the CPU tests, in fp64 where nothing
+# flips, compare element by element). The largest per-parameter difference is recorded beside it.
+GRAD_TOL = 1e-3  # ||g - g_ref|| / ||g_ref|| over every parameter
+LOSS_TOL = 1e-4  # |loss - loss_ref| / |loss_ref|
+
+
+def gradients(device, name: str, batch: int, res: int, width: int, layout: str, policy: str,
+              compile_: bool = False, fuse: bool = False, fuse_da: bool = False, **_) -> tuple[float, dict]:  # fmt: skip
+    """One fp32 forward + backward (TF32 off, no autocast, cudnn's deterministic algorithms: ``benchmark`` only
+    chooses among algorithms, so it is not what is checked) of a configuration: (loss, {parameter: gradient on
+    the CPU}). The other model_step arguments (warm-up, repeats) are accepted and unused."""
+    import torch
+
+    b = torch.backends
+    saved = b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic
+    b.cuda.matmul.allow_tf32 = b.cudnn.allow_tf32 = False
+    b.cudnn.deterministic = True
+    try:
+        model, x, y = _model_and_batch(device, name, batch, res, width, layout, False, policy, fuse, fuse_da)
+        fn = torch.compile(model) if compile_ else model
+        loss = torch.nn.functional.cross_entropy(fn(x).float().mean(0), y)
+        loss.backward()
+        return loss.item(), {n: p.grad.detach().double().cpu() for n, p in model.named_parameters()
+                             if p.grad is not None}  # fmt: skip
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32, b.cudnn.deterministic = saved
+
+
+def compare_gradients(ref: tuple[float, dict], got: tuple[float, dict]) -> dict:
+    """How far one configuration's loss and gradients are from the baseline's, and whether within the tolerances
+    above (``equal``)."""
+    (ref_loss, ref_g), (loss, g) = ref, got
+    if set(g) != set(ref_g):
+        return {"equal": False, "why": f"gradients of different parameters: {sorted(set(g) ^ set(ref_g))[:4]}"}
+    diff_sq = norm_sq = worst = 0.0
+    where = None
+    for k, r in ref_g.items():
+        d = g[k] - r
+        diff_sq += float(d.square().sum())
+        norm_sq += float(r.square().sum())
+        off = float(d.abs().max() / r.abs().max().clamp_min(1e-30))
+        if not math.isnan(worst) and (math.isnan(off) or off > worst):  # a NaN is the worst
+            worst, where = off, k
+    rel = math.sqrt(diff_sq) / max(math.sqrt(norm_sq), 1e-30)
+    loss_off = abs(loss - ref_loss) / max(abs(ref_loss), 1e-30)
+    return {"equal": bool(rel <= GRAD_TOL and loss_off <= LOSS_TOL), "grad_rel_l2": rel, "loss_off": loss_off,
+            "max_param_off": worst, "worst_parameter": where}  # fmt: skip
 
 
 def model_step(device, **kw) -> dict:
@@ -385,6 +453,11 @@ def table(result: dict) -> str:
             ("peak memory GB", fmt(result["peak_memory_gb"])),
             ("job status / resumed / weights = uninterrupted", f"{result['job_status']} / {result['resumed']} / "
                                                                f"{result.get('weights_equal_uninterrupted')}")]  # fmt: skip
+    eq = {k: v for k, v in (result.get("equivalence") or {}).items() if isinstance(v, dict)}
+    if eq:
+        rows.append((f"fp32 gradients vs baseline (|dg|/|g| tol {result['equivalence']['grad_tol']:g})",
+                     ", ".join(f"{k} {'equal' if v.get('equal') else 'DIFFER' if v.get('equal') is False else '?'}"
+                               + (f" ({v['grad_rel_l2']:.1g})" if "grad_rel_l2" in v else "") for k, v in eq.items())))
     mem = result.get("memory_by_policy") or {}
     if mem.get("policies"):
         rows.append((f"memory GB measured/plan, micro-batch {mem['micro_batch']}",
@@ -626,14 +699,40 @@ class TrainCheck:
 
     def summarise_variants(self) -> None:
         r, v = self.result, self.variants
-        if v:
-            best = max(v, key=lambda k: v[k]["img_per_s"])
+        counted = [k for k in v if self.equivalent(k)]
+        if counted:
+            best = max(counted, key=lambda k: v[k]["img_per_s"])
             r.update(model_step_img_per_s=v[best]["img_per_s"], fastest_variant=best,
                      fastest_micro_batch=self.fastest_kw(best)["batch"])
         r["model_step_variants"] = v
         if r["peak_memory_gb"] is None and v.get("baseline"):
             r["peak_memory_gb"] = v["baseline"]["peak_gb"]
             r["peak_memory_source"] = "model step (baseline)"
+
+    def equivalence(self) -> None:
+        """5b. Each measured variant that runs the baseline's step another way, against the baseline: fp32 loss
+        and gradients within ``LOSS_TOL`` and ``GRAD_TOL`` (``equivalence``)."""
+        # what only picks other cudnn algorithms (benchmark) or computes another step (a micro-batch) is left out
+        names = [n for n in self.variants if set(VARIANTS.get(n, {})) - {"benchmark"}
+                 and "batch_factor" not in VARIANTS[n]]  # fmt: skip
+        if not (names and self.within(0.8, "equivalence")):
+            return
+        small = {"batch": 2 if self.cuda else self.z.micro_batch, "res": 64 if self.cuda else self.z.res}
+        self.note(f"equivalence: fp32 gradients of {', '.join(names)} against the baseline "
+                  f"(batch {small['batch']}, {small['res']} px)")  # fmt: skip
+        ref = gradients(self.device, **{**self.base_kw, **small})
+        out = self.result["equivalence"] = {"grad_tol": GRAD_TOL, "loss_tol": LOSS_TOL, **small}
+        for name in names:
+            got = self.attempt(f"equivalence {name}",
+                               lambda n=name: gradients(self.device, **{**self.fastest_kw(n), **small}))
+            out[name] = compare_gradients(ref, got) if got else {"equal": None, "why": "failed (see errors)"}
+            if out[name]["equal"] is False:
+                self.result["errors"].append(f"equivalence {name}: gradients differ from the baseline's "
+                                             f"({json.dumps(out[name])[:300]}); left out of the fastest")
+
+    def equivalent(self, name: str) -> bool:
+        """Whether a variant may count: not shown to compute something else (unchecked counts)."""
+        return (self.result.get("equivalence") or {}).get(name, {}).get("equal") is not False
 
     def profile(self) -> None:
         """6. torch.profiler over a few steps of the fastest model step."""
@@ -724,10 +823,11 @@ class TrainCheck:
         if not (measured and plain and self.result["end_to_end_img_per_s"]):
             return
         self.result["end_to_end_by_fusion"] = by = {"off": self.result["end_to_end_img_per_s"]}
-        won = [name for name, got in measured.items() if got["img_per_s"] > plain["img_per_s"]]
+        won = [name for name, got in measured.items() if got["img_per_s"] > plain["img_per_s"] and self.equivalent(name)]
         lost = sorted(set(measured) - set(won))
         if lost:
             self.result["fusion_note"] = "; ".join(
+                f"{n}: gradients differ from the unfused step's: left off" if not self.equivalent(n) else
                 f"{n} model step {measured[n]['img_per_s']:.1f} img/s is not above unfused "
                 f"{plain['img_per_s']:.1f}: left off" for n in lost)  # fmt: skip
         if not won or not self.within(0.7, "fusion job"):
@@ -753,12 +853,13 @@ class TrainCheck:
             print(table(self.result))
             return 1
         steps = [("resume", self.resume), ("baseline", self.baseline), ("throughput", self.throughput),
-                 ("variants", self.levers), ("profile", self.profile), ("fusion", self.fusion),
+                 ("variants", self.levers), ("equivalence", self.equivalence), ("profile", self.profile),
+                 ("fusion", self.fusion),
                  ("plan_batch", self.plan_batch), ("memory", self.memory), ("precision", self.precision)]
         for piece, fn in steps:
             if piece in self.pieces:
                 self.attempt(piece, fn)  # a piece's own defect (not only its jobs') must not lose the rest
-            if piece == "variants":
+            if piece in ("variants", "equivalence"):
                 self.summarise_variants()
             self.save()
         self.note(f"wrote {self.out_json}")
