@@ -76,13 +76,16 @@ if want train; then
 'dali', nvidia.dali.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
   if [ "$DRY_RUN" = 1 ]; then
     TRITON_INTERPRET=1 timeout 900 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
-    dry=(--dry-run); left=100000
+    targs=(--dry-run); left=100000
   else
     timeout 120 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
-    dry=(); left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
+    targs=(); left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
   fi
   set -o pipefail  # the job check's exit status, not tail's, is the step's
-  timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py "${dry[@]}" --out "$OUT_DIR" --site "$SITE" \
+  # TRAIN_PIECES: a comma-separated subset of its pieces, e.g. to rerun what the first run's budget skipped (its
+  # JSON is written anew: keep the first one)
+  [ -n "${TRAIN_PIECES:-}" ] && targs+=(--pieces "$TRAIN_PIECES")
+  timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py "${targs[@]}" --out "$OUT_DIR" --site "$SITE" \
     --budget-s $(( left > 90 ? left - 45 : 45 )) 2>&1 | tee "$OUT_DIR/gpu_train_check.txt" | grep -v "^\s*$" | tail -40 \
     || { TRAIN_RC=1; echo "gpu_train_check failed or timed out"; }
   set +o pipefail
