@@ -74,13 +74,11 @@ if want train; then
   [ -n "$SITE" ] && export LD_LIBRARY_PATH="$SITE/nvidia/nvjpeg/lib:$SITE/nvidia/nvimgcodec${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   "$PY" -c "import deepspeed, omegaconf, mlflow, nvidia.dali, PIL; print('job stack: deepspeed', deepspeed.__version__, \
 'dali', nvidia.dali.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
-  if [ "$DRY_RUN" = 1 ]; then
-    TRITON_INTERPRET=1 timeout 900 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
-    targs=(--dry-run); left=100000
-  else
-    timeout 120 "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
-    targs=(); left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
-  fi
+  if [ "$DRY_RUN" = 1 ]; then kcheck=(env TRITON_INTERPRET=1 timeout 900); targs=(--dry-run)
+  else kcheck=(timeout 120); targs=(); fi
+  "${kcheck[@]}" "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
+  left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
+  [ "$DRY_RUN" = 1 ] && left=100000  # the dry run checks the path, not the time
   set -o pipefail  # the job check's exit status, not tail's, is the step's
   # TRAIN_PIECES: a comma-separated subset of its pieces, e.g. to rerun what the first run's budget skipped (its
   # JSON is written anew: keep the first one)
@@ -91,7 +89,7 @@ if want train; then
   set +o pipefail
 fi
 
-want memory || { note "done"; exit "${TRAIN_RC:-0}"; }
+want memory || { note "done"; exit "${TRAIN_RC:-0}"; }  # the train step's status is the script's
 note "3/3 danet152 T=4 224 bf16 batch 32 per policy"
 : > "$OUT_DIR/memory.jsonl"
 for ps in $POLICIES; do
@@ -141,3 +139,4 @@ json.dump({"measured": rows, "plan_est_mb": {f"{p}/{s}": v for (p, s), v in est.
           open(os.path.join(out, "gpu_check_memory.json"), "w"), indent=1)
 PYEOF
 note "done"
+exit "${TRAIN_RC:-0}"

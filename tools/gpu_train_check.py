@@ -854,8 +854,8 @@ class TrainCheck:
             return 1
         steps = [("resume", self.resume), ("baseline", self.baseline), ("throughput", self.throughput),
                  ("variants", self.levers), ("equivalence", self.equivalence), ("profile", self.profile),
-                 ("fusion", self.fusion),
-                 ("plan_batch", self.plan_batch), ("memory", self.memory), ("precision", self.precision)]
+                 ("fusion", self.fusion), ("plan_batch", self.plan_batch), ("memory", self.memory),
+                 ("precision", self.precision)]
         for piece, fn in steps:
             if piece in self.pieces:
                 self.attempt(piece, fn)  # a piece's own defect (not only its jobs') must not lose the rest
