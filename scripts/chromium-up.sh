@@ -3,12 +3,12 @@
 #
 # Installs the `chromium` package when no chromium binary is on PATH, then checks that it starts headless.
 # Exit 0 = usable (its path on stdout); non-zero = one line on stderr saying why (the tests then skip with it).
-# Knobs: DANET_CHROMIUM_TIMEOUT  seconds apt-get may wait for the dpkg lock (default 600: the Slurm setup may
-# hold it at the same time).
+# Knobs: DANET_APT_LOCK_TIMEOUT  seconds apt-get may wait for the dpkg lock (default 600: the Slurm setup may
+# hold it at the same time). Installing goes through scripts/apt-install.sh (it also finishes an interrupted dpkg).
 set -euo pipefail
 
-TIMEOUT=${DANET_CHROMIUM_TIMEOUT:-600}
 LOG=/tmp/danet-chromium-apt.log
+. "$(dirname "${BASH_SOURCE[0]}")/apt-install.sh"
 say() { echo "chromium-up: $*" >&2; }
 die() { echo "chromium-up: error: $*" >&2; exit 1; }
 t0=$(date +%s)
@@ -19,14 +19,7 @@ if [ -z "$bin" ]; then
   command -v apt-get >/dev/null 2>&1 || die "chromium is not installed and there is no apt-get to install it"
   [ "$(id -u)" = 0 ] || die "chromium is not installed and installing it needs root (apt-get install chromium)"
   say "installing Debian's chromium (apt-get; log $LOG)"
-  export DEBIAN_FRONTEND=noninteractive
-  ok=1
-  apt-get -o DPkg::Lock::Timeout="$TIMEOUT" update -qq >"$LOG" 2>&1 || ok=0
-  if [ "$ok" = 1 ]; then
-    apt-get -o DPkg::Lock::Timeout="$TIMEOUT" install -y -qq --no-install-recommends chromium fonts-dejavu-core \
-      >>"$LOG" 2>&1 || ok=0
-  fi
-  [ "$ok" = 1 ] || { tail -n 5 "$LOG" >&2; die "apt-get could not install chromium (log: $LOG)"; }
+  apt_install "$LOG" chromium fonts-dejavu-core || die "apt-get could not install chromium (log: $LOG)"
   bin=$(find_bin)
   [ -n "$bin" ] || die "the chromium package installed no chromium binary"
   say "installed in $(( $(date +%s) - t0 )) s"

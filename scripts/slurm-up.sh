@@ -49,20 +49,9 @@ done
 if [ "$missing" = 1 ]; then
   command -v apt-get >/dev/null 2>&1 || die "Slurm is not installed and there is no apt-get to install it"
   say "installing Debian packages: slurmctld slurmd slurm-client munge"
-  # No init system here, but keep the packages' postinst from starting system-wide daemons all the same.
-  policy_made=0
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy_made=1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  ok=1
-  apt-get update -qq >"/tmp/danet-slurm-apt.log" 2>&1 || ok=0
-  if [ "$ok" = 1 ]; then
-    apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge \
-      >>"/tmp/danet-slurm-apt.log" 2>&1 || ok=0
-  fi
-  [ "$policy_made" = 1 ] && rm -f /usr/sbin/policy-rc.d
-  [ "$ok" = 1 ] || { tail -n 5 /tmp/danet-slurm-apt.log >&2; die "apt-get could not install Slurm (log: /tmp/danet-slurm-apt.log)"; }
+  . "$HERE/apt-install.sh"
+  apt_install /tmp/danet-slurm-apt.log slurmctld slurmd slurm-client munge \
+    || die "apt-get could not install Slurm (log: /tmp/danet-slurm-apt.log)"
   say "installed in $(( $(date +%s) - t0 )) s"
 fi
 
