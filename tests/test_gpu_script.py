@@ -100,6 +100,18 @@ def test_trim_keeps_only_the_cp312_backends(tmp_path):
         "backend_impl.cpython-312-x86_64-linux-gnu.so", "libdali.so"]
 
 
+def test_trim_keeps_the_codecs_the_jobs_decode_with(tmp_path):
+    """JPEG on the GPU and the CPU (the ImageNet-layout folder) and PNG (the embedded default's digits)."""
+    ext = tmp_path / "nvidia_nvimgcodec_cu12" / "nvidia/nvimgcodec/extensions"
+    ext.mkdir(parents=True)
+    for name in ("libnvjpeg_ext", "libjpeg_turbo_ext", "libopencv_ext", "libnvjpeg2k_ext", "libnvtiff_ext",
+                 "libtiff_ext", "libnvbmp_ext", "libnvpnm_ext"):
+        (ext / f"{name}.so.0.9.0").write_bytes(b"x")
+    gpu_pack.trim("nvidia_nvimgcodec_cu12", tmp_path / "nvidia_nvimgcodec_cu12")
+    assert sorted(p.name.split(".")[0] for p in ext.iterdir()) == ["libjpeg_turbo_ext", "libnvjpeg_ext",
+                                                                    "libopencv_ext"]
+
+
 def test_steady_rate_and_result_fields(tmp_path):
     # progress lines every 5 steps of 32 images; the first third (warm-up, slow) is left out
     steps = [(5, 10.0), (10, 11.0), (15, 12.0), (20, 13.0), (25, 14.0), (30, 15.0)]
@@ -301,3 +313,39 @@ def test_gpu_scripts_refuse_bad_settings_in_one_line(tmp_path, script, env, says
     assert proc.returncode == 2, said
     assert len(said) == 1 and says in said[0], said
     assert sorted(tmp_path.iterdir()) == [tools] and [p.name for p in tools.iterdir()] == [script], "it wrote something"
+
+
+def test_default_piece_launches_the_embedded_default_on_the_expected_ranks(tmp_path):
+    """``orchestrator launch`` with no arguments, as the GPU run starts it beside the resume check (here with the
+    dry run's ``train.epochs=1``): it completes on the CPU default's 2 ranks and the verdict has no error."""
+    check = _check(tmp_path, "default")
+    check.join_default(check.start_default())
+    d = check.result["default_launch"]
+    assert check.result["errors"] == [], (check.result["errors"], d)
+    assert d["status"] == "completed" and d["world_size"] == d["expected_world_size"] == 2 and d["epochs"] == 1
+    assert 0.0 <= d["val_top1"] <= 1.0 and d["wall_s"] > 0
+    assert "orchestrator launch, no arguments" in gtc.table({**check.result, "fastest_variant": None})
+
+
+@pytest.mark.parametrize("job,says", [
+    ({"rc": 0, "summary": {"status": "completed", "world_size": 2, "val_top1": 0.9}, "wall_s": 9.0},
+     "2 rank(s), expected 1"),  # two ranks on one GPU: NCCL would refuse them
+    ({"rc": 0, "summary": {"status": "completed", "world_size": 1, "val_top1": 0.12}, "wall_s": 9.0},
+     "val top-1 0.12, expected > 0.6"),
+    ({"rc": 1, "summary": {"status": "failed", "world_size": 1}, "wall_s": 9.0}, "status 'failed', rc 1"),
+    (None, "did not finish"),
+], ids=["ranks", "not-learning", "failed", "hung"])  # fmt: skip
+def test_default_piece_verdict_on_a_gpu(tmp_path, monkeypatch, job, says):
+    """On one GPU the embedded default must complete on 1 rank and learn; anything else is an error."""
+    import threading
+
+    import torch
+
+    check = _check(tmp_path, "default")
+    check.cuda = True
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check._default_job = job
+    done = threading.Thread(target=lambda: None)
+    done.start()
+    check.join_default(done)
+    assert len(check.result["errors"]) == 1 and says in check.result["errors"][0], check.result["errors"]

@@ -46,6 +46,8 @@ def _inputs(shape=(5, 3, 4, 6, 6), seed=0):
 @pytest.mark.parametrize("case", NEURON_CASES, ids=case_id)
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_multistep_equals_single_steps(case, backend):
+    if backend == "fused" and case.get("type") == "plif":
+        backend = "auto"  # PLIF has no fused kernel: auto runs its reference loop, "fused" is refused
     neuron = MultiStepNeuron(NeuronSpec(**case, backend=backend))
     x, _ = _inputs()
     spikes, v_last = neuron.forward_with_state(x)

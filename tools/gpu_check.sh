@@ -8,7 +8,8 @@
 #  4. train (only when named in STEPS; alone it fits in 8 minutes: STEPS=train): the real job, danet152 T=4 224 px
 #     bf16-mixed through `orchestrator launch --config danet152_imagenet` (DeepSpeed over NCCL, DALI 'mixed', MLflow on
 #     a local sqlite store, checkpoints): Ctrl-C mid-epoch and resume, an uninterrupted deterministic run to
-#     compare weights with, the model step (today's configuration and faster ones, each faster path's fp32
+#     compare weights with, the embedded default beside them (`orchestrator launch` with no arguments: one rank per
+#     GPU, and it must learn), the model step (today's configuration and faster ones, each faster path's fp32
 #     gradients against today's), the job's steady state, a profile, memory per checkpointing policy against the
 #     plan on the fastest settings, the steady state on DeepSpeed's bf16 engine if time is left; writes
 #     $OUT_DIR/gpu_train_<gpu>.json

@@ -35,7 +35,9 @@ DROP = {
     "nvidia_nvimgcodec_cu12": ("nvidia/nvimgcodec/include", "nvidia/nvimgcodec/tools"),
     "nvidia_nvjpeg_cu12": ("nvidia/nvjpeg/include",),
 }
-KEEP_CODEC_EXT = ("libnvjpeg_ext", "libjpeg_turbo_ext")  # GPU (nvJPEG) and CPU JPEG decoding
+# GPU (nvJPEG) and CPU JPEG decoding, and OpenCV's, nvimgcodec's only PNG decoder: the embedded default's digits
+# are PNG records (without it DALI refuses them: "no decoder for this image")
+KEEP_CODEC_EXT = ("libnvjpeg_ext", "libjpeg_turbo_ext", "libopencv_ext")
 
 
 def dist_name(wheel: Path) -> str:

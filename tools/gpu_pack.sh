@@ -14,15 +14,15 @@
 #
 # Contents: cp312 manylinux wheels from `pip download --python-version 3.12 --only-binary=:all: --platform ...`:
 # OmegaConf (2.4 needs only PyYAML: no antlr4), the MLflow client (mlflow-skinny, with SQLAlchemy + Alembic for a local sqlite
-# store), DeepSpeed's dependencies, Pillow, NumPy, psutil, tqdm, DALI (nvidia-dali-cuda120 with nvimgcodec and
-# nvJPEG only: no nvcomp / nvJPEG2000 / nvTIFF), plus the DeepSpeed wheel itself (pure Python; PyPI ships an
+# store), DeepSpeed's dependencies, Pillow, NumPy, psutil, tqdm, DALI (nvidia-dali-cuda120 with nvimgcodec, its
+# JPEG and PNG decoders only, and nvJPEG: no nvcomp / nvJPEG2000 / nvTIFF), plus the DeepSpeed wheel itself (pure Python; PyPI ships an
 # sdist, built here by pip) and two photographs (scikit-learn's china.jpg, flower.jpg) for the dataset. Unpacked,
 # trimmed (DALI's backends for other Pythons, headers), then one tar.xz split into <= CHUNK_MB pieces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 PACK=${PACK:-.cache/gpu_pack}
-CHUNK_MB=${CHUNK_MB:-56}  # the tree (~2 MiB) travels with each piece; 263 MiB is 5 pieces at 56 as at 60
+CHUNK_MB=${CHUNK_MB:-56}  # the tree (~2 MiB) travels with each piece; 268 MiB is 5 pieces at 56
 WHEELS=${WHEELS:-.cache/gpu_wheels}   # pip's own cache makes a second pack quick
 rm -rf "$WHEELS" && mkdir -p "$WHEELS"
 PLATFORM=(--python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64

@@ -10,6 +10,9 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    batch, steps). With ``train.deterministic=true``: stopped with SIGINT mid-epoch, relaunched (resumes and
    completes), and an uninterrupted run to compare final weights with (run beside the first, in parallel: on
    one GPU both fit, and neither is timed).
+   Beside them, ``orchestrator launch`` with no arguments (the embedded default: the digits preset, one rank per
+   GPU, the CPU ranks otherwise): it must complete on the expected number of ranks and, on the GPU, learn (val
+   top-1 above ``DEFAULT_MIN_TOP1``): ``default_launch``.
 3. Model step alone (no loader, no DeepSpeed): the baseline (today's configuration: ``models.gpu_check``'s
    eager step, channels_last weights, cudnn defaults, batch 32).
 4. The job again (not deterministic), steady state at the preset's micro-batch: images per second between the
@@ -64,8 +67,9 @@ REQUIRED = ("gpu", "torch", "model", "T", "resolution", "precision", "micro_batc
             "baseline_img_per_s", "model_step_img_per_s", "end_to_end_img_per_s", "peak_memory_gb",
             "job_status", "resumed")  # fmt: skip
 STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
-PIECES = ("resume", "baseline", "throughput", "variants", "equivalence", "profile", "fusion", "plan_batch", "memory",
-          "precision")  # fmt: skip
+PIECES = ("default", "resume", "baseline", "throughput", "variants", "equivalence", "profile", "fusion", "plan_batch",
+          "memory", "precision")  # fmt: skip
+DEFAULT_MIN_TOP1 = 0.6  # the embedded default's 8 epochs reach ~0.98 on CPU ranks; chance is 0.1
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -144,13 +148,15 @@ def convert_folder(src: Path, dst: Path, env: dict, workers: int) -> None:
 # --------------------------------------------------------------------------------------------- jobs
 
 
-def run_job(cwd: Path, run_dir: str, overrides: list[str], env: dict, timeout: float,
-            stop_after_step: int | None = None) -> dict:  # fmt: skip
+def run_job(cwd: Path, run_dir: str | None, overrides: list[str], env: dict, timeout: float,
+            stop_after_step: int | None = None, config: str | None = "danet152_imagenet") -> dict:  # fmt: skip
     """``orchestrator launch --config danet152_imagenet`` with ``overrides``; SIGINT once a progress line shows
-    ``stop_after_step``. Returns the exit code, the summary, the (step, arrival time) of every progress line."""
-    cmd = [sys.executable, "-m", "orchestrator", "launch", "--config", "danet152_imagenet", "--run-dir", run_dir,
-           *overrides]  # fmt: skip
-    log_path = cwd / f"{Path(run_dir).name}.log"
+    ``stop_after_step``. Returns the exit code, the summary, the (step, arrival time) of every progress line.
+    ``config=None, run_dir=None`` and no overrides: ``orchestrator launch`` with no arguments (the embedded default,
+    in its own run folder under ``cwd/runs``)."""
+    cmd = [sys.executable, "-m", "orchestrator", "launch", *(["--config", config] if config else []),
+           *(["--run-dir", run_dir] if run_dir else []), *overrides]  # fmt: skip
+    log_path = cwd / f"{Path(run_dir).name if run_dir else 'default'}.log"
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          bufsize=1)  # fmt: skip
@@ -171,8 +177,8 @@ def run_job(cwd: Path, run_dir: str, overrides: list[str], env: dict, timeout: f
                     p.send_signal(signal.SIGINT)
     rc = p.wait()
     timer.cancel()
-    summary_path = cwd / run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    found = [cwd / run_dir / "summary.json"] if run_dir else sorted((cwd / "runs").glob("*/summary.json"))
+    summary = json.loads(found[-1].read_text()) if found and found[-1].is_file() else {}
     return {"rc": rc, "summary": summary, "steps": steps, "wall_s": round(time.monotonic() - t0, 1),
             "sigint": interrupted.is_set(), "log": str(log_path),
             "log_tail": log_path.read_text()[-1500:] if rc not in (0, 130) else ""}  # fmt: skip
@@ -451,6 +457,9 @@ def table(result: dict) -> str:
                                                    if k == "on" else ""), fmt(v))
               for k, v in (result.get("end_to_end_by_fusion") or {}).items()],
             ("peak memory GB", fmt(result["peak_memory_gb"])),
+            *[("orchestrator launch, no arguments", f"{d['status']}, {d['world_size']} rank(s) (expected "
+               f"{d['expected_world_size']}), val top-1 {fmt(d['val_top1'])}, {fmt(d['wall_s'])} s")
+              for d in [result.get("default_launch")] if d],
             ("job status / resumed / weights = uninterrupted", f"{result['job_status']} / {result['resumed']} / "
                                                                f"{result.get('weights_equal_uninterrupted')}")]  # fmt: skip
     eq = {k: v for k, v in (result.get("equivalence") or {}).items() if isinstance(v, dict)}
@@ -552,6 +561,7 @@ class TrainCheck:
         self.variants: dict[str, dict] = {}
         self.ffr = self.work / "imagenet_ffr"
         self._plan_probe: tuple[dict[str, int], int] | None = None
+        self._default_job: dict | None = None  # written by the embedded default's thread, read after its join
 
     # ---- bookkeeping
     def elapsed(self) -> float:
@@ -638,6 +648,56 @@ class TrainCheck:
                               "steps": j.get("summary", {}).get("steps"), "wall_s": j.get("wall_s"),
                               "restarts": j.get("summary", {}).get("restarts"), "log": j.get("log"),
                               "log_tail": j.get("log_tail")} for k, j in jobs.items()})  # fmt: skip
+
+    def start_default(self) -> threading.Thread:
+        """2b. ``orchestrator launch`` with no arguments, the embedded default (one rank per GPU, the CPU ranks
+        otherwise), in a folder of its own, beside the resume check (neither is timed); :meth:`join_default` waits
+        for it before the first timed piece. The dry run adds ``train.epochs=1``: it checks the path."""
+        cwd = self.work / "default"
+        shutil.rmtree(cwd, ignore_errors=True)  # a rerun must not resume the last one
+        cwd.mkdir(parents=True)
+        extra = [] if self.cuda else ["train.epochs=1"]
+        self.note("job: the embedded default (orchestrator launch" + (f" {' '.join(extra)}" if extra else
+                                                                      ", no arguments") + "), beside the resume check")
+
+        def go() -> None:
+            try:
+                self._default_job = run_job(cwd, None, extra, self.env, self.z.job_timeout, config=None)
+            except Exception as exc:  # recorded by join_default: the main thread owns the result dict
+                self._default_job = {"error": f"{type(exc).__name__}: {exc}"}
+
+        thread = threading.Thread(target=go, daemon=True)
+        thread.start()
+        return thread
+
+    def join_default(self, thread: threading.Thread) -> None:
+        """The embedded default's outcome: completed, on one rank per GPU, and learning (val top-1)."""
+        import torch
+
+        from launch.local import local_rank_count
+        from orchestrator.config import load_config
+
+        thread.join(self.z.job_timeout + 30)
+        j = self._default_job or {"error": f"did not finish within {self.z.job_timeout + 30:.0f} s"}
+        s = j.get("summary", {})
+        cfg = load_config(None)
+        want = local_rank_count(cfg.launch.local_ranks, cfg.train.device,
+                                torch.cuda.device_count() if self.cuda else 0)  # fmt: skip
+        out = {"rc": j.get("rc"), "status": s.get("status"), "world_size": s.get("world_size"),
+               "expected_world_size": want, "epochs": s.get("epochs"), "val_top1": s.get("val_top1"),
+               "images_per_sec": s.get("images_per_sec"), "wall_s": j.get("wall_s"), "log": j.get("log"),
+               "log_tail": j.get("log_tail")}  # fmt: skip
+        self.result["default_launch"] = out
+        problems = [j["error"]] if "error" in j else []
+        if s.get("status") != "completed":
+            problems.append(f"status {s.get('status')!r}, rc {j.get('rc')}")
+        if s.get("world_size") != want:
+            problems.append(f"{s.get('world_size')} rank(s), expected {want}")
+        top1 = s.get("val_top1")
+        if self.cuda and not (isinstance(top1, (int, float)) and top1 > DEFAULT_MIN_TOP1):
+            problems.append(f"val top-1 {top1}, expected > {DEFAULT_MIN_TOP1}")
+        if problems:
+            self.result["errors"].append("default launch: " + "; ".join(problems))
 
     def baseline(self) -> None:
         """3. The model step alone as configured today (models.gpu_check's eager step, batch 32)."""
@@ -856,9 +916,12 @@ class TrainCheck:
                  ("variants", self.levers), ("equivalence", self.equivalence), ("profile", self.profile),
                  ("fusion", self.fusion), ("plan_batch", self.plan_batch), ("memory", self.memory),
                  ("precision", self.precision)]
+        default = self.attempt("default", self.start_default) if "default" in self.pieces else None
         for piece, fn in steps:
             if piece in self.pieces:
                 self.attempt(piece, fn)  # a piece's own defect (not only its jobs') must not lose the rest
+            if piece == "resume" and default is not None:  # before anything is timed
+                self.attempt("default", lambda: self.join_default(default))
             if piece in ("variants", "equivalence"):
                 self.summarise_variants()
             self.save()
