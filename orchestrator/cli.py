@@ -26,7 +26,9 @@ from orchestrator.errors import (
     reported_bad_input,
 )
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu" if not Path("/dev/nvidia0").exists() else "cuda")
+# DeepSpeed picks its accelerator at import: named here from the device nodes, without importing torch (any
+# /dev/nvidiaN: a container given one GPU of a host may see /dev/nvidia3 alone)
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if any(Path("/dev").glob("nvidia[0-9]*")) else "cpu")
 
 
 class _Parser(argparse.ArgumentParser):
