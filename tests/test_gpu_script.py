@@ -349,3 +349,14 @@ def test_default_piece_verdict_on_a_gpu(tmp_path, monkeypatch, job, says):
     done.start()
     check.join_default(done)
     assert len(check.result["errors"]) == 1 and says in check.result["errors"][0], check.result["errors"]
+
+
+@pytest.mark.parametrize("flag,value", [("--pieces", "resume,bogus"), ("--variants", "compile,fused_bn")])
+def test_job_check_refuses_unknown_names_before_anything_runs(tmp_path, capsys, flag, value):
+    """A rerun's TRAIN_PIECES / TRAIN_VARIANTS with a typo: one line naming it and the valid names, exit 2, no
+    output folder (not minutes of GPU time spent before an error in the JSON)."""
+    out = tmp_path / "out"
+    assert gtc.main(["--dry-run", "--out", str(out), flag, value]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith(f"{flag}: unknown") and "valid: " in said[0], said
+    assert not out.exists()

@@ -84,6 +84,9 @@ if want train; then
   # TRAIN_PIECES: a comma-separated subset of its pieces, e.g. to rerun what the first run's budget skipped (its
   # JSON is written anew: keep the first one)
   [ -n "${TRAIN_PIECES:-}" ] && targs+=(--pieces "$TRAIN_PIECES")
+  # TRAIN_VARIANTS: the model-step variants instead of the default list, e.g. "compile" (torch.compile of danet152
+  # takes minutes: left out of the first run, for a rerun of TRAIN_PIECES=baseline,variants,equivalence)
+  [ -n "${TRAIN_VARIANTS:-}" ] && targs+=(--variants "$TRAIN_VARIANTS")
   timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py "${targs[@]}" --out "$OUT_DIR" --site "$SITE" \
     --budget-s $(( left > 90 ? left - 45 : 45 )) 2>&1 | tee "$OUT_DIR/gpu_train_check.txt" | grep -v "^\s*$" | tail -40 \
     || { TRAIN_RC=1; echo "gpu_train_check failed or timed out"; }
