@@ -3,12 +3,18 @@
 # pieces: that machine has Python 3.12 and torch (+ Triton) but no DeepSpeed, OmegaConf, MLflow or DALI, and no
 # network, and each `run` call carries at most 64 MiB of ignored paths.
 #
-#   bash tools/gpu_pack.sh              # here (needs the registries, ~2 min): .cache/gpu_pack/c00 ... cNN
+#   bash tools/gpu_pack.sh              # here (needs the registries, 5-14 min): .cache/gpu_pack/c00 ... cNN
+#   bash tools/gpu_rehearse.sh          # here: the train step from this pack, as that machine will run it
 #
 # Then, from the session that has the GPU, one `run` call per piece (each piece is one ignored folder <= 64 MiB;
-# what an earlier call brought stays on the warm machine), the last one running the check:
-#   run(command="ls .cache/gpu_pack", carry=[".cache/gpu_pack/c00"])      ... one per piece but the last
+# what an earlier call brought stays on the warm machine, for 30 s: make the calls back to back), the last one
+# running the check; the first one also reads what the machine is (seconds, and the machine is started anyway):
+#   run(command="nvidia-smi -L; python3 -V; python3 -c 'import torch; print(torch.__version__)'; ls /dev/nvidia*;
+#       df -h /dev/shm .; ls .cache/gpu_pack", carry=[".cache/gpu_pack/c00"])
+#   run(command="ls .cache/gpu_pack", carry=[".cache/gpu_pack/c01"])      ... one per piece but the last
 #   run(command="STEPS=train bash tools/gpu_check.sh", carry=[".cache/gpu_pack/cNN"], timeout_s=540)
+# then copy $OUT's gpu_train_<gpu>.json (and gpu_train_check.txt) to docs/bench/ and give the machine back. A
+# rerun of what the budget skipped: TRAIN_PIECES=... (and TRAIN_VARIANTS=compile) STEPS=train bash tools/gpu_check.sh
 # gpu_check.sh unpacks the pieces (tools/gpu_pack.py unpack: checksum, then only the distributions that
 # machine's Python does not already have, so nothing it has is shadowed) into .cache/gpu_site.
 #
