@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
+import gpu_out  # noqa: E402
 import gpu_pack  # noqa: E402
 import gpu_train_check as gtc  # noqa: E402
 
@@ -156,8 +157,8 @@ def test_memory_piece_measures_every_policy_against_the_plan(tmp_path):
 
     from orchestrator.plan import POLICIES
 
-    args = argparse.Namespace(out=tmp_path, pieces="memory", site=None, budget_s=450.0, variants="",
-                              pack_photos=None)
+    args = argparse.Namespace(out=tmp_path, work=tmp_path / "work", pieces="memory", site=None, budget_s=450.0,
+                              variants="", pack_photos=None)
     check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
     check.memory()
     mem = check.result["memory_by_policy"]
@@ -182,8 +183,8 @@ def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypa
 
     import torch
 
-    args = argparse.Namespace(out=tmp_path, pieces="plan_batch,precision", site=None, budget_s=450.0, variants="",
-                              pack_photos=None)
+    args = argparse.Namespace(out=tmp_path, work=tmp_path / "work", pieces="plan_batch,precision", site=None,
+                              budget_s=450.0, variants="", pack_photos=None)
     check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
     (check.ffr / "meta.json").parent.mkdir(parents=True)
     (check.ffr / "meta.json").write_text("{}")  # the dataset piece finds its folder made
@@ -204,7 +205,8 @@ def _check(tmp_path, pieces: str):
 
     import torch
 
-    args = argparse.Namespace(out=tmp_path, pieces=pieces, site=None, budget_s=450.0, variants="", pack_photos=None)
+    args = argparse.Namespace(out=tmp_path, work=tmp_path / "work", pieces=pieces, site=None, budget_s=450.0,
+                              variants="", pack_photos=None)
     return gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
 
 
@@ -360,3 +362,69 @@ def test_job_check_refuses_unknown_names_before_anything_runs(tmp_path, capsys, 
     said = capsys.readouterr().err.strip().splitlines()
     assert len(said) == 1 and said[0].startswith(f"{flag}: unknown") and "valid: " in said[0], said
     assert not out.exists()
+
+
+def test_out_keeps_what_the_device_tool_brings_back(tmp_path):
+    """gpu_check.sh's end: the logs of the jobs' folder in one archive (each cut to its last part), and OUT checked
+    against the device tool's limits (8 files, 16 MiB each, 64 in all, 2 folders down, plain names)."""
+    import tarfile
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    (work / "train_check" / "runs" / "resumed" / "checkpoints").mkdir(parents=True)
+    out.mkdir()
+    (out / "gpu_train_h200.json").write_text("{}")
+    (work / "train_check" / "resumed.log").write_text("step 1/4\n" * 10)
+    (work / "train_check" / "big.log").write_bytes(b"x" * (3 * 2**20) + b"THE END\n")
+    (work / "train_check" / "runs" / "resumed" / "checkpoints" / "rank0.pt").write_bytes(b"\0" * 1000)
+    assert gpu_out.main(["--out", str(out), "--work", str(work), "--log-mb", "1"]) == 0
+    with tarfile.open(out / gpu_out.ARCHIVE) as tar:
+        names = sorted(tar.getnames())
+        big = tar.extractfile("train_check/big.log").read()
+    assert names == ["train_check/big.log", "train_check/resumed.log"]  # logs only, no checkpoint
+    assert big.endswith(b"THE END\n") and len(big) < 1.1 * 2**20 and big.startswith(b"[... cut")
+    # what would be left behind is named, one line each, and fails the check
+    for i in range(8):
+        (out / f"extra{i}.txt").write_text("x")
+    (out / "a" / "b" / "c").mkdir(parents=True)
+    (out / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (out / "bad name.txt").write_text("x")
+    said = gpu_out.problems(out)
+    assert any(s.startswith("12 files, over 8") for s in said), said
+    assert any("deep.txt: more than 2 folders down" in s for s in said)
+    assert any(s.startswith("bad name.txt: a name") for s in said)
+    assert gpu_out.main(["--out", str(out)]) == 1
+
+
+def test_job_check_refuses_a_work_folder_inside_out(tmp_path, capsys):
+    assert gtc.main(["--dry-run", "--out", str(tmp_path), "--work", str(tmp_path / "w")]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "inside --out" in said[0] and not (tmp_path / "w").exists()
+
+
+def test_a_relative_work_folder_is_made_absolute(tmp_path, monkeypatch):
+    """The jobs run with the work folder as their cwd: a relative data.root from it would name nothing (seen in the
+    rehearsal, where gpu_check.sh passes .cache/gpu_check_work/train_check)."""
+    import argparse
+
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(out=tmp_path / "out", work=Path("rel/work"), pieces="default", site=None,
+                              budget_s=450.0, variants="", pack_photos=None)  # fmt: skip
+    check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+    assert check.work == tmp_path / "rel" / "work" and check.ffr.is_absolute()
+    assert f"data.root={tmp_path / 'rel' / 'work' / 'imagenet_ffr'}" in check.job_args(2, 4, 1, False)
+
+
+def test_a_resume_check_that_failed_says_why_in_errors(tmp_path, monkeypatch):
+    """Jobs that never started (the rehearsal once gave them a data.root that named nothing): the errors name each
+    job's exit code and its last log line, not only ``resumed: false`` in the table."""
+    check = _check(tmp_path, "resume")
+    refused = {"rc": 2, "summary": {}, "steps": [], "wall_s": 3.0, "sigint": False, "log": "x.log",
+               "log_tail": "orchestrator: error: data.root=/x: no such folder\n"}  # fmt: skip
+    monkeypatch.setattr(gtc, "run_job", lambda *a, **k: dict(refused))
+    check.resume()
+    assert check.result["resumed"] is False and check.result["job_status"] is None
+    (said,) = check.result["errors"]
+    assert said.startswith("resume check: not interrupted") and said.count("rc 2 status None") == 3
+    assert "data.root=/x: no such folder" in said

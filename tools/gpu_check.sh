@@ -26,6 +26,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && PY=.venv/bin/python
 OUT_DIR=${OUT_DIR:-${OUT:-./gpu_check_out}}
+# Only results go to OUT_DIR: the device tool brings back at most 8 files from $OUT (16 MiB each, 64 MiB in all),
+# so the jobs' folders (datasets, checkpoints: gigabytes) and the logs stay in WORK_DIR, and the logs come back as
+# one archive (tools/gpu_out.py, which also checks OUT_DIR against those limits before the script ends)
+WORK_DIR=${WORK_DIR:-.cache/gpu_check_work}
+LOGS="$WORK_DIR/logs"
 POLICIES=${POLICIES:-"none:float time:bit block:float block_time:bit"}
 STEPS=${STEPS:-"models data memory"}
 want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; echo "SKIP $1 (not in STEPS)"; return 1; }
@@ -41,7 +46,14 @@ else
   "$PY" -c "import torch; assert torch.cuda.is_available(); print(torch.cuda.get_device_name(0), torch.__version__)" \
     || { echo "no CUDA device: this script measures a GPU (exit 1)"; exit 1; }
 fi
-mkdir -p "$OUT_DIR"
+mkdir -p "$OUT_DIR" "$LOGS"
+# the script's end, whichever step ran last: the logs bundled into OUT_DIR, OUT_DIR checked (a result the device
+# tool would leave behind fails the script: it is as lost as a failed step)
+finish() {
+  note "done"
+  timeout 60 "$PY" tools/gpu_out.py --out "$OUT_DIR" --work "$WORK_DIR" || TRAIN_RC=1
+  exit "${TRAIN_RC:-0}"
+}
 
 note "1/3 models.gpu_check"
 if ! want models; then :
@@ -77,7 +89,7 @@ if want train; then
 'dali', nvidia.dali.__version__, 'mlflow', mlflow.__version__)" 2>&1 | tail -2
   if [ "$DRY_RUN" = 1 ]; then kcheck=(env TRITON_INTERPRET=1 timeout 900); targs=(--dry-run)
   else kcheck=(timeout 120); targs=(); fi
-  "${kcheck[@]}" "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$OUT_DIR/lif_triton_check.txt"
+  "${kcheck[@]}" "$PY" tools/lif_triton_check.py --quick 2>&1 | tail -4 | tee "$LOGS/lif_triton_check.txt"
   left=$(( ${TRAIN_BUDGET_S:-470} - ($(date +%s) - START) ))
   [ "$DRY_RUN" = 1 ] && left=100000  # the dry run checks the path, not the time
   set -o pipefail  # the job check's exit status, not tail's, is the step's
@@ -87,24 +99,24 @@ if want train; then
   # TRAIN_VARIANTS: the model-step variants instead of the default list, e.g. "compile" (torch.compile of danet152
   # takes minutes: left out of the first run, for a rerun of TRAIN_PIECES=baseline,variants,equivalence)
   [ -n "${TRAIN_VARIANTS:-}" ] && targs+=(--variants "$TRAIN_VARIANTS")
-  timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py "${targs[@]}" --out "$OUT_DIR" --site "$SITE" \
+  timeout $(( left > 60 ? left : 60 )) "$PY" tools/gpu_train_check.py "${targs[@]}" --out "$OUT_DIR" --work "$WORK_DIR/train_check" --site "$SITE" \
     --budget-s $(( left > 90 ? left - 45 : 45 )) 2>&1 | tee "$OUT_DIR/gpu_train_check.txt" | grep -v "^\s*$" | tail -40 \
     || { TRAIN_RC=1; echo "gpu_train_check failed or timed out"; }
   set +o pipefail
 fi
 
-want memory || { note "done"; exit "${TRAIN_RC:-0}"; }  # the train step's status is the script's
+want memory || finish  # the train step's status is the script's
 note "3/3 danet152 T=4 224 bf16 batch 32 per policy"
 : > "$OUT_DIR/memory.jsonl"
 for ps in $POLICIES; do
   p=${ps%%:*}; s=${ps##*:}
   BENCH_BF16=1 timeout 55 "$PY" -m orchestrator.bench_memory --child --model danet152 --policy "$p" --storage "$s" \
-    --T 4 --batch 32 --res 224 --steps 5 2>"$OUT_DIR/mem_$p.err" | grep '^{' >> "$OUT_DIR/memory.jsonl" \
-    || { echo "{\"policy\": \"$p\", \"spike_storage\": \"$s\", \"error\": \"failed or timed out (see mem_$p.err)\"}" >> "$OUT_DIR/memory.jsonl"; tail -3 "$OUT_DIR/mem_$p.err"; }
+    --T 4 --batch 32 --res 224 --steps 5 2>"$LOGS/mem_$p.err" | grep '^{' >> "$OUT_DIR/memory.jsonl" \
+    || { echo "{\"policy\": \"$p\", \"spike_storage\": \"$s\", \"error\": \"failed or timed out (see mem_$p.err in gpu_check_logs.tar.gz)\"}" >> "$OUT_DIR/memory.jsonl"; tail -3 "$LOGS/mem_$p.err"; }
 done
 
 note "plan estimate (orchestrator plan --config danet152_imagenet --gpu-mem 80)"
-timeout 60 "$PY" -m orchestrator plan --config danet152_imagenet --gpu-mem 80 2>&1 | tee "$OUT_DIR/plan.txt" | tail -8
+timeout 60 "$PY" -m orchestrator plan --config danet152_imagenet --gpu-mem 80 2>&1 | tee "$LOGS/plan.txt" | tail -8
 
 note "table"
 OUT_DIR="$OUT_DIR" POLICIES="$POLICIES" timeout 45 "$PY" - <<'PYEOF'
@@ -142,5 +154,4 @@ for r in rows:
 json.dump({"measured": rows, "plan_est_mb": {f"{p}/{s}": v for (p, s), v in est.items()}},
           open(os.path.join(out, "gpu_check_memory.json"), "w"), indent=1)
 PYEOF
-note "done"
-exit "${TRAIN_RC:-0}"
+finish

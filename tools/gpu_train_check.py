@@ -164,7 +164,8 @@ def run_job(cwd: Path, run_dir: str | None, overrides: list[str], env: dict, tim
     interrupted = threading.Event()
     timer = threading.Timer(timeout, p.kill)
     timer.start()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:  # appended: the interrupted and the resumed job share their run's log
+        log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(cmd[1:])}\n")
         assert p.stdout is not None
         for line in p.stdout:
             log.write(line)
@@ -545,7 +546,8 @@ class TrainCheck:
         self.pieces = set(args.pieces.split(","))
         self.t_start = time.monotonic()
         self.z = Sizes.for_device(self.cuda, args.budget_s)
-        self.work = args.out / "train_check"
+        # the jobs' folders (gigabytes, never under the OUT the device tool brings back), absolute: the jobs run in it
+        self.work = args.work.resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.env = _env(args.site, not self.cuda)
         self.out_json = args.out / f"gpu_train_{gpu_slug(gpu) if self.cuda else 'cpu-dry-run'}.json"
@@ -642,6 +644,11 @@ class TrainCheck:
         r["resumed"] = bool(s1.get("status") == "interrupted" and 0 < (s1.get("steps") or 0) < z.resume_steps
                             and s2.get("status") == "completed" and s2.get("steps") == z.resume_steps
                             and s2.get("restarts") == 1)  # fmt: skip
+        if jobs and not r["resumed"]:  # named in errors too: the table's "resumed False" does not say why
+            said = [f"{k} rc {j.get('rc')} status {j.get('summary', {}).get('status')}"
+                    + (f" ({j['log_tail'].strip().splitlines()[-1][:200]})" if j.get("log_tail", "").strip() else "")
+                    for k, j in jobs.items()]  # fmt: skip
+            r["errors"].append("resume check: not interrupted and resumed to completion: " + "; ".join(said))
         for key, field in (("weights_equal_uninterrupted", "weights_sha256"), ("losses_equal_uninterrupted", "loss_digest")):
             r[key] = s2.get(field) == sr.get(field) if s2.get(field) and sr.get(field) else None
         r["jobs"].update({k: {"rc": j.get("rc"), "status": j.get("summary", {}).get("status"),
@@ -932,6 +939,8 @@ class TrainCheck:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT_DIR", "gpu_check_out")))
+    parser.add_argument("--work", type=Path, default=REPO / ".cache" / "gpu_train_work",
+                        help="the dataset and the jobs' folders (checkpoints: gigabytes on the GPU), outside --out")
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes (gloo, width 4, 32 px, few steps)")
     parser.add_argument("--pack-photos", type=Path, default=REPO / ".cache" / "gpu_pack" / "c00" / "photos")
     parser.add_argument("--site", default=os.environ.get("GPU_SITE"), help="unpacked packages (PYTHONPATH)")
@@ -945,6 +954,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             print(f"{flag}: unknown {sorted(unknown)}; valid: {', '.join(valid)}", file=sys.stderr)
             return 2
+    if args.work.resolve().is_relative_to(args.out.resolve()):
+        print(f"--work {args.work}: inside --out {args.out}, whose files the device tool brings back (8 at most); "
+              "give a folder outside it", file=sys.stderr)
+        return 2
     import torch
 
     cuda = torch.cuda.is_available() and not args.dry_run
