@@ -428,3 +428,21 @@ def test_a_resume_check_that_failed_says_why_in_errors(tmp_path, monkeypatch):
     (said,) = check.result["errors"]
     assert said.startswith("resume check: not interrupted") and said.count("rc 2 status None") == 3
     assert "data.root=/x: no such folder" in said
+
+
+def test_graphs_variant_is_a_diagnostic_never_the_fastest(tmp_path):
+    """CUDA graphs replay the same kernels: their rate beside the eager one says what launches cost; the job
+    captures nothing, so the variant is not the fastest configuration, and on CPU it is skipped, not an error."""
+    check = _check(tmp_path, "variants")
+    check.args.variants = "graphs"
+    check.levers()
+    assert check.result["graphs"] == {"skipped": "CUDA graphs need a GPU (dry run)"} and check.result["errors"] == []
+    check.variants = {"baseline": {"img_per_s": 10.0, "peak_gb": 1.0}, "benchmark": {"img_per_s": 12.0},
+                      "graphs": {"img_per_s": 18.0}}  # fmt: skip
+    check.summarise_variants()
+    r = check.result
+    assert r["fastest_variant"] == "benchmark" and r["model_step_img_per_s"] == 12.0
+    assert r["graphs"] == {"img_per_s": 18.0, "eager_img_per_s": 12.0, "speedup": 1.5}
+    assert "18.0 / 12.0 (x1.50: what launches cost)" in gtc.table(r)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a GPU"):
+        gtc._captured(lambda: None, None)

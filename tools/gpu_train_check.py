@@ -24,6 +24,8 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    checked against the baseline: one fp32 forward + backward (TF32 off) at the job's width and a small batch
    and resolution, loss and gradients within ``LOSS_TOL`` / ``GRAD_TOL`` of the baseline's (``equivalence``). A variant
    that differs is not counted as the fastest and its fusion is not turned on in the jobs.
+   ``graphs`` (GPU only) replays ``benchmark``'s step from one CUDA graph: the same kernels without the host's
+   launches, a diagnostic beside the profile's host gaps (the job captures nothing), never the fastest: ``graphs``.
 6. torch.profiler over a few steps of the fastest model step: CUDA time per group (convolutions, BatchNorm,
    LIF, fused BatchNorm + neuron, DA sums, casts/copies, elementwise, optimizer, other) and the host gaps (wall
    time the GPU was idle).
@@ -214,11 +216,12 @@ def mlflow_peak_mb(db: Path, run_id: str | None = None) -> float | None:
 
 def _model_step(device, name: str, batch: int, res: int, width: int, layout: str, benchmark: bool,
                policy: str, warmup: int, repeats: int, compile_: bool = False, profile: bool = False,
-               fuse: bool = False, fuse_da: bool = False) -> dict:  # fmt: skip
+               fuse: bool = False, fuse_da: bool = False, graphs: bool = False) -> dict:  # fmt: skip
     """danet forward + backward + SGD step, bf16 autocast on CUDA (fp32 on CPU). ``layout``: 'model' (weights
     channels_last, images NCHW: today's models.gpu_check), 'input' (images channels_last, weights contiguous:
     the job's), 'none'. Either way every convolution runs NHWC. ``fuse``: BatchNorm + neuron as one op;
-    ``fuse_da``: learnable DA's sums as kernels."""
+    ``fuse_da``: learnable DA's sums as kernels; ``graphs``: the whole step captured once as a CUDA graph and
+    replayed (what launch overhead costs: the kernels are the same)."""
     import torch
 
     model, x, y = _model_and_batch(device, name, batch, res, width, layout, benchmark, policy, fuse, fuse_da)
@@ -226,12 +229,19 @@ def _model_step(device, name: str, batch: int, res: int, width: int, layout: str
     fn = torch.compile(model) if compile_ else model
     cuda = device.type == "cuda"
 
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+    def body() -> None:
+        # (a graph replays autocast's casts of the weights: its cache would hold tensors from outside the capture)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=not graphs):
             loss = torch.nn.functional.cross_entropy(fn(x).float().mean(0), y)
         loss.backward()
         opt.step()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        body()
+
+    if graphs:
+        step = _captured(body, opt)
 
     def sync() -> None:
         if cuda:
@@ -254,6 +264,28 @@ def _model_step(device, name: str, batch: int, res: int, width: int, layout: str
     if profile:
         out["profile"] = profile_steps(step, sync, 3, cuda)
     return out
+
+
+def _captured(body, opt):
+    """``body`` (forward, backward, optimizer step on fixed input tensors) captured as one CUDA graph: warmed up on
+    a side stream (cudnn's algorithm search, Triton's compiles and the momentum buffers happen outside the
+    capture), captured with the gradients unset so that the graph allocates and overwrites them; returns replay."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA graphs need a GPU")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
 
 
 def _model_and_batch(device, name: str, batch: int, res: int, width: int, layout: str, benchmark: bool, policy: str,
@@ -457,6 +489,8 @@ def table(result: dict) -> str:
             *[(f"end to end img/s, fusions {k}" + (f" ({', '.join(result.get('fusion_overrides') or [])})"
                                                    if k == "on" else ""), fmt(v))
               for k, v in (result.get("end_to_end_by_fusion") or {}).items()],
+            *[("model step img/s from one CUDA graph / eager", f"{fmt(g['img_per_s'])} / {fmt(g['eager_img_per_s'])} "
+               f"(x{g['speedup']:.2f}: what launches cost)") for g in [result.get("graphs")] if g and "speedup" in g],
             ("peak memory GB", fmt(result["peak_memory_gb"])),
             *[("orchestrator launch, no arguments", f"{d['status']}, {d['world_size']} rank(s) (expected "
                f"{d['expected_world_size']}), val top-1 {fmt(d['val_top1'])}, {fmt(d['wall_s'])} s")
@@ -493,7 +527,11 @@ VARIANTS = {
     "compile": {"benchmark": True, "compile_": True},
     "fused_bn_neuron": {"benchmark": True, "fuse": True},  # models.bn_neuron's Triton kernels
     "fused_da": {"benchmark": True, "fuse_da": True},  # models._da_triton's kernels for DA's sums
+    # the same kernels as `benchmark`, replayed from one CUDA graph: what the host's launches cost. A diagnostic
+    # (the job captures nothing yet), never the fastest; on a GPU only
+    "graphs": {"benchmark": True, "graphs": True},
 }
+DIAGNOSTIC = {"graphs"}
 # fusion variants, and the job override that turns each on (the fusion job takes those whose variant won)
 FUSIONS = {"fused_bn_neuron": "model.fuse_bn_neuron=true", "fused_da": "model.fuse_da=true"}
 
@@ -748,7 +786,9 @@ class TrainCheck:
         ``model_step_img_per_s``."""
         self.note("model step: variants")
         for name in [v for v in self.args.variants.split(",") if v]:  # (names checked by main)
-            if self.within(0.8, f"variant {name}"):
+            if VARIANTS[name].get("graphs") and not self.cuda:
+                self.result["graphs"] = {"skipped": "CUDA graphs need a GPU (dry run)"}
+            elif self.within(0.8, f"variant {name}"):
                 got = self.attempt(f"variant {name}", lambda n=name: model_step(self.device, **self.fastest_kw(n)))
                 if got:
                     self.variants[name] = got
@@ -764,7 +804,10 @@ class TrainCheck:
 
     def summarise_variants(self) -> None:
         r, v = self.result, self.variants
-        counted = [k for k in v if self.equivalent(k)]
+        counted = [k for k in v if self.equivalent(k) and k not in DIAGNOSTIC]
+        if v.get("graphs") and v.get("benchmark"):
+            r["graphs"] = {"img_per_s": v["graphs"]["img_per_s"], "eager_img_per_s": v["benchmark"]["img_per_s"],
+                           "speedup": round(v["graphs"]["img_per_s"] / v["benchmark"]["img_per_s"], 3)}
         if counted:
             best = max(counted, key=lambda k: v[k]["img_per_s"])
             r.update(model_step_img_per_s=v[best]["img_per_s"], fastest_variant=best,
@@ -778,8 +821,9 @@ class TrainCheck:
         """5b. Each measured variant that runs the baseline's step another way, against the baseline: fp32 loss
         and gradients within ``LOSS_TOL`` and ``GRAD_TOL`` (``equivalence``)."""
         # what only picks other cudnn algorithms (benchmark) or computes another step (a micro-batch) is left out
+        # (nor what replays the same kernels from a graph)
         names = [n for n in self.variants if set(VARIANTS.get(n, {})) - {"benchmark"}
-                 and "batch_factor" not in VARIANTS[n]]  # fmt: skip
+                 and "batch_factor" not in VARIANTS[n] and n not in DIAGNOSTIC]  # fmt: skip
         if not (names and self.within(0.8, "equivalence")):
             return
         small = {"batch": 2 if self.cuda else self.z.micro_batch, "res": 64 if self.cuda else self.z.res}
@@ -944,7 +988,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, toy sizes (gloo, width 4, 32 px, few steps)")
     parser.add_argument("--pack-photos", type=Path, default=REPO / ".cache" / "gpu_pack" / "c00" / "photos")
     parser.add_argument("--site", default=os.environ.get("GPU_SITE"), help="unpacked packages (PYTHONPATH)")
-    parser.add_argument("--variants", default="benchmark,job_layout,batch64,fused_bn_neuron,fused_da",
+    parser.add_argument("--variants", default="benchmark,job_layout,batch64,fused_bn_neuron,fused_da,graphs",
                         help=f"model-step variants beside the baseline: {', '.join(VARIANTS)}")
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip later pieces past this")
     parser.add_argument("--pieces", default=",".join(PIECES), help=f"a subset of {', '.join(PIECES)}")
