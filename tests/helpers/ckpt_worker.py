@@ -27,6 +27,7 @@ import torch._dynamo  # noqa: F401  (the optimizer's constructor imports it: ~3 
 from launch.env import RankInfo
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
+from orchestrator.train import dist
 from orchestrator.train.checkpoint import CheckpointManager
 from orchestrator.train.engine import batch_plan, build_engine, init_distributed
 from orchestrator.train.worker import build_model
@@ -115,4 +116,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    finally:
+        # leave the process group before the interpreter tears gloo down: its threads, destroyed still joinable at
+        # exit, abort the process now and then ("terminate called without an active exception", rc -6)
+        dist.shutdown(sync=False)
+    sys.exit(code)

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from launch.env import RankInfo  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
+from orchestrator.train import dist  # noqa: E402
 from orchestrator.train.engine import batch_plan, build_engine, init_distributed, resolve_precision  # noqa: E402
 from orchestrator.train.precision import Precision  # noqa: E402
 
@@ -52,4 +53,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+    finally:
+        # leave the process group before the interpreter tears gloo down: its threads, destroyed still joinable at
+        # exit, abort the process now and then ("terminate called without an active exception", rc -6)
+        dist.shutdown(sync=False)
+    sys.exit(code)
