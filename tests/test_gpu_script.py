@@ -326,7 +326,10 @@ def test_default_piece_launches_the_embedded_default_on_the_expected_ranks(tmp_p
     assert check.result["errors"] == [], (check.result["errors"], d)
     assert d["status"] == "completed" and d["world_size"] == d["expected_world_size"] == 2 and d["epochs"] == 1
     assert 0.0 <= d["val_top1"] <= 1.0 and d["wall_s"] > 0
-    assert "orchestrator launch, no arguments" in gtc.table({**check.result, "fastest_variant": None})
+    assert check.result["direct_train"]["status"] == "completed"  # `orchestrator train`, one rank, no launcher
+    assert check.result["direct_train"]["world_size"] == 1
+    table = gtc.table({**check.result, "fastest_variant": None})
+    assert "orchestrator launch, no arguments" in table and "orchestrator train, one rank" in table
 
 
 @pytest.mark.parametrize("job,says", [
@@ -347,6 +350,7 @@ def test_default_piece_verdict_on_a_gpu(tmp_path, monkeypatch, job, says):
     check.cuda = True
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     check._default_job = job
+    check._direct_job = {"rc": 0, "summary": {"status": "completed", "world_size": 1}, "wall_s": 5.0}
     done = threading.Thread(target=lambda: None)
     done.start()
     check.join_default(done)
@@ -446,3 +450,15 @@ def test_graphs_variant_is_a_diagnostic_never_the_fastest(tmp_path):
     assert "18.0 / 12.0 (x1.50: what launches cost)" in gtc.table(r)
     with pytest.raises(RuntimeError, match="CUDA graphs need a GPU"):
         gtc._captured(lambda: None, None)
+
+
+def test_direct_train_that_failed_is_an_error(tmp_path):
+    import threading
+
+    check = _check(tmp_path, "default")
+    check._default_job = {"rc": 0, "summary": {"status": "completed", "world_size": 2, "val_top1": 0.9}}
+    check._direct_job = {"rc": 1, "summary": {"status": "failed", "world_size": 1}, "wall_s": 5.0}
+    done = threading.Thread(target=lambda: None)
+    done.start()
+    check.join_default(done)
+    assert check.result["errors"] == ["orchestrator train (one rank, no launcher): status 'failed', rc 1, 1 rank(s)"]

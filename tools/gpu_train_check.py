@@ -12,7 +12,8 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
    one GPU both fit, and neither is timed).
    Beside them, ``orchestrator launch`` with no arguments (the embedded default: the digits preset, one rank per
    GPU, the CPU ranks otherwise): it must complete on the expected number of ranks and, on the GPU, learn (val
-   top-1 above ``DEFAULT_MIN_TOP1``): ``default_launch``.
+   top-1 above ``DEFAULT_MIN_TOP1``): ``default_launch``; then ``orchestrator train`` by hand, one rank and no
+   launcher, for an epoch: ``direct_train``.
 3. Model step alone (no loader, no DeepSpeed): the baseline (today's configuration: ``models.gpu_check``'s
    eager step, channels_last weights, cudnn defaults, batch 32).
 4. The job again (not deterministic), steady state at the preset's micro-batch: images per second between the
@@ -151,12 +152,13 @@ def convert_folder(src: Path, dst: Path, env: dict, workers: int) -> None:
 
 
 def run_job(cwd: Path, run_dir: str | None, overrides: list[str], env: dict, timeout: float,
-            stop_after_step: int | None = None, config: str | None = "danet152_imagenet") -> dict:  # fmt: skip
+            stop_after_step: int | None = None, config: str | None = "danet152_imagenet",
+            verb: str = "launch") -> dict:  # fmt: skip
     """``orchestrator launch --config danet152_imagenet`` with ``overrides``; SIGINT once a progress line shows
     ``stop_after_step``. Returns the exit code, the summary, the (step, arrival time) of every progress line.
     ``config=None, run_dir=None`` and no overrides: ``orchestrator launch`` with no arguments (the embedded default,
-    in its own run folder under ``cwd/runs``)."""
-    cmd = [sys.executable, "-m", "orchestrator", "launch", *(["--config", config] if config else []),
+    in its own run folder under ``cwd/runs``); ``verb="train"``: one rank started by hand, no launcher."""
+    cmd = [sys.executable, "-m", "orchestrator", verb, *(["--config", config] if config else []),
            *(["--run-dir", run_dir] if run_dir else []), *overrides]  # fmt: skip
     log_path = cwd / f"{Path(run_dir).name if run_dir else 'default'}.log"
     t0 = time.monotonic()
@@ -495,6 +497,8 @@ def table(result: dict) -> str:
             *[("orchestrator launch, no arguments", f"{d['status']}, {d['world_size']} rank(s) (expected "
                f"{d['expected_world_size']}), val top-1 {fmt(d['val_top1'])}, {fmt(d['wall_s'])} s")
               for d in [result.get("default_launch")] if d],
+            *[("orchestrator train, one rank, no launcher", f"{d['status']}, {fmt(d['wall_s'])} s")
+              for d in [result.get("direct_train")] if d],
             ("job status / resumed / weights = uninterrupted", f"{result['job_status']} / {result['resumed']} / "
                                                                f"{result.get('weights_equal_uninterrupted')}")]  # fmt: skip
     eq = {k: v for k, v in (result.get("equivalence") or {}).items() if isinstance(v, dict)}
@@ -601,7 +605,9 @@ class TrainCheck:
         self.variants: dict[str, dict] = {}
         self.ffr = self.work / "imagenet_ffr"
         self._plan_probe: tuple[dict[str, int], int] | None = None
-        self._default_job: dict | None = None  # written by the embedded default's thread, read after its join
+        # written by the embedded default's thread, read after its join
+        self._default_job: dict | None = None
+        self._direct_job: dict | None = None
 
     # ---- bookkeeping
     def elapsed(self) -> float:
@@ -696,8 +702,9 @@ class TrainCheck:
 
     def start_default(self) -> threading.Thread:
         """2b. ``orchestrator launch`` with no arguments, the embedded default (one rank per GPU, the CPU ranks
-        otherwise), in a folder of its own, beside the resume check (neither is timed); :meth:`join_default` waits
-        for it before the first timed piece. The dry run adds ``train.epochs=1``: it checks the path."""
+        otherwise), in a folder of its own, beside the resume check (neither is timed), then ``orchestrator train``
+        by hand for an epoch; :meth:`join_default` waits for both before the first timed piece. The dry run adds
+        ``train.epochs=1`` to the launch: it checks the path."""
         cwd = self.work / "default"
         shutil.rmtree(cwd, ignore_errors=True)  # a rerun must not resume the last one
         cwd.mkdir(parents=True)
@@ -708,8 +715,11 @@ class TrainCheck:
         def go() -> None:
             try:
                 self._default_job = run_job(cwd, None, extra, self.env, self.z.job_timeout, config=None)
+                # then one rank by hand, no launcher (deliverable 1: `orchestrator train` on the GPU as well)
+                self._direct_job = run_job(cwd, "runs/direct", ["train.epochs=1"], self.env, self.z.job_timeout,
+                                           config=None, verb="train")  # fmt: skip
             except Exception as exc:  # recorded by join_default: the main thread owns the result dict
-                self._default_job = {"error": f"{type(exc).__name__}: {exc}"}
+                self._default_job = {**(self._default_job or {}), "error": f"{type(exc).__name__}: {exc}"}
 
         thread = threading.Thread(target=go, daemon=True)
         thread.start()
@@ -722,8 +732,8 @@ class TrainCheck:
         from launch.local import local_rank_count
         from orchestrator.config import load_config
 
-        thread.join(self.z.job_timeout + 30)
-        j = self._default_job or {"error": f"did not finish within {self.z.job_timeout + 30:.0f} s"}
+        thread.join(2 * self.z.job_timeout + 30)
+        j = self._default_job or {"error": f"did not finish within {2 * self.z.job_timeout + 30:.0f} s"}
         s = j.get("summary", {})
         cfg = load_config(None)
         want = local_rank_count(cfg.launch.local_ranks, cfg.train.device,
@@ -743,6 +753,14 @@ class TrainCheck:
             problems.append(f"val top-1 {top1}, expected > {DEFAULT_MIN_TOP1}")
         if problems:
             self.result["errors"].append("default launch: " + "; ".join(problems))
+        d = self._direct_job or {}
+        ds = d.get("summary", {})
+        self.result["direct_train"] = {"rc": d.get("rc"), "status": ds.get("status"),
+                                       "world_size": ds.get("world_size"), "wall_s": d.get("wall_s"),
+                                       "log_tail": d.get("log_tail")}  # fmt: skip
+        if ds.get("status") != "completed" or ds.get("world_size") != 1:
+            self.result["errors"].append(f"orchestrator train (one rank, no launcher): status {ds.get('status')!r}, "
+                                         f"rc {d.get('rc')}, {ds.get('world_size')} rank(s)")
 
     def baseline(self) -> None:
         """3. The model step alone as configured today (models.gpu_check's eager step, batch 32)."""
