@@ -462,3 +462,50 @@ def test_direct_train_that_failed_is_an_error(tmp_path):
     done.start()
     check.join_default(done)
     assert check.result["errors"] == ["orchestrator train (one rank, no launcher): status 'failed', rc 1, 1 rank(s)"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # dead, only not yet reaped (by whoever adopted it)
+
+
+def test_a_default_launch_still_running_after_the_grace_is_stopped_with_its_ranks(tmp_path, monkeypatch):
+    """On the GPU the embedded default must not share the card with the timed pieces: still running once the
+    resume check and the grace are over, it is killed, the ranks it started with it (its own session)."""
+    import threading
+    import time
+
+    import torch
+
+    check = _check(tmp_path, "default")
+    check.cuda = True
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(gtc, "DEFAULT_GRACE_S", 0.5)
+    pid_file = tmp_path / "rank.pid"
+
+    def hung_launcher() -> None:  # a "launcher" whose "rank" never ends
+        p = subprocess.Popen(["bash", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], start_new_session=True)
+        check._default_procs.append(p)
+        check._default_job = {"rc": p.wait(), "summary": {}}
+
+    thread = threading.Thread(target=hung_launcher)
+    thread.start()
+    for _ in range(100):
+        if pid_file.is_file() and pid_file.read_text().strip():
+            break
+        time.sleep(0.05)
+    rank = int(pid_file.read_text())
+    t0 = time.monotonic()
+    check.join_default(thread)
+    assert time.monotonic() - t0 < 20 and not thread.is_alive()
+    assert check._default_job["rc"] == -9
+    for _ in range(100):
+        if _gone(rank):
+            break
+        time.sleep(0.05)
+    assert _gone(rank), "the rank outlived its launcher"
+    assert any(e.startswith("default launch: still running") and "after the resume check, stopped" in e
+               for e in check.result["errors"]), check.result["errors"]

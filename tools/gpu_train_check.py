@@ -73,6 +73,9 @@ STEP_LINE = re.compile(r"step (\d+)/(\d+) ")
 PIECES = ("default", "resume", "baseline", "throughput", "variants", "equivalence", "profile", "fusion", "plan_batch",
           "memory", "precision")  # fmt: skip
 DEFAULT_MIN_TOP1 = 0.6  # the embedded default's 8 epochs reach ~0.98 on CPU ranks; chance is 0.1
+# how long the embedded default may still run once the resume check is done, on a GPU, before it is stopped: it
+# must not share the card with the timed pieces (expected: ~1-2 minutes, within the resume check's shadow)
+DEFAULT_GRACE_S = 90.0
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -153,20 +156,24 @@ def convert_folder(src: Path, dst: Path, env: dict, workers: int) -> None:
 
 def run_job(cwd: Path, run_dir: str | None, overrides: list[str], env: dict, timeout: float,
             stop_after_step: int | None = None, config: str | None = "danet152_imagenet",
-            verb: str = "launch") -> dict:  # fmt: skip
+            verb: str = "launch", on_start=None) -> dict:  # fmt: skip
     """``orchestrator launch --config danet152_imagenet`` with ``overrides``; SIGINT once a progress line shows
     ``stop_after_step``. Returns the exit code, the summary, the (step, arrival time) of every progress line.
     ``config=None, run_dir=None`` and no overrides: ``orchestrator launch`` with no arguments (the embedded default,
-    in its own run folder under ``cwd/runs``); ``verb="train"``: one rank started by hand, no launcher."""
+    in its own run folder under ``cwd/runs``); ``verb="train"``: one rank started by hand, no launcher. The job
+    runs in a session of its own, so that a timeout (or ``on_start``'s caller, handed the process) stops its ranks
+    with it (:func:`kill_job`)."""
     cmd = [sys.executable, "-m", "orchestrator", verb, *(["--config", config] if config else []),
            *(["--run-dir", run_dir] if run_dir else []), *overrides]  # fmt: skip
     log_path = cwd / f"{Path(run_dir).name if run_dir else 'default'}.log"
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         bufsize=1)  # fmt: skip
+                         bufsize=1, start_new_session=True)  # fmt: skip
+    if on_start is not None:
+        on_start(p)
     steps: list[tuple[int, float]] = []
     interrupted = threading.Event()
-    timer = threading.Timer(timeout, p.kill)
+    timer = threading.Timer(timeout, kill_job, (p,))
     timer.start()
     with open(log_path, "a") as log:  # appended: the interrupted and the resumed job share their run's log
         log.write(f"=== {time.strftime('%H:%M:%S')} {' '.join(cmd[1:])}\n")
@@ -187,6 +194,15 @@ def run_job(cwd: Path, run_dir: str | None, overrides: list[str], env: dict, tim
     return {"rc": rc, "summary": summary, "steps": steps, "wall_s": round(time.monotonic() - t0, 1),
             "sigint": interrupted.is_set(), "log": str(log_path),
             "log_tail": log_path.read_text()[-1500:] if rc not in (0, 130) else ""}  # fmt: skip
+
+
+def kill_job(p: subprocess.Popen) -> None:
+    """A job and every rank it started (its session): a launcher killed alone leaves its ranks holding the GPU,
+    and every later measurement shares the card with them."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
 
 
 def steady_rate(steps: list[tuple[int, float]], images_per_step: int) -> float | None:
@@ -608,6 +624,7 @@ class TrainCheck:
         # written by the embedded default's thread, read after its join
         self._default_job: dict | None = None
         self._direct_job: dict | None = None
+        self._default_procs: list[subprocess.Popen] = []
 
     # ---- bookkeeping
     def elapsed(self) -> float:
@@ -714,10 +731,11 @@ class TrainCheck:
 
         def go() -> None:
             try:
-                self._default_job = run_job(cwd, None, extra, self.env, self.z.job_timeout, config=None)
+                self._default_job = run_job(cwd, None, extra, self.env, self.z.job_timeout, config=None,
+                                            on_start=self._default_procs.append)  # fmt: skip
                 # then one rank by hand, no launcher (deliverable 1: `orchestrator train` on the GPU as well)
                 self._direct_job = run_job(cwd, "runs/direct", ["train.epochs=1"], self.env, self.z.job_timeout,
-                                           config=None, verb="train")  # fmt: skip
+                                           config=None, verb="train", on_start=self._default_procs.append)  # fmt: skip
             except Exception as exc:  # recorded by join_default: the main thread owns the result dict
                 self._default_job = {**(self._default_job or {}), "error": f"{type(exc).__name__}: {exc}"}
 
@@ -732,8 +750,15 @@ class TrainCheck:
         from launch.local import local_rank_count
         from orchestrator.config import load_config
 
-        thread.join(2 * self.z.job_timeout + 30)
-        j = self._default_job or {"error": f"did not finish within {2 * self.z.job_timeout + 30:.0f} s"}
+        grace = DEFAULT_GRACE_S if self.cuda else 2 * self.z.job_timeout  # (the dry run checks the path)
+        thread.join(grace)
+        if thread.is_alive():
+            for p in self._default_procs:
+                kill_job(p)
+            thread.join(30)
+            self.result["errors"].append(f"default launch: still running {grace:.0f} s after the resume check, "
+                                         "stopped (it must not share the GPU with the timed pieces)")
+        j = self._default_job or {"error": "did not finish"}
         s = j.get("summary", {})
         cfg = load_config(None)
         want = local_rank_count(cfg.launch.local_ranks, cfg.train.device,
