@@ -196,6 +196,14 @@ def run_job(cwd: Path, run_dir: str | None, overrides: list[str], env: dict, tim
             "log_tail": log_path.read_text()[-1500:] if rc not in (0, 130) else ""}  # fmt: skip
 
 
+def job_record(j: dict, *fields: str) -> dict:
+    """A ``run_job`` result as the JSON keeps it: exit code, status, the named summary ``fields``, wall time, log
+    and (when it failed) the log's tail."""
+    s = j.get("summary", {})
+    return {"rc": j.get("rc"), "status": s.get("status"), **{f: s.get(f) for f in fields},
+            "wall_s": j.get("wall_s"), "log": j.get("log"), "log_tail": j.get("log_tail")}  # fmt: skip
+
+
 def kill_job(p: subprocess.Popen) -> None:
     """A job and every rank it started (its session): a launcher killed alone leaves its ranks holding the GPU,
     and every later measurement shares the card with them."""
@@ -712,10 +720,7 @@ class TrainCheck:
             r["errors"].append("resume check: not interrupted and resumed to completion: " + "; ".join(said))
         for key, field in (("weights_equal_uninterrupted", "weights_sha256"), ("losses_equal_uninterrupted", "loss_digest")):
             r[key] = s2.get(field) == sr.get(field) if s2.get(field) and sr.get(field) else None
-        r["jobs"].update({k: {"rc": j.get("rc"), "status": j.get("summary", {}).get("status"),
-                              "steps": j.get("summary", {}).get("steps"), "wall_s": j.get("wall_s"),
-                              "restarts": j.get("summary", {}).get("restarts"), "log": j.get("log"),
-                              "log_tail": j.get("log_tail")} for k, j in jobs.items()})  # fmt: skip
+        r["jobs"].update({k: job_record(j, "steps", "restarts") for k, j in jobs.items()})
 
     def start_default(self) -> threading.Thread:
         """2b. ``orchestrator launch`` with no arguments, the embedded default (one rank per GPU, the CPU ranks
@@ -763,11 +768,8 @@ class TrainCheck:
         cfg = load_config(None)
         want = local_rank_count(cfg.launch.local_ranks, cfg.train.device,
                                 torch.cuda.device_count() if self.cuda else 0)  # fmt: skip
-        out = {"rc": j.get("rc"), "status": s.get("status"), "world_size": s.get("world_size"),
-               "expected_world_size": want, "epochs": s.get("epochs"), "val_top1": s.get("val_top1"),
-               "images_per_sec": s.get("images_per_sec"), "wall_s": j.get("wall_s"), "log": j.get("log"),
-               "log_tail": j.get("log_tail")}  # fmt: skip
-        self.result["default_launch"] = out
+        self.result["default_launch"] = {**job_record(j, "world_size", "epochs", "val_top1", "images_per_sec"),
+                                         "expected_world_size": want}  # fmt: skip
         problems = [j["error"]] if "error" in j else []
         if s.get("status") != "completed":
             problems.append(f"status {s.get('status')!r}, rc {j.get('rc')}")
@@ -778,14 +780,10 @@ class TrainCheck:
             problems.append(f"val top-1 {top1}, expected > {DEFAULT_MIN_TOP1}")
         if problems:
             self.result["errors"].append("default launch: " + "; ".join(problems))
-        d = self._direct_job or {}
-        ds = d.get("summary", {})
-        self.result["direct_train"] = {"rc": d.get("rc"), "status": ds.get("status"),
-                                       "world_size": ds.get("world_size"), "wall_s": d.get("wall_s"),
-                                       "log_tail": d.get("log_tail")}  # fmt: skip
-        if ds.get("status") != "completed" or ds.get("world_size") != 1:
-            self.result["errors"].append(f"orchestrator train (one rank, no launcher): status {ds.get('status')!r}, "
-                                         f"rc {d.get('rc')}, {ds.get('world_size')} rank(s)")
+        d = self.result["direct_train"] = job_record(self._direct_job or {}, "world_size")
+        if d["status"] != "completed" or d["world_size"] != 1:
+            self.result["errors"].append(f"orchestrator train (one rank, no launcher): status {d['status']!r}, "
+                                         f"rc {d['rc']}, {d['world_size']} rank(s)")
 
     def baseline(self) -> None:
         """3. The model step alone as configured today (models.gpu_check's eager step, batch 32)."""
@@ -807,12 +805,9 @@ class TrainCheck:
                     + ["train.checkpoint_every_steps=0", *extra], self.env, z.job_timeout)  # fmt: skip
         peak = mlflow_peak_mb(self.work / "mlflow.db", j["summary"].get("mlflow_run_id"))
         out = {"rate": steady_rate(j["steps"], mb), "peak_gb": peak / 1024 if peak is not None and self.cuda else None}
-        self.result["jobs"][label] = {"rc": j["rc"], "status": j["summary"].get("status"), "overrides": list(extra),
-                                      "micro_batch": mb,
-                                      "steps": j["summary"].get("steps"), "wall_s": j["wall_s"],
+        self.result["jobs"][label] = {**job_record(j, "steps"), "overrides": list(extra), "micro_batch": mb,
                                       "whole_run_img_per_s": j["summary"].get("images_per_sec"),
-                                      "img_per_s": out["rate"], "peak_memory_gb": out["peak_gb"],
-                                      "log": j["log"], "log_tail": j["log_tail"]}  # fmt: skip
+                                      "img_per_s": out["rate"], "peak_memory_gb": out["peak_gb"]}  # fmt: skip
         return out
 
     def throughput(self) -> None:
