@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launch.local import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 HELPER = str(REPO / "tests" / "helpers" / "ckpt_worker.py")
 # Small and fast: a narrow DANet-18 on digits, a checkpoint every 2 steps.
@@ -275,3 +277,30 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(tmp_path):
     assert "no space left on device" in got["message"] and "previous checkpoint step00000001 kept" in got["message"]
     assert got["latest"] == got["first"] == "step00000001" and got["loaded_step"] == 1
     assert got["leftovers"] == ["step00000001"]  # the partial tag was removed
+
+
+RAISE_AFTER_JOIN = """
+import sys, torch.distributed as tdist
+from orchestrator.errors import UserError
+from orchestrator.train import worker
+def bad(*a):  # what a rank meets after joining: a dataset that fails to open, say
+    assert tdist.is_initialized()
+    raise UserError("bad input after joining")
+worker._loaders = bad
+try:
+    worker.run(None, sys.argv[1], sys.argv[2:])
+except UserError as e:
+    print("raised:", e, "| process group still joined:", tdist.is_initialized())
+"""
+
+
+def test_rank_that_fails_in_setup_leaves_the_process_group(tmp_path):
+    """A rank whose setup raises after joining leaves the group before it exits: a gloo group still joined at the
+    interpreter's teardown can abort the process (SIGABRT), turning bad input's exit 2 into a crash."""
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+    r = subprocess.run([sys.executable, "-c", RAISE_AFTER_JOIN, str(tmp_path / "run"),
+                        f"data.root={REPO}/.cache/data/digits", *SMALL], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "raised: bad input after joining | process group still joined: False" in r.stdout, r.stdout + r.stderr[-2000:]

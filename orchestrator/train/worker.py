@@ -203,10 +203,16 @@ class Outcome:
 
 
 def run(config: str | None, run_dir: str, overrides: list[str], stops: StopRequests | None = None) -> int:
-    """Train on this rank; returns the process exit code."""
-    job = setup(config, run_dir, overrides, stops or StopRequests())
-    outcome = fit(job)
-    return finish(job, outcome)
+    """Train on this rank; returns the process exit code. Whatever setup or finish raises, the rank leaves the
+    process group first: exiting with it still joined lets gloo's worker threads outlive the interpreter's
+    teardown, which can abort the process (SIGABRT, "terminate called without an active exception"), so a rank
+    that met bad input would exit -6 instead of 2, and the launcher would report a crash instead of the line."""
+    try:
+        job = setup(config, run_dir, overrides, stops or StopRequests())
+        outcome = fit(job)
+        return finish(job, outcome)
+    finally:
+        dist.shutdown(sync=False)  # (a no-op after finish's own; no barrier: a peer may be stuck elsewhere)
 
 
 def setup(config: str | None, run_dir: str, overrides: list[str], stops: StopRequests) -> Job:
