@@ -264,6 +264,7 @@ def test_equivalence_piece_finds_the_fast_paths_equal_and_a_wrong_one_not(tmp_pa
         return loss, g
 
     monkeypatch.setattr(gtc, "gradients", gradients)
+    check.steps = gtc.StepProcess(inline=True)  # the planted defect is in this process only
     check.equivalence()
     check.summarise_variants()
     eq = check.result["equivalence"]
@@ -509,3 +510,55 @@ def test_a_default_launch_still_running_after_the_grace_is_stopped_with_its_rank
     assert _gone(rank), "the rank outlived its launcher"
     assert any(e.startswith("default launch: still running") and "after the resume check, stopped" in e
                for e in check.result["errors"]), check.result["errors"]
+
+
+def _start_grandchild_and_hang(pid_file: str) -> None:
+    """(In the measuring process) start a process of its own, note its pid, then never return."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    Path(pid_file).write_text(str(p.pid))
+    time.sleep(120)
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_model_step_work_runs_in_a_process_that_a_fault_costs_alone(tmp_path):
+    """The measuring process: results come back from a child; a child that raised, died or hung is gone and
+    said so (a hang stopped at its timeout, with what it started), and the next call gets a fresh child, so a
+    fault that poisons a CUDA context costs one measurement, not the pieces after it."""
+    import functools
+    import os
+    import time
+
+    steps = gtc.StepProcess()
+    try:
+        first = steps(os.getpid)
+        assert first != os.getpid() and steps(os.getpid) == first  # one child serves call after call
+        with pytest.raises(RuntimeError, match="ValueError: invalid literal"):
+            steps(functools.partial(int, "x"))
+        second = steps(os.getpid)
+        assert second != first and not _alive(first)
+        with pytest.raises(RuntimeError, match=r"_exit: the measuring process died \(exit code 7\)"):
+            steps(functools.partial(os._exit, 7))
+        pid_file = tmp_path / "grandchild.pid"
+        t = time.monotonic()
+        with pytest.raises(TimeoutError, match="no result after 5 s"):
+            steps(_start_grandchild_and_hang, timeout=5, pid_file=str(pid_file))
+        assert time.monotonic() - t < 30
+        grandchild = int(pid_file.read_text())
+        deadline = time.monotonic() + 10
+        while _alive(grandchild) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(grandchild), "the hung child's own process was left running"
+        assert steps(os.getpid) not in (first, second)
+    finally:
+        steps.close()
+    assert steps.pid is None

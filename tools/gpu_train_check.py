@@ -42,7 +42,9 @@ tools/gpu_check.sh. ``--dry-run`` runs every piece on CPU at toy sizes (gloo, ti
     the job's precision before ``auto`` became bf16-mixed), side by side: ``end_to_end_by_precision``.
 
 Each piece is skipped, with the reason in ``errors``, when the time budget (``--budget-s``) is spent; the JSON is
-rewritten after each, so a timeout keeps what was measured.
+rewritten after each, so a timeout keeps what was measured. The model-step work (3, 5, 6, 9) runs in a child
+process (``StepProcess``), stopped when the budget is spent: a kernel fault that poisons its CUDA context, a crash
+or a hang costs that one measurement (in ``errors``), and the next gets a fresh process.
 
 Writes ``OUT/gpu_train_<gpu>.json`` (see ``REQUIRED``) and prints a short table last.
 """
@@ -50,6 +52,7 @@ Writes ``OUT/gpu_train_<gpu>.json`` (see ``REQUIRED``) and prints a short table 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
@@ -396,11 +399,127 @@ def model_step(device, **kw) -> dict:
     import torch
 
     try:
-        return _model_step(device, **kw)
+        out = _model_step(device, **kw)
+        for flag, variant in (("fuse", "fused_bn_neuron"), ("fuse_da", "fused_da")):
+            if kw.get(flag):  # (read where the step ran: a fallback to torch ops is recorded in that process)
+                out["path"] = fused_path(device.type == "cuda", variant)
+        return out
     finally:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+_REFERENCE: dict = {}  # the equivalence reference's gradients, once per measuring process: {"key", "grads"}
+
+
+def equivalence_of(device, ref_kw: dict, kw: dict) -> dict:
+    """``compare_gradients`` of ``kw``'s configuration against ``ref_kw``'s, both computed in this process (the
+    reference once per process and set of arguments)."""
+    key = json.dumps(ref_kw, sort_keys=True, default=str)
+    if _REFERENCE.get("key") != key:
+        _REFERENCE.clear()
+        _REFERENCE.update(key=key, grads=gradients(device, **ref_kw))
+    return compare_gradients(_REFERENCE["grads"], gradients(device, **kw))
+
+
+def _serve(conn) -> None:
+    """The measuring process: run each ``(fn, kwargs)`` received and send back ``("ok", result)`` or ``("err",
+    message)``. After an error it exits: a fault can leave the CUDA context unusable (an illegal address is
+    sticky, a failed graph capture can leave the stream capturing), so the next call gets a fresh process."""
+    os.setsid()  # its own session: a timeout kills it with whatever it started (Triton's and inductor's workers)
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if msg is None:
+            return
+        fn, kw = msg
+        try:
+            result = fn(**kw)
+        except BaseException as exc:  # every failure is the caller's result; then this process ends
+            import traceback
+
+            traceback.print_exc()  # (into the check's log: the caller's error line has the message only)
+            conn.send(("err", f"{type(exc).__name__}: {exc}"))
+            return
+        conn.send(("ok", result))
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", repr(fn))
+
+
+class StepProcess:
+    """Model-step work run in a child process that holds its own CUDA context, so that a measurement which
+    faults (a kernel's illegal address poisons every later CUDA call of its process), crashes or hangs costs
+    that measurement alone: the caller gets an exception, the child is gone, the next call starts a fresh one
+    (seconds: torch's import and CUDA's start). ``inline``: in this process (the tests' planted defects)."""
+
+    def __init__(self, inline: bool = False) -> None:
+        self.inline = inline
+        self._proc = None
+        self._conn = None
+        self._at_exit = False
+
+    def __call__(self, fn, timeout: float | None = None, **kw):
+        """``fn(**kw)`` in the child; ``TimeoutError`` after ``timeout`` seconds (the child and its own children
+        killed), ``RuntimeError`` with the child's message if it raised or died."""
+        if self.inline:
+            return fn(**kw)
+        if self._proc is None:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")  # (fork: CUDA cannot start in a child forked after the parent's)
+            self._conn, child = ctx.Pipe()
+            # (not a daemon: those may not start processes, and torch.compile's workers are some)
+            self._proc = ctx.Process(target=_serve, args=(child,), name="gpu-train-check-step")
+            self._proc.start()
+            child.close()
+            if not self._at_exit:  # (after multiprocessing's import: its exit handler, which joins the child, runs
+                atexit.register(self.close)  # after this one, last in first run)
+                self._at_exit = True
+        self._conn.send((fn, kw))
+        if not self._conn.poll(timeout):
+            self.close(kill=True)
+            raise TimeoutError(f"{_name(fn)}: no result after {timeout:.0f} s (stopped with its processes)")
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            code = self.close(kill=True)
+            raise RuntimeError(f"{_name(fn)}: the measuring process died (exit code {code})") from None
+        if status == "err":
+            self.close()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def close(self, kill: bool = False) -> int | None:
+        """End the child (asked, or killed with its session); returns its exit code."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if kill:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # already gone, or not yet its own session leader
+                proc.kill()
+        else:
+            try:
+                self._conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        self._conn.close()
+        return proc.exitcode
 
 
 GROUPS = (  # (group, substrings of aten op / kernel names, lower case); the first match wins
@@ -633,6 +752,8 @@ class TrainCheck:
         self._default_job: dict | None = None
         self._direct_job: dict | None = None
         self._default_procs: list[subprocess.Popen] = []
+        # the in-process model-step pieces (baseline, variants, equivalence, profile, memory) run in a child
+        self.steps = StepProcess()
 
     # ---- bookkeeping
     def elapsed(self) -> float:
@@ -653,6 +774,12 @@ class TrainCheck:
             self.result["errors"].append(f"{label}: {type(exc).__name__}: {exc}"[:600])
             print(f"!! {label} failed: {exc!r}"[:600], flush=True)
             return None
+
+    def step(self, fn, **kw):
+        """``fn(self.device, **kw)`` in the measuring process, stopped once the time budget is spent (a hang must
+        not run into the script's own timeout, which would lose the table and the pieces after it)."""
+        left = self.z.budget - self.elapsed()
+        return self.steps(fn, timeout=None if math.isinf(left) else max(left, 30.0), device=self.device, **kw)
 
     def within(self, fraction: float, label: str) -> bool:
         """Whether the time budget leaves room for ``label`` (else recorded as skipped)."""
@@ -788,7 +915,7 @@ class TrainCheck:
     def baseline(self) -> None:
         """3. The model step alone as configured today (models.gpu_check's eager step, batch 32)."""
         self.note("model step: baseline (today's configuration)")
-        got = self.attempt("baseline", lambda: model_step(self.device, **self.base_kw))
+        got = self.attempt("baseline", lambda: self.step(model_step, **self.base_kw))
         if got:
             self.variants["baseline"] = got
             self.result["baseline_img_per_s"] = got["img_per_s"]
@@ -827,11 +954,11 @@ class TrainCheck:
             if VARIANTS[name].get("graphs") and not self.cuda:
                 self.result["graphs"] = {"skipped": "CUDA graphs need a GPU (dry run)"}
             elif self.within(0.8, f"variant {name}"):
-                got = self.attempt(f"variant {name}", lambda n=name: model_step(self.device, **self.fastest_kw(n)))
+                got = self.attempt(f"variant {name}", lambda n=name: self.step(model_step, **self.fastest_kw(n)))
                 if got:
                     self.variants[name] = got
                 if name in FUSIONS:
-                    self.result[f"{name}_path"] = fused_path(self.cuda, name)
+                    self.result[f"{name}_path"] = got.pop("path") if got else "unknown: the variant failed (errors)"
 
     def fastest_kw(self, variant: str | None = None) -> dict:
         """model_step's arguments for ``variant`` (default: the fastest measured so far)."""
@@ -867,12 +994,12 @@ class TrainCheck:
         small = {"batch": 2 if self.cuda else self.z.micro_batch, "res": 64 if self.cuda else self.z.res}
         self.note(f"equivalence: fp32 gradients of {', '.join(names)} against the baseline "
                   f"(batch {small['batch']}, {small['res']} px)")  # fmt: skip
-        ref = gradients(self.device, **{**self.base_kw, **small})
+        ref = {**self.base_kw, **small}
         out = self.result["equivalence"] = {"grad_tol": GRAD_TOL, "loss_tol": LOSS_TOL, **small}
         for name in names:
-            got = self.attempt(f"equivalence {name}",
-                               lambda n=name: gradients(self.device, **{**self.fastest_kw(n), **small}))
-            out[name] = compare_gradients(ref, got) if got else {"equal": None, "why": "failed (see errors)"}
+            got = self.attempt(f"equivalence {name}", lambda n=name: self.step(
+                equivalence_of, ref_kw=ref, kw={**self.fastest_kw(n), **small}))
+            out[name] = got or {"equal": None, "why": "failed (see errors)"}
             if out[name]["equal"] is False:
                 self.result["errors"].append(f"equivalence {name}: gradients differ from the baseline's "
                                              f"({json.dumps(out[name])[:300]}); left out of the fastest")
@@ -886,8 +1013,8 @@ class TrainCheck:
         if not (self.result.get("fastest_variant") and self.within(0.9, "profile")):
             return
         self.note("profile: a few steps of the fastest model step")
-        got = self.attempt("profile", lambda: model_step(self.device, **{**self.fastest_kw(), "warmup": 2,
-                                                                          "repeats": 1, "profile": True}))
+        got = self.attempt("profile", lambda: self.step(model_step, **{**self.fastest_kw(), "warmup": 2,
+                                                                        "repeats": 1, "profile": True}))
         self.result["profile"] = got.get("profile") if got else None
 
     def memory(self) -> None:
@@ -903,7 +1030,7 @@ class TrainCheck:
             if not self.within(0.85, f"memory {policy}"):
                 break
             self.note(f"memory: policy {policy}, micro-batch {kw['batch']}")
-            got = self.attempt(f"memory {policy}", lambda p=policy: model_step(self.device, **{**kw, "policy": p}))
+            got = self.attempt(f"memory {policy}", lambda p=policy: self.step(model_step, **{**kw, "policy": p}))
             rows[policy] = {"plan_gb": plan[policy]["est_gb"], "peak_gb": got["peak_gb"] if got else None,
                             "img_per_s": got["img_per_s"] if got else None}
             if got and got["peak_gb"]:
@@ -1004,14 +1131,17 @@ class TrainCheck:
                  ("fusion", self.fusion), ("plan_batch", self.plan_batch), ("memory", self.memory),
                  ("precision", self.precision)]
         default = self.attempt("default", self.start_default) if "default" in self.pieces else None
-        for piece, fn in steps:
-            if piece in self.pieces:
-                self.attempt(piece, fn)  # a piece's own defect (not only its jobs') must not lose the rest
-            if piece == "resume" and default is not None:  # before anything is timed
-                self.attempt("default", lambda: self.join_default(default))
-            if piece in ("variants", "equivalence"):
-                self.summarise_variants()
-            self.save()
+        try:
+            for piece, fn in steps:
+                if piece in self.pieces:
+                    self.attempt(piece, fn)  # a piece's own defect (not only its jobs') must not lose the rest
+                if piece == "resume" and default is not None:  # before anything is timed
+                    self.attempt("default", lambda: self.join_default(default))
+                if piece in ("variants", "equivalence"):
+                    self.summarise_variants()
+                self.save()
+        finally:
+            self.steps.close()
         self.note(f"wrote {self.out_json}")
         print(table(self.result))
         ok = not self.result["errors"] and ("resume" not in self.pieces or self.result["job_status"] == "completed")
