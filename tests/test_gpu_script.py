@@ -318,6 +318,23 @@ def test_gpu_scripts_refuse_bad_settings_in_one_line(tmp_path, script, env, says
     assert sorted(tmp_path.iterdir()) == [tools] and [p.name for p in tools.iterdir()] == [script], "it wrote something"
 
 
+def test_rehearsal_passes_over_a_python312_that_does_not_run(tmp_path):
+    """A pyenv shim named python3.12 is on PATH even where pyenv selects another version, and fails when run:
+    the rehearsal looks on (pyenv's versions) and, finding no Python 3.12 that runs, says so in one line."""
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "gpu_rehearse.sh").write_bytes((REPO / "tools" / "gpu_rehearse.sh").read_bytes())
+    (tmp_path / ".cache" / "gpu_pack" / "c00").mkdir(parents=True)
+    (tmp_path / ".cache" / "gpu_pack" / "c00" / "MANIFEST.json").write_text("{}")
+    shim = tmp_path / "bin" / "python3.12"
+    shim.parent.mkdir()
+    shim.write_text("#!/bin/sh\necho 'pyenv: python3.12: command not found' >&2\nexit 127\n")
+    shim.chmod(0o755)
+    proc = subprocess.run(["bash", str(tmp_path / "tools" / "gpu_rehearse.sh")], capture_output=True, text=True,
+                          timeout=60, env={"PATH": f"{shim.parent}:/usr/bin:/bin", "HOME": str(tmp_path / "home")})
+    said = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(said) == 1 and "no Python 3.12 that runs" in said[0], said
+
+
 def test_default_piece_launches_the_embedded_default_on_the_expected_ranks(tmp_path):
     """``orchestrator launch`` with no arguments, as the GPU run starts it beside the resume check (here with the
     dry run's ``train.epochs=1``): it completes on the CPU default's 2 ranks and the verdict has no error."""

@@ -23,8 +23,14 @@ WORK=${REHEARSE_DIR:-/tmp/danet-gpu-rehearse-tree}
 die() { echo "gpu_rehearse: error: $*" >&2; exit 2; }
 
 [ -f .cache/gpu_pack/c00/MANIFEST.json ] || die "no .cache/gpu_pack/c00/MANIFEST.json (make the pack first: bash tools/gpu_pack.sh)"
-PY312=${PYTHON312:-$(command -v python3.12 || ls -1 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 || true)}
-[ -n "$PY312" ] && [ -x "$PY312" ] || die "no Python 3.12 (the GPU machine's; set PYTHON312=/path/to/python3.12)"
+# the first Python 3.12 that runs (a pyenv shim is on PATH even where pyenv's selected version is another)
+PY312=${PYTHON312:-}
+if [ -z "$PY312" ]; then
+  for cand in $(command -v python3.12) "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { PY312=$cand; break; }
+  done
+fi
+[ -n "$PY312" ] && "$PY312" -V >/dev/null 2>&1 || die "no Python 3.12 that runs (the GPU machine's; set PYTHON312=/path/to/python3.12)"
 
 # Beside torch, the packages that machine's image has and the pack also carries (device tool's KINDS.md), at
 # PyPI's newest as that image roughly is: so the unpack's "keep what the machine has at the same or a newer
