@@ -200,6 +200,23 @@ def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypa
     assert saved["errors"] == ["plan_batch: RuntimeError: no plan here"] and ran == ["precision"]
 
 
+def test_a_table_that_cannot_be_laid_out_loses_the_table_only(tmp_path, monkeypatch, capsys):
+    """The table is printed last; if it raises on a result of a shape it did not foresee, the run still ends with
+    its own verdict and says where the figures are (the JSON, written before)."""
+    check = _check(tmp_path, "precision")
+    (check.ffr / "meta.json").parent.mkdir(parents=True)
+    (check.ffr / "meta.json").write_text("{}")
+    monkeypatch.setattr(check, "precision", lambda: None)
+
+    def broken(result):
+        raise KeyError("status")
+
+    monkeypatch.setattr(gtc, "table", broken)
+    assert check.run() == 0
+    assert f"!! table: KeyError: 'status'; every figure is in {check.out_json}" in capsys.readouterr().out
+    assert json.loads(check.out_json.read_text())["errors"] == []
+
+
 def _check(tmp_path, pieces: str):
     import argparse
 

@@ -764,6 +764,13 @@ class TrainCheck:
         self.result["wall_s"] = round(self.elapsed(), 1)
         write_result(self.out_json, self.result)
 
+    def show(self) -> None:
+        """The table, last; a result it cannot lay out loses the table only (the JSON is written)."""
+        try:
+            print(table(self.result), flush=True)
+        except Exception as exc:  # (a field of an unforeseen shape: a defect of the table, not of the run)
+            print(f"!! table: {type(exc).__name__}: {exc}; every figure is in {self.out_json}", flush=True)
+
     def note(self, msg: str) -> None:
         print(f"== [{self.elapsed():.0f}s] {msg}", flush=True)
 
@@ -1124,7 +1131,7 @@ class TrainCheck:
     def run(self) -> int:
         if self.attempt("dataset", self.dataset) is None:
             self.save()
-            print(table(self.result))
+            self.show()
             return 1
         steps = [("resume", self.resume), ("baseline", self.baseline), ("throughput", self.throughput),
                  ("variants", self.levers), ("equivalence", self.equivalence), ("profile", self.profile),
@@ -1143,7 +1150,7 @@ class TrainCheck:
         finally:
             self.steps.close()
         self.note(f"wrote {self.out_json}")
-        print(table(self.result))
+        self.show()
         ok = not self.result["errors"] and ("resume" not in self.pieces or self.result["job_status"] == "completed")
         return 0 if ok else 1
 
