@@ -281,7 +281,7 @@ def test_equivalence_piece_finds_the_fast_paths_equal_and_a_wrong_one_not(tmp_pa
         return loss, g
 
     monkeypatch.setattr(gtc, "gradients", gradients)
-    check.steps = gtc.StepProcess(inline=True)  # the planted defect is in this process only
+    check.measuring = gtc.StepProcess(inline=True)  # the planted defect is in this process only
     check.equivalence()
     check.summarise_variants()
     eq = check.result["equivalence"]

@@ -753,7 +753,7 @@ class TrainCheck:
         self._direct_job: dict | None = None
         self._default_procs: list[subprocess.Popen] = []
         # the in-process model-step pieces (baseline, variants, equivalence, profile, memory) run in a child
-        self.steps = StepProcess()
+        self.measuring = StepProcess()
 
     # ---- bookkeeping
     def elapsed(self) -> float:
@@ -782,11 +782,11 @@ class TrainCheck:
             print(f"!! {label} failed: {exc!r}"[:600], flush=True)
             return None
 
-    def step(self, fn, **kw):
+    def measure(self, fn, **kw):
         """``fn(self.device, **kw)`` in the measuring process, stopped once the time budget is spent (a hang must
         not run into the script's own timeout, which would lose the table and the pieces after it)."""
         left = self.z.budget - self.elapsed()
-        return self.steps(fn, timeout=None if math.isinf(left) else max(left, 30.0), device=self.device, **kw)
+        return self.measuring(fn, timeout=None if math.isinf(left) else max(left, 30.0), device=self.device, **kw)
 
     def within(self, fraction: float, label: str) -> bool:
         """Whether the time budget leaves room for ``label`` (else recorded as skipped)."""
@@ -922,7 +922,7 @@ class TrainCheck:
     def baseline(self) -> None:
         """3. The model step alone as configured today (models.gpu_check's eager step, batch 32)."""
         self.note("model step: baseline (today's configuration)")
-        got = self.attempt("baseline", lambda: self.step(model_step, **self.base_kw))
+        got = self.attempt("baseline", lambda: self.measure(model_step, **self.base_kw))
         if got:
             self.variants["baseline"] = got
             self.result["baseline_img_per_s"] = got["img_per_s"]
@@ -961,7 +961,7 @@ class TrainCheck:
             if VARIANTS[name].get("graphs") and not self.cuda:
                 self.result["graphs"] = {"skipped": "CUDA graphs need a GPU (dry run)"}
             elif self.within(0.8, f"variant {name}"):
-                got = self.attempt(f"variant {name}", lambda n=name: self.step(model_step, **self.fastest_kw(n)))
+                got = self.attempt(f"variant {name}", lambda n=name: self.measure(model_step, **self.fastest_kw(n)))
                 if got:
                     self.variants[name] = got
                 if name in FUSIONS:
@@ -1004,7 +1004,7 @@ class TrainCheck:
         ref = {**self.base_kw, **small}
         out = self.result["equivalence"] = {"grad_tol": GRAD_TOL, "loss_tol": LOSS_TOL, **small}
         for name in names:
-            got = self.attempt(f"equivalence {name}", lambda n=name: self.step(
+            got = self.attempt(f"equivalence {name}", lambda n=name: self.measure(
                 equivalence_of, ref_kw=ref, kw={**self.fastest_kw(n), **small}))
             out[name] = got or {"equal": None, "why": "failed (see errors)"}
             if out[name]["equal"] is False:
@@ -1020,8 +1020,8 @@ class TrainCheck:
         if not (self.result.get("fastest_variant") and self.within(0.9, "profile")):
             return
         self.note("profile: a few steps of the fastest model step")
-        got = self.attempt("profile", lambda: self.step(model_step, **{**self.fastest_kw(), "warmup": 2,
-                                                                        "repeats": 1, "profile": True}))
+        got = self.attempt("profile", lambda: self.measure(model_step, **{**self.fastest_kw(), "warmup": 2,
+                                                                          "repeats": 1, "profile": True}))
         self.result["profile"] = got.get("profile") if got else None
 
     def memory(self) -> None:
@@ -1037,7 +1037,7 @@ class TrainCheck:
             if not self.within(0.85, f"memory {policy}"):
                 break
             self.note(f"memory: policy {policy}, micro-batch {kw['batch']}")
-            got = self.attempt(f"memory {policy}", lambda p=policy: self.step(model_step, **{**kw, "policy": p}))
+            got = self.attempt(f"memory {policy}", lambda p=policy: self.measure(model_step, **{**kw, "policy": p}))
             rows[policy] = {"plan_gb": plan[policy]["est_gb"], "peak_gb": got["peak_gb"] if got else None,
                             "img_per_s": got["img_per_s"] if got else None}
             if got and got["peak_gb"]:
@@ -1148,7 +1148,7 @@ class TrainCheck:
                     self.summarise_variants()
                 self.save()
         finally:
-            self.steps.close()
+            self.measuring.close()
         self.note(f"wrote {self.out_json}")
         self.show()
         ok = not self.result["errors"] and ("resume" not in self.pieces or self.result["job_status"] == "completed")
