@@ -34,6 +34,7 @@ IMAGES = 1_281_167  # ImageNet-1k train
 JPEG_KB = 110  # mean encoded size
 FFR_GB = 141  # the FFRecord folder
 PARAMS_M = 62.04  # DANet-152 (`orchestrator models list --json`)
+GRAD_MB = PARAMS_M * 4  # fp32 gradients (and fp32 weights, and SGD momentum)
 MICRO = 32  # the preset's per-GPU batch
 PER_NODE = 8  # GPUs
 NODES = (1, 4, 16, 64)
@@ -113,8 +114,14 @@ def _pct(x: float) -> str:
 def render(rate: Rate) -> str:
     """The page for per-GPU rate ``rate``."""
     r = rate.img_per_s
-    step = MICRO / r
-    grad_mb = PARAMS_M * 4
+    step = MICRO / r  # seconds per step at the preset's per-GPU batch, at every scale
+    sections = (_intro(rate, step), _data(r), _checkpoints(step), _requeue(step), _allreduce(step))
+    return "\n".join(line for section in sections for line in section) + "\n"
+
+
+def _intro(rate: Rate, step: float) -> list[str]:
+    """Where r comes from, and the fixed inputs."""
+    r = rate.img_per_s
     if rate.measured:
         m = rate.measured
         base = m.get("baseline_img_per_s")
@@ -140,7 +147,7 @@ def render(rate: Rate) -> str:
             "`tools/gpu_train_check.py` has run on a GPU and its JSON is in docs/bench/, the same command renders "
             "this page from the measured end-to-end rate."
         )
-    out = [
+    return [
         "# Scaling DANet-152 on ImageNet: the arithmetic for 1, 4, 16 and 64 nodes of 8 GPUs",
         "",
         *_wrap(intro),
@@ -153,6 +160,12 @@ def render(rate: Rate) -> str:
             "scale (ideal scaling; the all-reduce share below says how ideal)."
         ),
         "",
+    ]
+
+
+def _data(r: float) -> list[str]:
+    """What storage must deliver at each scale."""
+    out = [
         "## Data: what storage must deliver",
         "",
         f"FFRecord stores each encoded JPEG once plus a few bytes (offset, CRC, label): read volume = images x "
@@ -183,6 +196,13 @@ def render(rate: Rate) -> str:
             f"{_dur(IMAGES / top)} epoch otherwise)."
         ),
         "",
+    ]
+    return out
+
+
+def _checkpoints(step: float) -> list[str]:
+    """A checkpoint's size, its write time and its share of the time."""
+    return [
         "## Checkpoints: size and write time",
         "",
         *_wrap(
@@ -190,17 +210,17 @@ def render(rate: Rate) -> str:
             "`deepspeed.zero_stage: 1` (the preset): fp32 module weights (4 B/param) written by rank 0; SGD momentum "
             "(4 B/param) sharded over the data-parallel ranks, each rank writing its shard; plus our exported fp32 "
             "`best.pt` (4 B/param) when val top-1 improves. (`train.precision=bf16`, DeepSpeed's bf16 engine, writes "
-            f"bf16 module weights, {grad_mb / 2:.0f} MB, and fp32 master weights + momentum, {grad_mb * 2:.0f} MB in "
-            f"shards: ~{grad_mb * 2.5:.0f} MB.)"
+            f"bf16 module weights, {GRAD_MB / 2:.0f} MB, and fp32 master weights + momentum, {GRAD_MB * 2:.0f} MB in "
+            f"shards: ~{GRAD_MB * 2.5:.0f} MB.)"
         ),
         "",
         "| item | bytes |",
         "|---|---|",
-        f"| module weights (fp32) | {grad_mb:.0f} MB |",
-        f"| SGD momentum (all shards) | {grad_mb:.0f} MB ({grad_mb / 32:.1f} MB per rank at 32 GPUs, "
-        f"{grad_mb / 512:.1f} MB at 512) |",
+        f"| module weights (fp32) | {GRAD_MB:.0f} MB |",
+        f"| SGD momentum (all shards) | {GRAD_MB:.0f} MB ({GRAD_MB / 32:.1f} MB per rank at 32 GPUs, "
+        f"{GRAD_MB / 512:.1f} MB at 512) |",
         f"| one checkpoint | **~{CKPT_MB} MB** (plus loop state, a few KB) |",
-        f"| exported best.pt / final.pt (fp32) | {grad_mb:.0f} MB |",
+        f"| exported best.pt / final.pt (fp32) | {GRAD_MB:.0f} MB |",
         "",
         *_wrap(
             f"Write time: assumed 1 GB/s sustained for one job's writes to the shared FS -> **~{WRITE_S[0]} s** per "
@@ -211,6 +231,12 @@ def render(rate: Rate) -> str:
             f"costs {_pct(WRITE_S[0] / (CKPT_EVERY * step))}-{_pct(WRITE_S[1] / (CKPT_EVERY * step))} of the time."
         ),
         "",
+    ]
+
+
+def _requeue(step: float) -> list[str]:
+    """Time lost per requeue, signalled or not."""
+    return [
         "## Time lost per requeue",
         "",
         "lost = requeue latency + restart + lost work since the last checkpoint.",
@@ -249,13 +275,19 @@ def render(rate: Rate) -> str:
         "",
         *_wrap(LOCAL_SLURM),
         "",
+    ]
+
+
+def _allreduce(step: float) -> list[str]:
+    """The gradients' all-reduce per step and its share of a step, per interconnect."""
+    out = [
         "## All-reduce per step",
         "",
         *_wrap(
             "Data-parallel gradients are all-reduced once per step (ZeRO-1: a reduce-scatter of gradients plus an "
             "all-gather of updated weights, the same volume as a ring all-reduce). Per GPU sent (and received) per "
-            f"step, ring: 2(n-1)/n x grad bytes, grads = {PARAMS_M} M x 4 B = {grad_mb:.0f} MB in fp32 "
-            f"({grad_mb / 2:.0f} MB if reduced in bf16)."
+            f"step, ring: 2(n-1)/n x grad bytes, grads = {PARAMS_M} M x 4 B = {GRAD_MB:.0f} MB in fp32 "
+            f"({GRAD_MB / 2:.0f} MB if reduced in bf16)."
         ),
         "",
         "| nodes (n GPUs) | bytes per GPU per step, fp32 (bf16) | time, intra-node NVLink (~200 GB/s bus) | time, "
@@ -263,10 +295,10 @@ def render(rate: Rate) -> str:
         f"{step:.2f} s step |",
         "|---|---|---|---|---|---|",
     ]
-    node_mb = 2 * grad_mb  # what each node sends per step across nodes (ring), fp32
+    node_mb = 2 * GRAD_MB  # what each node sends per step across nodes (ring), fp32
     for n in NODES:
         g = PER_NODE * n
-        per_gpu = 2 * (g - 1) / g * grad_mb
+        per_gpu = 2 * (g - 1) / g * GRAD_MB
         if n == 1:
             t = per_gpu / NVLINK_GBS
             out.append(f"| {n} ({g}) | {per_gpu:.0f} MB ({per_gpu / 2:.0f}) | {t:.0f} ms | - | - | {_pct(t / 1e3 / step)} |")
@@ -279,17 +311,17 @@ def render(rate: Rate) -> str:
         "",
         *_wrap(
             "(Across nodes the ring's bottleneck is the node's network: per step each node sends ~2 x "
-            f"{grad_mb:.0f} MB; with one NIC per GPU that is ~{node_mb / IB_GBS_PER_GPU:.0f} ms, with one "
+            f"{GRAD_MB:.0f} MB; with one NIC per GPU that is ~{node_mb / IB_GBS_PER_GPU:.0f} ms, with one "
             f"100 Gb/s NIC per node ~{node_mb / NIC_100G_GBS:.0f} ms. Latency terms, ~2(n-1) x a few us, add ~5 ms "
             "at 512 GPUs.) The volume per GPU is almost independent of n, so its share of a step is too: "
-            f"{_pct(2 * 511 / 512 * grad_mb / IB_GBS_PER_GPU / 1e3 / step)} to "
+            f"{_pct(2 * 511 / 512 * GRAD_MB / IB_GBS_PER_GPU / 1e3 / step)} to "
             f"{_pct(node_mb / NIC_100G_GBS / 1e3 / step)} of the {step:.2f} s step across nodes, and DeepSpeed "
             "overlaps most of it with the backward pass. A slower network, 25 Gb/s Ethernet per node, takes "
             f"~{eth:.0f} ms, {_pct(eth / 1e3 / step)} of a step; gradient accumulation (`train.micro_batch_size`) "
             "divides that share by the accumulation factor."
         ),
     ]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _mins(s: float) -> str:
