@@ -596,3 +596,58 @@ def test_model_step_work_runs_in_a_process_that_a_fault_costs_alone(tmp_path):
     finally:
         steps.close()
     assert steps.pid is None
+
+
+GPU_RESULT = {  # the shape tools/gpu_train_check.py writes on a GPU (figures invented for the report's test)
+    "gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "model": "danet152", "T": 4, "resolution": 224,
+    "precision": "bf16-mixed", "micro_batch": 32, "world_size": 1, "baseline_img_per_s": 50.0,
+    "model_step_img_per_s": 300.0, "end_to_end_img_per_s": 250.0, "peak_memory_gb": 40.0, "job_status": "completed",
+    "resumed": True, "dry_run": False, "errors": ["precision job: skipped (time budget or no bf16-mixed rate)"],
+    "weights_equal_uninterrupted": True, "losses_equal_uninterrupted": True, "wall_s": 420.0,
+    "default_launch": {"status": "completed", "world_size": 1, "expected_world_size": 1, "val_top1": 0.97,
+                       "wall_s": 80.0},
+    "direct_train": {"status": "completed", "world_size": 1, "wall_s": 40.0},
+    "model_step_variants": {"baseline": {"img_per_s": 50.0}, "benchmark": {"img_per_s": 100.0},
+                            "fused_bn_neuron": {"img_per_s": 300.0}, "batch64": {"img_per_s": 120.0},
+                            "graphs": {"img_per_s": 110.0}},
+    "graphs": {"img_per_s": 110.0, "eager_img_per_s": 100.0, "speedup": 1.1},
+    "fused_bn_neuron_path": "triton", "fastest_variant": "fused_bn_neuron",
+    "equivalence": {"grad_tol": 1e-3, "loss_tol": 1e-4, "fused_bn_neuron": {"equal": True, "grad_rel_l2": 3e-6}},
+    "end_to_end_by_fusion": {"off": 250.0, "on": 275.0}, "fusion_overrides": ["model.fuse_bn_neuron=true"],
+    "end_to_end_by_micro_batch": {"32": 250.0, "64": 300.0},
+    "profile": {"steps": 3, "timing": "device (CUDA) self time", "wall_ms_per_step": 110.0,
+                "device_ms_per_step": 100.0, "host_gap_ms_per_step": 10.0,
+                "groups_ms_per_step": {"convolution": 75.0, "bn_neuron": 25.0},
+                "top_ops": [{"op": "aten::cudnn_convolution", "ms_per_step": 40.0, "calls_per_step": 155}]},
+    "memory_by_policy": {"micro_batch": 32, "card_gb": 139.8, "auto_policy": "none", "fastest_fitting_policy": "none",
+                         "policies": {"none": {"plan_gb": 40.0, "peak_gb": 44.0, "measured_over_plan": 1.1,
+                                               "img_per_s": 300.0}}},
+}  # fmt: skip
+
+
+def test_report_gives_each_lever_as_a_ratio_and_each_verdict(tmp_path):
+    """tools/gpu_train_report.py: BENCHMARKS.md's section from a job check's JSON: every lever as a ratio to the
+    baseline of the same run, the end-to-end runs to the preset's job, the profile's shares, memory against the
+    plan, the 200 img/s floor's verdict; bad input is one line and exit 2."""
+    import gpu_train_report as rep
+
+    md = rep.report(GPU_RESULT, "docs/bench/gpu_train_h200.json")
+    assert "| model step: fused_bn_neuron | 32 | 300.0 | 6.00x | equal (\\|dg\\|/\\|g\\| 3e-06) |" in md
+    assert "| model step: batch64 | 64 | 120.0 | 2.40x | not checked: the same computation |" in md
+    assert "| model step: graphs | 32 | 110.0 | 2.20x | diagnostic (not a step the job runs) |" in md
+    assert "| **the real job, end to end** (steady state) | 32 | **250.0** | 5.00x | - |" in md
+    assert "| the job, fusions on (model.fuse_bn_neuron=true) | 32 | 275.0 | 5.50x (1.10x the job) | - |" in md
+    assert "| the job, micro-batch 64 | 64 | 300.0 | 6.00x (1.20x the job) | - |" in md
+    assert "| 250.0 |" not in md  # the preset's job once, in bold (not again as "fusions off" or "micro-batch 32")
+    assert "250.0 img/s: meets the floor (5.00x the model step alone" in md
+    assert "| convolution | 75.00 | 75% |" in md and "host gaps 10.0 ms" in md
+    assert "| none | 40.00 | 44.00 | 1.10 | 300.0 |" in md and "`fused_bn_neuron` ran on triton" in md
+    assert "- precision job: skipped" in md
+    slow = rep.report({**GPU_RESULT, "end_to_end_img_per_s": 150.0}, "x.json")
+    assert "150.0 img/s: BELOW the floor" in slow
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"gpu": "x"}))
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "gpu_train_report.py"), str(path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert "not a job check's JSON (lacks torch" in r.stderr

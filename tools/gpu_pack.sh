@@ -13,8 +13,9 @@
 #       df -h /dev/shm .; ls .cache/gpu_pack", carry=[".cache/gpu_pack/c00"])
 #   run(command="ls .cache/gpu_pack", carry=[".cache/gpu_pack/c01"])      ... one per piece but the last
 #   run(command="STEPS=train bash tools/gpu_check.sh", carry=[".cache/gpu_pack/cNN"], timeout_s=540)
-# then give the machine back, copy $OUT's gpu_train_<gpu>.json (and gpu_train_check.txt) to docs/bench/, and
-# render docs/SCALING.md from its measured rate (python tools/scaling_doc.py; make test checks it). A
+# then give the machine back, copy $OUT's gpu_train_<gpu>.json (and gpu_train_check.txt) to docs/bench/, render
+# docs/SCALING.md from its measured rate (python tools/scaling_doc.py; make test checks it) and BENCHMARKS.md's
+# section from the JSON (python tools/gpu_train_report.py docs/bench/gpu_train_<gpu>.json, then the prose). A
 # rerun of what the budget skipped: TRAIN_PIECES=... (and TRAIN_VARIANTS=compile) STEPS=train bash tools/gpu_check.sh
 # gpu_check.sh unpacks the pieces (tools/gpu_pack.py unpack: checksum, then only the distributions that
 # machine's Python does not already have, so nothing it has is shadowed) into .cache/gpu_site.
