@@ -13,6 +13,8 @@
 #       df -h /dev/shm .; ls .cache/gpu_pack", carry=[".cache/gpu_pack/c00"])
 #   run(command="ls .cache/gpu_pack", carry=[".cache/gpu_pack/c01"])      ... one per piece but the last
 #   run(command="STEPS=train bash tools/gpu_check.sh", carry=[".cache/gpu_pack/cNN"], timeout_s=540)
+#       (if `status` says less than ~560 s of device time is left by then, prefix TRAIN_BUDGET_S=<left - 90>: the
+#       check then skips its later pieces in time and still prints its table, instead of being cut off mid-piece)
 # then give the machine back, copy $OUT's gpu_train_<gpu>.json (and gpu_train_check.txt) to docs/bench/, render
 # docs/SCALING.md from its measured rate (python tools/scaling_doc.py; make test checks it) and BENCHMARKS.md's
 # section from the JSON (python tools/gpu_train_report.py docs/bench/gpu_train_<gpu>.json, then the prose). A
