@@ -85,10 +85,22 @@ class CheckpointManager:
         tag = self.latest_tag()
         return self._index().get(tag, {}).get("world_size") if tag else None
 
+    def _tag_for(self, step: int) -> tuple[str, str]:
+        """(the tag to write ``step`` to, its twin). A step saved again (at an epoch's end after its step-interval
+        save, or at a stop) goes to ``stepN.1`` while ``stepN`` is the latest, and back: a new version never
+        overwrites the one LATEST names, so a kill or a full disk mid-write leaves that one whole. Rank 0's view
+        decides (ranks on another node may not see LATEST)."""
+        base, alt = f"step{step:08d}", f"step{step:08d}.1"
+        taken = [1 if self.rank == 0 and self.latest_tag() == base else 0]
+        return (alt, base) if dist.all_reduce_host(taken, "max", torch.int32)[0] else (base, alt)
+
     def save(self, engine, step: int, loop_state: dict, val_top1: float | None = None) -> str:
         """Write a complete checkpoint on every rank, then move LATEST. Disk errors raise UserError, with the
         partial tag removed and the previous checkpoint untouched."""
-        tag = f"step{step:08d}"
+        tag, twin = self._tag_for(step)
+        if self.rank == 0:  # a stale version of this tag (not the latest: _tag_for) is never mixed with the new one
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+        dist.barrier()
         ok = 1
         err: Exception | None = None
         try:
@@ -114,9 +126,12 @@ class CheckpointManager:
         if self.rank == 0:
             atomic_write(self.dir / tag / "COMPLETE", b"ok\n")
             index = self._index()
+            if val_top1 is None:  # the same step's weights: its score, if the version it supersedes had one
+                val_top1 = index.get(twin, {}).get("val_top1")
             index[tag] = {"step": step, "val_top1": val_top1, "world_size": dist.world_size()}
             atomic_write(self.dir / "index.json", json.dumps(index, indent=1).encode())
             atomic_write(self.dir / "LATEST", f"{tag}\n".encode())
+            index.pop(twin, None)  # superseded: removed by the prune below
             self._prune(index, keep=tag)
         dist.barrier()
         return tag

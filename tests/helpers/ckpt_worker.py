@@ -3,8 +3,10 @@
 Modes (used by test_reliability.py):
   crash RUN_DIR N     N trials: a forked child first loads the latest complete checkpoint (every file, then through
                       a fresh engine), reports it as one JSON line {"trial", "tag", "step", "error"}, then saves
-                      checkpoints in a loop until the parent kills it with SIGKILL at a random moment
-  diskfull RUN_DIR    save once, fill the disk, save again; print JSON of what happened
+                      checkpoints in a loop (each step twice) until the parent kills it with SIGKILL at a random
+                      moment
+  diskfull RUN_DIR [STEP]  save step 1, fill the disk, save STEP (default 2; 1: the same step again); print
+                      JSON of what happened
 
 The parent forks after the heavy imports and before any process group exists (gloo's threads don't survive a
 fork), so each trial costs an engine build, not a Python + DeepSpeed start-up.
@@ -59,8 +61,10 @@ def _child(run_dir: str, trial: int, port: int, w: int) -> None:
     step = out["step"]
     while True:
         step += 1
-        mgr.save(engine, step, {"step": step}, val_top1=step % 7 / 7)
-        os.write(w, b"S\n")
+        # each step twice, as at an epoch's end after its step-interval save: a kill may land in either write
+        for val_top1 in (None, step % 7 / 7):
+            mgr.save(engine, step, {"step": step}, val_top1=val_top1)
+            os.write(w, b"S\n")
 
 
 def crash_trials(run_dir: str, trials: int, port: int) -> None:
@@ -97,12 +101,13 @@ def main() -> int:
         return 0
     engine, mgr = engine_and_manager(run_dir, port)
     if mode == "diskfull":
+        again = int(sys.argv[3]) if len(sys.argv) > 3 else 2  # the second save's step (1: the same step again)
         first = mgr.save(engine, 1, {"step": 1})
         free = os.statvfs(run_dir).f_bavail * os.statvfs(run_dir).f_frsize
         with open(os.path.join(run_dir, "filler"), "wb") as f:
             f.write(b"\0" * max(0, free - 64 * 1024))  # leave less than one checkpoint's worth
         try:
-            mgr.save(engine, 2, {"step": 2})
+            mgr.save(engine, again, {"step": again})
             result = {"second": "saved"}
         except UserError as e:
             result = {"second": "error", "message": str(e)}
