@@ -347,7 +347,9 @@ def _start_tracking(job: Job) -> None:
     job.tracker = tracker = create_tracker(cfg, job.run_path, info)
     tracker.start()
     if info.is_primary:
-        (job.run_path / "config.yaml").write_text(to_yaml(cfg))
+        # whole or not at all: a resume reads it back, and a file cut short by a full disk read back as the
+        # defaults, which a resume refuses as another model
+        atomic_write(job.run_path / "config.yaml", to_yaml(cfg))
     tracker.log_params(to_dict(cfg))
     tracker.log_params({"derived.world_size": info.world_size, "derived.micro_batch": plan.micro_batch,
                         "derived.accumulation": plan.accumulation, "derived.steps_per_epoch": job.steps_per_epoch,
@@ -404,7 +406,7 @@ def _write_outputs(job: Job, out: Outcome, final_metrics: dict) -> None:
     summary.setdefault("val_top5", None)
     write_summary(job.run_path, summary)
     if out.status == "requeued":
-        (job.run_path / "REQUEUE").write_text(str(state.step))
+        atomic_write(job.run_path / "REQUEUE", str(state.step))
     tracker.log_artifact(str(job.run_path / "summary.json"))
     if out.status == "completed":
         tracker.log_artifact(str(weights), "weights")
