@@ -107,6 +107,11 @@ def test_real_engine_trains_in_bf16_mixed_under_autocast():
     c = cfg("train.global_batch_size=64", "deepspeed.zero_stage=1")
     ds = deepspeed_config(c, batch_plan(c, 2), "bf16-mixed")
     assert "bf16" not in ds and "data_types" not in ds and ds["zero_optimization"]["compute_grad_norm"] is False
+    # DeepSpeed autocasts its forward to bf16 itself (tests/test_presets.py: without it, off on a GPU), and no
+    # module's gradients are reduced in bf16
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "torch.bfloat16", "lower_precision_safe_modules": []}
+    assert "torch_autocast" not in deepspeed_config(c, batch_plan(c, 2), "fp32")
+    assert ds["timers"] == {"throughput": {"enabled": False}}  # its timer synchronises the device per step
     assert deepspeed_config(c, batch_plan(c, 2), "bf16")["zero_optimization"].get("compute_grad_norm") is None
     ref = _probe(29766, "train.micro_batch_size=16", env={"PROBE_MODEL": "bn"})
     mixed = _probe(29767, "train.micro_batch_size=16", "train.precision=bf16-mixed", env={"PROBE_MODEL": "bn"})

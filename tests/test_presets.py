@@ -240,6 +240,8 @@ def test_a_step_reads_nothing_on_the_host(probe):
         assert r["steps"] == 5 and r["synced_at"] == [3, 5] and r["logged"] == [1, 2, 3, 4, 5]
         reads = r["reads_per_step"]
         assert reads[0] == reads[1] == reads[3] == 0 and reads[2] == reads[4] == 1, reads
+        # nor does DeepSpeed wait for the device (its throughput timer synchronises at every forward and step)
+        assert r["device_syncs_per_step"] == [0] * 5, r["device_syncs_per_step"]
         assert len(r["loss_tail"]) == 5
 
 
@@ -249,7 +251,9 @@ def test_bf16_mixed_autocasts_and_reads_nothing_on_the_host(probe):
     bf16 engine (train.precision=bf16) reads the gradient norm on the host in every step (its bf16 optimizer's
     overflow check): the reason auto is bf16-mixed. If that count drops to 0, DeepSpeed changed: revisit auto."""
     for mixed, fp32, ds_bf16 in zip(probe["loop/bf16-mixed"], probe["loop"], probe["loop/bf16"], strict=True):
+        # (DeepSpeed asked as on a GPU: it switches a forward's autocast off unless its config has torch_autocast)
         assert mixed["output_dtype"] == "torch.bfloat16" and mixed["weight_dtype"] == "torch.float32"
+        assert mixed["device_syncs_per_step"] == [0] * 5, mixed["device_syncs_per_step"]
         assert mixed["bn_stats_dtype"] == "torch.float32" and fp32["output_dtype"] == "torch.float32"
         assert mixed["reads_per_step"] == fp32["reads_per_step"] and mixed["steps"] == 5, mixed
         assert all(v == v for v in mixed["loss_tail"]) and mixed["loss_tail"] != fp32["loss_tail"]

@@ -166,8 +166,9 @@ def lr_lambda(cfg: Config, steps_per_epoch: int):
 
 
 def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
-    """The DeepSpeed JSON; ``precision`` a resolved train.precision (bf16-mixed autocasts outside an fp32 engine)."""
-    precision = Precision(precision).engine
+    """The DeepSpeed JSON; ``precision`` a resolved train.precision (bf16-mixed autocasts an fp32 engine)."""
+    mode = Precision(precision)
+    precision = mode.engine
     ds: dict = {
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
@@ -175,7 +176,17 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, precision: str) -> dict:
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "steps_per_print": 10**9,  # the loop reports progress itself
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer (on by default) synchronises the device at every forward and every step:
+        # two waits for the GPU per step, which the loop (no host round trip inside a step) never needs
+        "timers": {"throughput": {"enabled": False}},
     }
+    if mode.autocast_dtype is not None:
+        # DeepSpeed runs its forward under torch.autocast(enabled=False) when CUDA autocast is on around it but
+        # its config has no torch_autocast: the loop's bf16 autocast silently became fp32 on a GPU (not on CPU,
+        # where the check it makes does not look). Told here, it autocasts to the same dtype itself; with no
+        # module "lower precision safe", every gradient is still reduced in fp32.
+        ds["torch_autocast"] = {"enabled": True, "dtype": str(mode.autocast_dtype),
+                                "lower_precision_safe_modules": []}  # fmt: skip
     if cfg.deepspeed.zero_stage >= 1:
         if cfg.optim.name != "adamw":
             # DeepSpeed lists the optimizers it has tested ZeRO with (Adam/AdamW, Adagrad, Lion...), not SGD.

@@ -1,7 +1,9 @@
 """Training precision: the dtype the images are cast to, and whether the forward runs under autocast.
 
 * ``fp32``: everything fp32.
-* ``bf16-mixed`` (``auto`` on CUDA): ``torch.autocast`` to bf16 around each forward. Weights, gradients, the
+* ``bf16-mixed`` (``auto`` on CUDA): ``torch.autocast`` to bf16 around each forward (and DeepSpeed's
+  ``torch_autocast`` section saying so: without it DeepSpeed switches autocast off inside its forward on a GPU,
+  engine.deepspeed_config). Weights, gradients, the
   optimizer and BatchNorm's running statistics stay fp32, so DeepSpeed runs as an fp32 engine: its gradient
   all-reduce is fp32, and its bf16 optimizer wrapper, which reads the gradient norm on the host every step under
   ZeRO 1, is not used. This is how the danet152 model step was measured on the H200 (BENCHMARKS.md).
@@ -38,12 +40,17 @@ class Precision:
 
     @property
     def engine(self) -> str:
-        """What DeepSpeed is told: ``bf16``, ``fp16`` or ``fp32`` (autocast happens outside the engine)."""
+        """What DeepSpeed is told: ``bf16``, ``fp16`` or ``fp32`` (bf16-mixed: fp32, with torch_autocast)."""
         return self.name if self.name in _INPUTS else "fp32"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype forwards autocast to, or None (no autocast)."""
+        return _AUTOCAST.get(self.name)
 
     def forward(self, device: str) -> contextlib.AbstractContextManager:
         """The context a forward (training or evaluation) runs in."""
-        dtype = _AUTOCAST.get(self.name)
+        dtype = self.autocast_dtype
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -12,13 +12,15 @@ Prints one JSON line per check, each {"check": NAME, "rank": R, ...}:
   zero/1/lamb             the refusal
   channels_last           a ZeRO-1 SGD engine of the danet18_imagenet preset (channels_last true): the layout of
                           every convolution's output in a training step, and of the parameters
-  loop                    the real loop and DALI loader on DATA_ROOT: host reads (item, tolist, bool, ...) between
-                          consecutive step ends, and which steps were sync points
+  loop                    the real loop and DALI loader on DATA_ROOT: host reads (item, tolist, bool, ...) and
+                          DeepSpeed's device synchronisations between consecutive step ends, and which steps were
+                          sync points; DeepSpeed sees autocast as it does on a GPU (as_on_a_gpu)
   loop/bf16-mixed, /bf16  the same under each low precision: also the dtypes of the output, weights and BN stats
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -189,6 +191,47 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def as_on_a_gpu():
+    """``torch.is_autocast_enabled()`` without a device answers for CUDA only, so on CPU it says False under the
+    loop's autocast where on a GPU it says True; DeepSpeed asks it that way to decide whether to keep or switch
+    off autocast in its forward. Here it answers for the CPU, so the engine takes the decision it takes on a GPU."""
+    orig = torch.is_autocast_enabled
+    torch.is_autocast_enabled = lambda *device: orig(*device) if device else orig("cpu")
+    try:
+        yield
+    finally:
+        torch.is_autocast_enabled = orig
+
+
+@contextlib.contextmanager
+def device_syncs():
+    """Counts DeepSpeed's device synchronisations (a no-op on CPU, a wait for the GPU on one), per step."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+
+    class Syncs:
+        def __init__(self):
+            self.count, self.per_step = 0, []
+
+        def step_end(self):
+            self.per_step.append(self.count)
+            self.count = 0
+
+    syncs, orig = Syncs(), acc.synchronize
+
+    def counted(*a, **kw):
+        syncs.count += 1
+        return orig(*a, **kw)
+
+    acc.synchronize = counted
+    try:
+        yield syncs
+    finally:
+        acc.synchronize = orig
+
+
 def loop(data_root: str, run_root: Path, precision: str = "fp32") -> None:
     from orchestrator.data.dali import build_loader
     from orchestrator.train.loop import LoopState, train
@@ -211,6 +254,7 @@ def loop(data_root: str, run_root: Path, precision: str = "fp32") -> None:
         def on_step_end(self, state, m):
             self.per_step.append(reads.count)
             reads.count = 0
+            syncs.step_end()
 
         def on_log(self, state, rows):
             self.logged += [r["step"] for r in rows]
@@ -220,10 +264,11 @@ def loop(data_root: str, run_root: Path, precision: str = "fp32") -> None:
             pass
 
     marks = Marks()
-    with reads:
+    with reads, as_on_a_gpu(), device_syncs() as syncs:
         state = train(engine, loaders, cfg, LoopState(), [marks], StopRequests(), "cpu", Precision(precision),
                       INFO.world_size, plan.accumulation)
     emit("loop" if precision == "fp32" else f"loop/{precision}", reads_per_step=marks.per_step,
+         device_syncs_per_step=syncs.per_step,
          synced_at=marks.synced, logged=marks.logged, steps=state.step, loss_tail=state.loss_tail,
          output_dtype=seen.get("out"), weight_dtype=str(next(engine.module.parameters()).dtype),
          bn_stats_dtype=str(next(b for n, b in engine.module.named_buffers() if n.endswith("running_var")).dtype))
