@@ -217,6 +217,22 @@ def test_a_table_that_cannot_be_laid_out_loses_the_table_only(tmp_path, monkeypa
     assert json.loads(check.out_json.read_text())["errors"] == []
 
 
+@pytest.mark.parametrize("dtype, error", [("torch.float32", False), ("torch.bfloat16", True), (None, True)])
+def test_throughput_job_names_a_forward_in_another_dtype(tmp_path, monkeypatch, dtype, error):
+    """The job's summary says what its forward ran in; the throughput piece names a dtype other than the
+    precision's (fp32 in the dry run, bf16 on a GPU) in errors: DeepSpeed once ran bf16-mixed's forward in fp32."""
+    check = _check(tmp_path, "throughput")
+
+    def steady(label, *extra):
+        check.result["jobs"][label] = {"forward_dtype": dtype}
+        return {"rate": 5.0, "peak_gb": None}
+
+    monkeypatch.setattr(check, "steady_job", steady)
+    check.throughput()
+    said = [e for e in check.result["errors"] if e.startswith("throughput job: its forward ran in")]
+    assert check.result["end_to_end_img_per_s"] == 5.0 and bool(said) == error, check.result["errors"]
+
+
 def _check(tmp_path, pieces: str):
     import argparse
 

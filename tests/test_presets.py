@@ -83,6 +83,7 @@ def test_preset_runs_as_configured(preset, tiny_imagenet, tmp_path):
     assert s["status"] == "completed" and s["steps"] == 2 and s["world_size"] == 2 and s["preset"] == preset, s
     assert s["latest_checkpoint"] == "step00000002" and s["mlflow_run_id"], s  # saved through its ZeRO stage
     assert all(v == v for v in s["loss_tail"]) and len(s["loss_tail"]) == 2
+    assert s["forward_dtype"] == "torch.float32"  # auto on CPU
     # The run's resolved config is the preset's, except the sizes this test shrank.
     from orchestrator.config.load import from_yaml_file
 
@@ -118,6 +119,7 @@ def test_gpu_precision_runs_the_whole_job(tiny_imagenet, tmp_path):
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["status"] == "completed" and s["steps"] == 2 and s["val_top1"] is not None, s
     assert all(v == v for v in s["loss_tail"]) and (tmp_path / "run" / "checkpoints" / "final_ema.pt").is_file()
+    assert s["forward_dtype"] == "torch.bfloat16"  # what the forward really ran in, recorded by the worker
     # DeepSpeed's own checkpoint holds the module as trained: fp32 weights and BN statistics (bf16 would be bf16)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "step00000002" / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)["module"]

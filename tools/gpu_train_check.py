@@ -939,7 +939,7 @@ class TrainCheck:
                     + ["train.checkpoint_every_steps=0", *extra], self.env, z.job_timeout)  # fmt: skip
         peak = mlflow_peak_mb(self.work / "mlflow.db", j["summary"].get("mlflow_run_id"))
         out = {"rate": steady_rate(j["steps"], mb), "peak_gb": peak / 1024 if peak is not None and self.cuda else None}
-        self.result["jobs"][label] = {**job_record(j, "steps"), "overrides": list(extra), "micro_batch": mb,
+        self.result["jobs"][label] = {**job_record(j, "steps", "forward_dtype"), "overrides": list(extra), "micro_batch": mb,
                                       "whole_run_img_per_s": j["summary"].get("images_per_sec"),
                                       "img_per_s": out["rate"], "peak_memory_gb": out["peak_gb"]}  # fmt: skip
         return out
@@ -952,6 +952,12 @@ class TrainCheck:
         if got:
             self.result["end_to_end_img_per_s"] = got["rate"]
             self.result["peak_memory_gb"] = got["peak_gb"]
+        # what the job's forward really ran in (DeepSpeed once switched bf16-mixed's autocast off on GPUs)
+        dtype = self.result["jobs"].get("throughput", {}).get("forward_dtype")
+        want = "torch.bfloat16" if self.cuda else "torch.float32"
+        if got and dtype != want:
+            self.result["errors"].append(f"throughput job: its forward ran in {dtype}, not {want} "
+                                         f"({self.result['precision']})")  # fmt: skip
 
     def levers(self) -> None:
         """5. The model-step variants of ``--variants``, side by side with the baseline; the fastest of all is

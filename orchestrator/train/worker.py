@@ -183,6 +183,7 @@ class Job:
     tracker: Any = None
     callbacks: list = field(default_factory=list)
     checkpoints: Any = None  # the Checkpoints callback (a stop saves through it)
+    forward_dtype: dict = field(default_factory=dict)  # {"dtype": the first training forward's output dtype}
 
     @property
     def precision_mode(self) -> Precision:
@@ -231,8 +232,10 @@ def setup(config: str | None, run_dir: str, overrides: list[str], stops: StopReq
     steps_per_epoch = max(1, len(loaders[0]) // plan.accumulation)
     model = prepare_model(cfg, build_model(cfg), device)
     engine = build_engine(cfg, model, plan, steps_per_epoch, precision)
+    forward_dtype = _watch_forward_dtype(engine.module)
     job = Job(cfg, info, run_path, stops, device, precision, plan, loaders, steps_per_epoch, engine,
               CheckpointManager(run_path, info.rank, cfg.train.keep_top_k), t_start)
+    job.forward_dtype = forward_dtype
     _resume(job)
     _start_tracking(job)
     job.callbacks = _callbacks(job)
@@ -285,6 +288,19 @@ def finish(job: Job, out: Outcome) -> int:
     tracker.finish(out.status)
     dist.shutdown(sync=out.status != "failed")
     return 2 if out.bad_input else EXIT[out.status]
+
+
+def _watch_forward_dtype(module: torch.nn.Module) -> dict:
+    """A dict that the module's first forward fills with its output's dtype (then the hook is removed): what
+    train.precision really gave, for summary.json (DeepSpeed once turned bf16-mixed's autocast off on GPUs)."""
+    seen: dict = {}
+
+    def note(mod, args, out) -> None:
+        seen["dtype"] = str(getattr(out, "dtype", type(out).__name__))
+        handle.remove()
+
+    handle = module.register_forward_hook(note)
+    return seen
 
 
 def _join(cfg: Config, info: RankInfo, device: str) -> None:
@@ -393,6 +409,7 @@ def _write_outputs(job: Job, out: Outcome, final_metrics: dict) -> None:
         summary["ema_weights_sha256"] = sha256_file(ema_path)
     summary.update({
         "status": out.status, "error": out.error, "epochs": state.epoch, "steps": state.step,
+        "forward_dtype": job.forward_dtype.get("dtype"),
         **state.loss_summary(),  # bounded: the whole loss curve is in MLflow
         "world_size": job.info.world_size, "images_per_sec": out.images_per_sec,
         "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.tracking_uri,
