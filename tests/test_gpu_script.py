@@ -173,7 +173,10 @@ def test_memory_piece_measures_every_policy_against_the_plan(tmp_path):
     late = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
     late.z = dataclasses.replace(late.z, budget=0.0)
     late.memory()
-    assert late.result["memory_by_policy"]["policies"] == {} and "memory none: skipped (time budget)" in late.result["errors"]
+    assert "memory_by_policy" not in late.result and late.result["skipped"] == ["memory: skipped (time budget)"]
+    shown = gtc.table({**{k: None for k in gtc.REQUIRED}, **late.result}).splitlines()
+    assert late.result["errors"] == [] and any(ln.startswith("skipped (time budget") and ln.endswith("  memory")
+                                               for ln in shown), shown  # fmt: skip
 
 
 def test_a_failing_piece_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
@@ -618,7 +621,7 @@ GPU_RESULT = {  # the shape tools/gpu_train_check.py writes on a GPU (figures in
     "gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "model": "danet152", "T": 4, "resolution": 224,
     "precision": "bf16-mixed", "micro_batch": 32, "world_size": 1, "baseline_img_per_s": 50.0,
     "model_step_img_per_s": 300.0, "end_to_end_img_per_s": 250.0, "peak_memory_gb": 40.0, "job_status": "completed",
-    "resumed": True, "dry_run": False, "errors": ["precision job: skipped (time budget or no bf16-mixed rate)"],
+    "resumed": True, "dry_run": False, "errors": [], "skipped": ["precision job: skipped (time budget)"],
     "weights_equal_uninterrupted": True, "losses_equal_uninterrupted": True, "wall_s": 420.0,
     "default_launch": {"status": "completed", "world_size": 1, "expected_world_size": 1, "val_top1": 0.97,
                        "wall_s": 80.0},
@@ -667,3 +670,55 @@ def test_report_gives_each_lever_as_a_ratio_and_each_verdict(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
     assert "not a job check's JSON (lacks torch" in r.stderr
+
+
+SIGTERM_SCRIPT = """
+import argparse, os, signal, subprocess, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import torch
+import gpu_train_check as gtc
+out = Path(sys.argv[2])
+args = argparse.Namespace(out=out, work=out.parent / "work", pieces="baseline", site=None, budget_s=450.0,
+                          variants="", pack_photos=None)
+check = gtc.TrainCheck(args, torch.device("cpu"), "cpu (dry run)")
+job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+check._procs.append(job)
+child = check.measuring(os.getpid)
+print("pids", job.pid, child, flush=True)
+check.dataset = lambda: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(60)  # the timeout, mid-piece
+check.run()
+print("not reached", flush=True)
+"""
+
+
+def test_the_scripts_timeout_keeps_the_json_and_stops_every_job(tmp_path):
+    """gpu_check.sh's timeout sends SIGTERM to the job check alone (its jobs and the measuring process run in
+    sessions of their own): it stops them, writes the JSON with the reason, prints the table and exits 1."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-c", SIGTERM_SCRIPT, str(REPO / "tools"), str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "not reached" not in r.stdout, r.stdout + r.stderr[-2000:]
+    job, child = (int(x) for x in r.stdout.split("pids ")[1].split()[:2])
+    assert not _alive(job) and not _alive(child)
+    saved = json.loads((out / "gpu_train_cpu-dry-run.json").read_text())
+    assert any(e.startswith("stopped by signal 15 at") for e in saved["errors"]), saved["errors"]
+    assert "job status / resumed" in r.stdout  # the table, last
+
+
+def test_a_job_that_was_not_interrupted_is_not_resumed(tmp_path, monkeypatch):
+    """The resume check relaunches only a job that the interruption stopped (exit 130): one that failed or ran
+    through has nothing to resume, and a second start would cost a job's time limit for nothing."""
+    check = _check(tmp_path, "resume")
+    calls = []
+
+    def job(cwd, run_dir, overrides, env, timeout, stop_after_step=None, **kw):
+        calls.append((run_dir, stop_after_step))
+        return {"rc": 1, "summary": {"status": "failed"}, "steps": [], "wall_s": 1.0, "log": "x", "log_tail": "boom\n"}
+
+    monkeypatch.setattr(gtc, "run_job", job)
+    check.resume()
+    assert sorted(calls, key=str) == sorted([("runs/uninterrupted", None), ("runs/resumed", check.z.stop_after)],
+                                            key=str)  # fmt: skip
+    assert check.result["resumed"] is False and "resumed" not in check.result["jobs"]
+    assert any("interrupted rc 1 status failed (boom)" in e for e in check.result["errors"]), check.result["errors"]

@@ -660,6 +660,10 @@ def table(result: dict) -> str:
                      ", ".join(f"{k} {v:.1f}" for k, v in prof["groups_ms_per_step"].items())
                      + (f", host gaps {prof['host_gap_ms_per_step']:.1f}" if prof.get("host_gap_ms_per_step")
                         is not None else "")))  # fmt: skip
+    if result.get("skipped"):
+        rows.append(("skipped (time budget; TRAIN_PIECES reruns)", ", ".join(x.split(":")[0] for x in result["skipped"])))
+    if result.get("errors"):
+        rows.append(("errors", f"{len(result['errors'])} (in the JSON)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -741,7 +745,7 @@ class TrainCheck:
             "precision": "bf16-mixed" if self.cuda else "fp32", "micro_batch": self.z.micro_batch, "world_size": 1,
             "baseline_img_per_s": None, "model_step_img_per_s": None, "end_to_end_img_per_s": None,
             "peak_memory_gb": None, "job_status": None, "resumed": None, "dry_run": not self.cuda, "errors": [],
-            "jobs": {}}  # fmt: skip
+            "skipped": [], "jobs": {}}  # fmt: skip
         self.base_kw = dict(name="danet152", batch=self.z.micro_batch, res=self.z.res, width=self.z.width,
                             layout="model", benchmark=False, policy="none", warmup=self.z.warmup,
                             repeats=self.z.repeats)  # fmt: skip
@@ -752,6 +756,7 @@ class TrainCheck:
         self._default_job: dict | None = None
         self._direct_job: dict | None = None
         self._default_procs: list[subprocess.Popen] = []
+        self._procs: list[subprocess.Popen] = []  # every other job started, for on_sigterm
         # the in-process model-step pieces (baseline, variants, equivalence, profile, memory) run in a child
         self.measuring = StepProcess()
 
@@ -789,11 +794,16 @@ class TrainCheck:
         return self.measuring(fn, timeout=None if math.isinf(left) else max(left, 30.0), device=self.device, **kw)
 
     def within(self, fraction: float, label: str) -> bool:
-        """Whether the time budget leaves room for ``label`` (else recorded as skipped)."""
+        """Whether the time budget leaves room for ``label`` (else recorded in ``skipped``: not an error, what a
+        rerun with TRAIN_PIECES can measure)."""
         if self.elapsed() < self.z.budget * fraction:
             return True
-        self.result["errors"].append(f"{label}: skipped (time budget)")
+        self.result["skipped"].append(f"{label}: skipped (time budget)")
         return False
+
+    def job_timeout(self) -> float:
+        """A job's time limit: its own, or what the budget has left (at least a minute), whichever is less."""
+        return min(self.z.job_timeout, max(60.0, self.z.budget - self.elapsed()))
 
     def job_args(self, batch: int, steps: int, every: int, deterministic: bool) -> list[str]:
         z = self.z
@@ -832,11 +842,14 @@ class TrainCheck:
                 shutil.rmtree(old, ignore_errors=True)  # a rerun starts both from scratch
             ref_cwd.mkdir(exist_ok=True)
             ref = threading.Thread(target=lambda: out.update(
-                reference=run_job(ref_cwd, "runs/uninterrupted", args, det_env, z.job_timeout)))
+                reference=run_job(ref_cwd, "runs/uninterrupted", args, det_env, self.job_timeout(),
+                                  on_start=self._procs.append)))  # fmt: skip
             ref.start()
-            out["interrupted"] = run_job(self.work, "runs/resumed", args, det_env, z.job_timeout,
-                                         stop_after_step=z.stop_after)
-            out["resumed"] = run_job(self.work, "runs/resumed", args, det_env, z.job_timeout)
+            out["interrupted"] = run_job(self.work, "runs/resumed", args, det_env, self.job_timeout(),
+                                         stop_after_step=z.stop_after, on_start=self._procs.append)  # fmt: skip
+            if out["interrupted"]["rc"] == 130:  # (a job that failed or ran through: nothing to resume)
+                out["resumed"] = run_job(self.work, "runs/resumed", args, det_env, self.job_timeout(),
+                                         on_start=self._procs.append)  # fmt: skip
             ref.join()
             return out
 
@@ -870,10 +883,10 @@ class TrainCheck:
 
         def go() -> None:
             try:
-                self._default_job = run_job(cwd, None, extra, self.env, self.z.job_timeout, config=None,
+                self._default_job = run_job(cwd, None, extra, self.env, self.job_timeout(), config=None,
                                             on_start=self._default_procs.append)  # fmt: skip
                 # then one rank by hand, no launcher (deliverable 1: `orchestrator train` on the GPU as well)
-                self._direct_job = run_job(cwd, "runs/direct", ["train.epochs=1"], self.env, self.z.job_timeout,
+                self._direct_job = run_job(cwd, "runs/direct", ["train.epochs=1"], self.env, self.job_timeout(),
                                            config=None, verb="train", on_start=self._default_procs.append)  # fmt: skip
             except Exception as exc:  # recorded by join_default: the main thread owns the result dict
                 self._default_job = {**(self._default_job or {}), "error": f"{type(exc).__name__}: {exc}"}
@@ -936,7 +949,8 @@ class TrainCheck:
         self.note(f"job {label}: steady state, micro-batch {mb}, {steps} steps, progress every {every}")
         shutil.rmtree(self.work / "runs" / label, ignore_errors=True)  # a rerun must not resume a finished run
         j = run_job(self.work, f"runs/{label}", self.job_args(mb, steps, every, False)
-                    + ["train.checkpoint_every_steps=0", *extra], self.env, z.job_timeout)  # fmt: skip
+                    + ["train.checkpoint_every_steps=0", *extra], self.env, self.job_timeout(),
+                    on_start=self._procs.append)  # fmt: skip
         peak = mlflow_peak_mb(self.work / "mlflow.db", j["summary"].get("mlflow_run_id"))
         out = {"rate": steady_rate(j["steps"], mb), "peak_gb": peak / 1024 if peak is not None and self.cuda else None}
         self.result["jobs"][label] = {**job_record(j, "steps", "forward_dtype"), "overrides": list(extra), "micro_batch": mb,
@@ -1036,6 +1050,8 @@ class TrainCheck:
         this card) is the fastest policy that fits it."""
         from orchestrator.plan import POLICIES, choose_auto
 
+        if not self.within(0.85, "memory"):  # (before the plan's probe, which builds the model)
+            return
         kw = {**self.fastest_kw(), "warmup": 1, "repeats": 2}
         plan, card_gb = self.plan_rows(kw["batch"])
         rows: dict[str, dict] = {}
@@ -1078,6 +1094,8 @@ class TrainCheck:
         from orchestrator.plan import choose_auto
 
         z = self.z
+        if not self.within(0.75, "plan micro-batch job"):  # (before the plan's probe, which builds the model)
+            return
         rows, _ = self.plan_rows(z.micro_batch)
         cap = min(128, (z.classes * z.per_class) // 4) if self.cuda else 2 * z.micro_batch  # CPU: the path only
         micro = min(cap, choose_auto(list(rows.values()))["max_micro_batch"])
@@ -1127,18 +1145,35 @@ class TrainCheck:
         """10. If time is left, the steady-state job again on DeepSpeed's bf16 engine, beside bf16-mixed."""
         if not self.cuda:
             return
-        if not (self.result["end_to_end_img_per_s"] and self.elapsed() < self.z.budget * 0.8):
-            self.result["errors"].append("precision job: skipped (time budget or no bf16-mixed rate)")
+        if not self.result["end_to_end_img_per_s"]:
+            self.result["skipped"].append("precision job: skipped (no bf16-mixed rate to compare with)")
+            return
+        if not self.within(0.8, "precision job"):
             return
         other = self.attempt("precision job", lambda: self.steady_job("throughput_bf16", "train.precision=bf16"))
         self.result["end_to_end_by_precision"] = {"bf16-mixed": self.result["end_to_end_img_per_s"],
                                                   "bf16": other["rate"] if other else None}
 
+    def on_sigterm(self, signum=signal.SIGTERM, frame=None) -> None:
+        """The script's own timeout (gpu_check.sh): its SIGTERM reaches this process only, the jobs and the
+        measuring process each run in a session of their own. Stop them, keep what was measured, print the
+        table, exit 1."""
+        self.result["errors"].append(f"stopped by signal {signum} at {self.elapsed():.0f} s (the script's "
+                                     "timeout): the pieces after this point did not run")  # fmt: skip
+        for p in self._procs + self._default_procs:
+            kill_job(p)
+        self.measuring.close(kill=True)
+        self.save()
+        self.show()
+        os._exit(1)
+
     def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.on_sigterm)
         if self.attempt("dataset", self.dataset) is None:
             self.save()
             self.show()
             return 1
+        self.save()  # from here on a JSON is there, whatever stops the run
         steps = [("resume", self.resume), ("baseline", self.baseline), ("throughput", self.throughput),
                  ("variants", self.levers), ("equivalence", self.equivalence), ("profile", self.profile),
                  ("fusion", self.fusion), ("plan_batch", self.plan_batch), ("memory", self.memory),

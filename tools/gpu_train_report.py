@@ -126,6 +126,7 @@ def report(r: dict, source: str) -> str:
            *_memory(r)]  # fmt: skip
     notes = [f"`{k[:-5]}` ran on {v}" for k, v in r.items() if k.endswith("_path") and isinstance(v, str)]
     notes += [n for n in (r.get("fusion_note"), r.get("plan_micro_batch_note")) if n]
+    notes += list(r.get("skipped") or [])
     if notes or r.get("errors"):
         out += ["", "Notes and errors:", ""] + [f"- {n}" for n in notes + list(r.get("errors") or [])]
     return "\n".join(out) + "\n"
