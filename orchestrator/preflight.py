@@ -287,11 +287,12 @@ def _check_resume_position(cfg: Config, run_dir: str | os.PathLike, tag_dir: Pat
     try:  # rank 0's small state file (loop state, RNG), not the weights
         loop = torch.load(tag_dir / "rank0.pt", weights_only=False, map_location="cpu").get("loop") or {}
         meta = json.loads((Path(cfg.data.root) / "meta.json").read_text())
-        n, new = int(meta["counts"]["train"]), (world_size, batch_plan(cfg, world_size).micro_batch)
+        plan = batch_plan(cfg, world_size)
+        n, new = int(meta["counts"]["train"]), (world_size, plan.micro_batch, plan.accumulation)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, UserError, pickle.UnpicklingError):
         return []  # unreadable here: the worker reports what it cannot load; a bad batch is reported elsewhere
     old, batches = tuple(loop.get("layout") or ()), int(loop.get("batch_in_epoch") or 0)
-    if not old or not batches or old == new:
+    if not old or not batches or (*old, 1)[:3] == new:
         return []
     try:
         translate_position(n, old, new, batches)

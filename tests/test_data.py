@@ -333,3 +333,20 @@ def test_resume_with_another_world_size_reads_the_same_samples(n):
         assert np.array_equal(np.sort(seen), np.sort(np.concatenate(ref)))  # the rest of the epoch, once each
     with pytest.raises(ValueError, match="not a batch boundary"):
         translate_position(n, (2, 32), (3, 48), 1)  # 64 samples in: not a multiple of 144
+
+
+@pytest.mark.parametrize("multiple", [2, 3])
+def test_an_epoch_is_whole_accumulations_of_micro_batches(multiple):
+    """With gradient accumulation the plan's micro-batches per epoch are a multiple of it (an epoch ends on an
+    optimizer step), still reading every sample once, with no empty batch; positions translate across layouts
+    counted the same way (a layout saved without accumulation has 1)."""
+    from orchestrator.data.sampling import ShardPlan, translate_position
+
+    for n in (1437, 1438, 640):
+        plans = [ShardPlan(n, r, 2, 16, seed=3, shuffle=True, multiple=multiple) for r in range(2)]
+        plain = ShardPlan(n, 0, 2, 16, seed=3, shuffle=True)
+        assert len(plans[0]) % multiple == 0 and len(plain) <= len(plans[0]) < len(plain) + multiple
+        seen = np.concatenate([b for p in plans for b in p.batches(epoch=2)])
+        assert np.array_equal(np.sort(seen), np.arange(n)) and min(map(len, plans[0].batches(2))) >= 1
+    assert translate_position(1437, (2, 32), (2, 32, 1), 5) == 5
+    assert translate_position(1437, (2, 16, 2), (1, 32, 2), 10) == 10  # the same samples per optimizer step

@@ -294,10 +294,12 @@ def build_loader(
     seed: int,
     device: str = "cpu",
     expect_classes: int | None = None,
+    accumulation: int = 1,
 ):
-    """The loader of ``split`` for one rank: DALI (``data.loader=dali``) or the plain torch fallback."""
+    """The loader of ``split`` for one rank: DALI (``data.loader=dali``) or the plain torch fallback; a training
+    epoch is whole ``accumulation``s of micro-batches."""
     kind = getattr(data_cfg, "loader", "dali")
-    args = (data_cfg, split, rank, world_size, batch_size, seed, device, expect_classes)
+    args = (data_cfg, split, rank, world_size, batch_size, seed, device, expect_classes, accumulation)
     if kind == "torch":
         from .torch_loader import TorchLoader
 

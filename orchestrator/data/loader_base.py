@@ -108,6 +108,7 @@ class LoaderBase:
         seed: int,
         device: str = "cpu",
         expect_classes: int | None = None,
+        accumulation: int = 1,
     ):
         self.cfg = data_cfg
         self.split = split
@@ -121,7 +122,9 @@ class LoaderBase:
                 f"data.val_resize ({self.val_resize}) must be >= data.image_size ({self.image_size})"
             )
         try:
-            self.plan = ShardPlan(self.reader.n, rank, world_size, batch_size, self.seed, shuffle=self.train)
+            # training epochs end on an optimizer step (sampling.ShardPlan): whole accumulations of micro-batches
+            self.plan = ShardPlan(self.reader.n, rank, world_size, batch_size, self.seed, shuffle=self.train,
+                                  multiple=accumulation if self.train else 1)
         except ValueError as e:
             raise UserError(f"{split} split of {data_cfg.root}: {e}") from None
         self.device = str(device)

@@ -2,8 +2,10 @@
 
 Per epoch the dataset order is a permutation drawn from ``(seed, epoch)`` (training) or the identity
 (validation). Rank ``r`` of ``W`` takes every W-th sample from position ``r``, so across ranks each sample is read
-exactly once per epoch. Every rank runs the same number of steps ``S = ceil(ceil(N / W) / B)``; a rank's batches
-are full except at the end, where sizes shrink just enough that no batch is ever empty.
+exactly once per epoch. Every rank runs the same number of steps ``S = ceil(ceil(N / W) / B)``, rounded up to a
+multiple of the gradient accumulation when there is one (so that an epoch ends on an optimizer step: micro-batches
+left over would carry their gradients into the next epoch, and a resume would drop them); a rank's batches are
+full except at the end, where sizes shrink just enough that no batch is ever empty.
 
 Augmentation parameters (random-resized-crop window, horizontal flip) come from a generator seeded with
 ``(seed, epoch, sample index)``: they do not depend on the rank, the world size or where a run resumed.
@@ -30,7 +32,8 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 class ShardPlan:
     """Batches of sample indices for one rank, per epoch."""
 
-    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, seed: int, shuffle: bool):
+    def __init__(self, n: int, rank: int, world_size: int, batch_size: int, seed: int, shuffle: bool,
+                 multiple: int = 1):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in a world of size {world_size}")
         if batch_size < 1:
@@ -42,11 +45,13 @@ class ShardPlan:
                 f"{n} samples cannot be spread over {world_size} ranks (each needs at least one)"
             )
         self.per_rank = n // world_size + (1 if rank < n % world_size else 0)
-        self.steps = math.ceil(math.ceil(n / world_size) / batch_size)
+        multiple = max(1, int(multiple))
+        self.steps = math.ceil(math.ceil(n / world_size) / batch_size / multiple) * multiple
         if n // world_size < self.steps:
+            accumulation = f" in whole accumulations of {multiple}" if multiple > 1 else ""
             raise ValueError(
                 f"{n} samples over {world_size} ranks at batch {batch_size}: the ranks cannot run the same "
-                f"number of non-empty steps; use a larger batch or a world size dividing {n}"
+                f"number of non-empty steps{accumulation}; use a larger batch or a world size dividing {n}"
             )
         self.sizes = self._sizes(self.per_rank)
 
@@ -68,28 +73,30 @@ class ShardPlan:
         return [mine[bounds[k] : bounds[k + 1]] for k in range(self.steps)]
 
 
-def consumed_samples(n: int, world_size: int, batch_size: int, batches: int) -> int:
+def consumed_samples(n: int, world_size: int, batch_size: int, batches: int, multiple: int = 1) -> int:
     """Samples all ranks together have read after ``batches`` batches of an epoch."""
-    return int(_consumed_by_batch(n, world_size, batch_size)[batches])
+    return int(_consumed_by_batch(n, world_size, batch_size, multiple)[batches])
 
 
-def _consumed_by_batch(n: int, world_size: int, batch_size: int) -> np.ndarray:
+def _consumed_by_batch(n: int, world_size: int, batch_size: int, multiple: int = 1) -> np.ndarray:
     """Entry k: samples all ranks together have read after k batches (k = 0 .. steps)."""
-    sizes = [ShardPlan(n, r, world_size, batch_size, 0, shuffle=False).sizes for r in range(world_size)]
+    sizes = [ShardPlan(n, r, world_size, batch_size, 0, False, multiple).sizes for r in range(world_size)]
     return np.concatenate([[0], np.cumsum(np.sum(sizes, axis=0))])
 
 
-def translate_position(n: int, old: tuple[int, int], new: tuple[int, int], batches: int) -> int:
-    """The batch index in layout ``new`` = (world size, batch) at which layout ``old`` stood after ``batches``.
+def translate_position(n: int, old: tuple[int, ...], new: tuple[int, ...], batches: int) -> int:
+    """The batch index in layout ``new`` = (world size, batch[, accumulation]) at which layout ``old`` stood
+    after ``batches`` (a layout without accumulation, as checkpoints before it was kept, has 1).
 
     Rank r takes every W-th sample of the epoch's order, so the first k full batches of all ranks together are
     the order's first k * W * B samples whatever W and B are: a run resumed with another world size (same global
     batch) reads exactly the samples the original would have read, step for step. Raises ValueError when the
     position falls between two batches of the new layout.
     """
+    old, new = (*old, 1)[:3], (*new, 1)[:3]
     if old == new:
         return batches
-    done = consumed_samples(n, *old, batches)
+    done = consumed_samples(n, old[0], old[1], batches, old[2])
     cumulative = _consumed_by_batch(n, *new)
     k = int(np.searchsorted(cumulative, done))
     if k < len(cumulative) and cumulative[k] == done:

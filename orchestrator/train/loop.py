@@ -50,7 +50,7 @@ class LoopState:
     best_val_top1: float = -1.0
     loss_digest: str = ""  # chain_loss_digest over every step's loss: equal digests = bitwise equal curves
     loss_tail: list = field(default_factory=list)  # the last LOSS_TAIL step losses, oldest first
-    layout: list = field(default_factory=list)  # [world size, micro-batch] that batch_in_epoch counts in
+    layout: list = field(default_factory=list)  # [world size, micro-batch, accumulation] that batch_in_epoch counts in
     last_eval: dict = field(default_factory=dict)  # the latest validation metrics
     # checkpoints written before the digest carry every loss: folded into digest and tail on load
     history: InitVar[list | None] = None

@@ -319,7 +319,8 @@ def _loaders(cfg: Config, info: RankInfo, plan: BatchPlan, device: str) -> tuple
 
     cfg.data.root = str(prepare_dataset(cfg))
     return tuple(build_loader(cfg.data, split, info.rank, info.world_size, plan.micro_batch, cfg.train.seed, device,
-                              expect_classes=cfg.model.num_classes) for split in ("train", "val"))
+                              expect_classes=cfg.model.num_classes, accumulation=plan.accumulation)
+                 for split in ("train", "val"))  # fmt: skip
 
 
 def _resume(job: Job) -> None:
@@ -339,8 +340,9 @@ def _resume(job: Job) -> None:
     resumed = ckpt.load(job.engine)
     job.engine.step_skip.prepare()  # options and buffers the step skip relies on, whatever the checkpoint held
     state = LoopState(**resumed) if resumed else LoopState()
-    layout = [info.world_size, job.plan.micro_batch]
-    if resumed and state.layout and state.layout != layout and state.batch_in_epoch:
+    layout = [info.world_size, job.plan.micro_batch, job.plan.accumulation]
+    was = [*state.layout, 1][:3] if state.layout else None  # (checkpoints before accumulation was kept: 1)
+    if resumed and was and was != layout and state.batch_in_epoch:
         from orchestrator.data.sampling import translate_position
 
         try:  # the same samples, step for step, counted in the new layout's batches
@@ -349,7 +351,7 @@ def _resume(job: Job) -> None:
         except ValueError as e:
             raise UserError(f"cannot resume mid-epoch with a new layout: {e}") from None
         log.info("resuming with %d ranks x micro-batch %d (was %d x %d): epoch position %d -> %d batches",
-                 *layout, *state.layout, state.batch_in_epoch, moved)
+                 *layout[:2], *was[:2], state.batch_in_epoch, moved)
         state.batch_in_epoch = moved
     state.layout = layout
     job.state, job.resumed = state, bool(resumed)
