@@ -334,3 +334,34 @@ def test_rank_that_fails_in_setup_leaves_the_process_group(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "raised: bad input after joining | process group still joined: False" in r.stdout, r.stdout + r.stderr[-2000:]
 
+
+
+FAIL_AFTER_START = """
+import json, sys
+from orchestrator.errors import UserError
+from orchestrator.train import worker
+def fit(job):  # what a stop's checkpoint on a full disk raises, after the tracker started
+    raise UserError("checkpoint step00000003 could not be written (no space left on device)")
+worker.fit = fit
+try:
+    worker.run(None, sys.argv[1], sys.argv[2:])
+except UserError as e:
+    print("raised:", e)
+"""
+
+
+def test_a_failure_after_tracking_started_ends_the_run_failed(tmp_path):
+    """An exception out of training or its end (a stop's checkpoint on a full disk, the final evaluation, the
+    weights' export) leaves summary.json saying failed with the error, and the MLflow run FAILED, not RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    env = _env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+    r = subprocess.run([sys.executable, "-c", FAIL_AFTER_START, str(tmp_path / "run"),
+                        f"data.root={REPO}/.cache/data/digits", *SMALL], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "raised: checkpoint step00000003" in r.stdout, r.stdout + r.stderr[-3000:]
+    s = summary(tmp_path, "run")
+    assert s["status"] == "failed" and "no space left on device" in s["error"] and s["mlflow_run_id"], s
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(s["mlflow_run_id"])
+    assert run.info.status == "FAILED", run.info.status

@@ -210,10 +210,30 @@ def run(config: str | None, run_dir: str, overrides: list[str], stops: StopReque
     that met bad input would exit -6 instead of 2, and the launcher would report a crash instead of the line."""
     try:
         job = setup(config, run_dir, overrides, stops or StopRequests())
-        outcome = fit(job)
-        return finish(job, outcome)
+        try:
+            outcome = fit(job)
+            return finish(job, outcome)
+        except Exception as e:  # (a save at a stop, the final evaluation, the weights' export)
+            _record_failure(job, e)
+            raise
     finally:
         dist.shutdown(sync=False)  # (a no-op after finish's own; no barrier: a peer may be stuck elsewhere)
+
+
+def _record_failure(job: Job, exc: Exception) -> None:
+    """An exception out of fit or finish: summary.json says failed, with the error (not the previous start's
+    status), and the MLflow run ends FAILED instead of staying RUNNING. Best effort: the exception is the report."""
+    try:
+        if job.info.is_primary:
+            write_summary(job.run_path, {**job.previous, "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                                         "steps": job.state.step, "epochs": job.state.epoch,
+                                         "mlflow_run_id": getattr(job.tracker, "run_id", None)})  # fmt: skip
+    except Exception as e:  # (the disk that failed the save may fail this too)
+        log.error("summary.json not written: %s", e)
+    try:
+        job.tracker.finish("failed")
+    except Exception as e:
+        log.error("MLflow run not ended: %s", e)
 
 
 def setup(config: str | None, run_dir: str, overrides: list[str], stops: StopRequests) -> Job:
