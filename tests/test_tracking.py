@@ -359,6 +359,29 @@ def test_server_stalled(outage_server, tmp_path, fast_retry, monkeypatch):
     assert client(server.uri).get_run(tr.run_id).info.status == "FINISHED"
 
 
+def test_a_requeue_does_not_wait_for_an_upload_in_flight(outage_server, tmp_path, fast_retry, monkeypatch):
+    """finish("requeued") runs between Slurm's warning and the time limit, and the batch script still has to
+    requeue the job after it: an artifact upload hanging on a stalled server is given up at the timeout, not
+    waited on for ARTIFACT_GRACE (600 s) as at a run's real end."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    server = outage_server
+    tr = create_tracker(make_cfg(server.uri, "requeue-upload"), tmp_path / "run", RANK0).start()
+    tr.log_metrics({"loss": 0.0}, step=0)
+    assert tr.flush(30)
+    big = tmp_path / "weights.bin"
+    big.write_bytes(os.urandom(8 << 20))
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    try:
+        tr.log_artifact(str(big), "weights")
+        time.sleep(1.0)  # the upload is in flight, on a server that never answers
+        t = time.monotonic()
+        tr.finish("requeued", timeout=3)
+        took = time.monotonic() - t
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    assert took < 30, took
+
+
 def test_store_down_at_finish_then_resume_sends_saved_metrics(outage_server, tmp_path, fast_retry):
     server = outage_server
     run_dir = tmp_path / "run"

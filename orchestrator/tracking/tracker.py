@@ -294,7 +294,10 @@ class MlflowTracker(NoopTracker):
         # 1. artifacts (and the logged model) first, while the run is open; an upload in progress gets extra time
         if STATUS_MAP[status] is not None:
             self._queue_model()
-        if not self._uploads.wait_idle(deadline, self.ARTIFACT_GRACE, lambda: self._disabled):
+        # no grace for a requeue: the batch script still has to run `scontrol requeue` before the time limit
+        # (the signal comes only minutes ahead), and the run continues in the next start, which logs again
+        grace = 0.0 if status == "requeued" else self.ARTIFACT_GRACE
+        if not self._uploads.wait_idle(deadline, grace, lambda: self._disabled):
             log.warning("MLflow: %d artifact upload(s) not done after %.0f s: giving up on them",
                         self._uploads.pending(), timeout)
         # 2. system metrics monitor: stopped before the run ends (bounded: its flush may hit a dead server)
