@@ -281,7 +281,7 @@ def _check_resume_position(cfg: Config, run_dir: str | os.PathLike, tag_dir: Pat
 
     import torch
 
-    from orchestrator.data.sampling import translate_position
+    from orchestrator.data.sampling import full_layout, translate_position
     from orchestrator.train.engine import batch_plan
 
     try:  # rank 0's small state file (loop state, RNG), not the weights
@@ -292,7 +292,7 @@ def _check_resume_position(cfg: Config, run_dir: str | os.PathLike, tag_dir: Pat
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, UserError, pickle.UnpicklingError):
         return []  # unreadable here: the worker reports what it cannot load; a bad batch is reported elsewhere
     old, batches = tuple(loop.get("layout") or ()), int(loop.get("batch_in_epoch") or 0)
-    if not old or not batches or (*old, 1)[:3] == new:
+    if not old or not batches or full_layout(old) == new:
         return []
     try:
         translate_position(n, old, new, batches)

@@ -764,6 +764,10 @@ class TrainCheck:
     def elapsed(self) -> float:
         return time.monotonic() - self.t_start
 
+    def left(self) -> float:
+        """Seconds of the time budget left (inf in the dry run)."""
+        return self.z.budget - self.elapsed()
+
     def save(self) -> None:
         """Rewrite the JSON: a timeout later keeps what was measured so far."""
         self.result["wall_s"] = round(self.elapsed(), 1)
@@ -790,7 +794,7 @@ class TrainCheck:
     def measure(self, fn, **kw):
         """``fn(self.device, **kw)`` in the measuring process, stopped once the time budget is spent (a hang must
         not run into the script's own timeout, which would lose the table and the pieces after it)."""
-        left = self.z.budget - self.elapsed()
+        left = self.left()
         return self.measuring(fn, timeout=None if math.isinf(left) else max(left, 30.0), device=self.device, **kw)
 
     def within(self, fraction: float, label: str) -> bool:
@@ -803,7 +807,7 @@ class TrainCheck:
 
     def job_timeout(self) -> float:
         """A job's time limit: its own, or what the budget has left (at least a minute), whichever is less."""
-        return min(self.z.job_timeout, max(60.0, self.z.budget - self.elapsed()))
+        return min(self.z.job_timeout, max(60.0, self.left()))
 
     def job_args(self, batch: int, steps: int, every: int, deterministic: bool) -> list[str]:
         z = self.z

@@ -17,7 +17,8 @@ import math
 
 import numpy as np
 
-__all__ = ["ShardPlan", "consumed_samples", "epoch_order", "translate_position", "train_params", "val_crop"]
+__all__ = ["ShardPlan", "consumed_samples", "epoch_order", "full_layout", "translate_position", "train_params",
+           "val_crop"]
 
 _AUG_STREAM = 0xDA7A
 
@@ -84,6 +85,12 @@ def _consumed_by_batch(n: int, world_size: int, batch_size: int, multiple: int =
     return np.concatenate([[0], np.cumsum(np.sum(sizes, axis=0))])
 
 
+def full_layout(layout) -> tuple[int, int, int]:
+    """(world size, batch, accumulation) from a layout as a checkpoint keeps it; one saved before accumulation
+    was kept, (world size, batch), has 1."""
+    return tuple((*layout, 1)[:3])
+
+
 def translate_position(n: int, old: tuple[int, ...], new: tuple[int, ...], batches: int) -> int:
     """The batch index in layout ``new`` = (world size, batch[, accumulation]) at which layout ``old`` stood
     after ``batches`` (a layout without accumulation, as checkpoints before it was kept, has 1).
@@ -93,7 +100,7 @@ def translate_position(n: int, old: tuple[int, ...], new: tuple[int, ...], batch
     batch) reads exactly the samples the original would have read, step for step. Raises ValueError when the
     position falls between two batches of the new layout.
     """
-    old, new = (*old, 1)[:3], (*new, 1)[:3]
+    old, new = full_layout(old), full_layout(new)
     if old == new:
         return batches
     done = consumed_samples(n, old[0], old[1], batches, old[2])

@@ -252,10 +252,9 @@ def setup(config: str | None, run_dir: str, overrides: list[str], stops: StopReq
     steps_per_epoch = max(1, len(loaders[0]) // plan.accumulation)
     model = prepare_model(cfg, build_model(cfg), device)
     engine = build_engine(cfg, model, plan, steps_per_epoch, precision)
-    forward_dtype = _watch_forward_dtype(engine.module)
     job = Job(cfg, info, run_path, stops, device, precision, plan, loaders, steps_per_epoch, engine,
-              CheckpointManager(run_path, info.rank, cfg.train.keep_top_k), t_start)
-    job.forward_dtype = forward_dtype
+              CheckpointManager(run_path, info.rank, cfg.train.keep_top_k), t_start,
+              forward_dtype=_watch_forward_dtype(engine.module))
     _resume(job)
     _start_tracking(job)
     job.callbacks = _callbacks(job)
@@ -360,20 +359,19 @@ def _resume(job: Job) -> None:
     resumed = ckpt.load(job.engine)
     job.engine.step_skip.prepare()  # options and buffers the step skip relies on, whatever the checkpoint held
     state = LoopState(**resumed) if resumed else LoopState()
-    layout = [info.world_size, job.plan.micro_batch, job.plan.accumulation]
-    was = [*state.layout, 1][:3] if state.layout else None  # (checkpoints before accumulation was kept: 1)
-    if resumed and was and was != layout and state.batch_in_epoch:
-        from orchestrator.data.sampling import translate_position
+    from orchestrator.data.sampling import full_layout, translate_position
 
+    layout = (info.world_size, job.plan.micro_batch, job.plan.accumulation)
+    was = full_layout(state.layout) if state.layout else None
+    if resumed and was and was != layout and state.batch_in_epoch:
         try:  # the same samples, step for step, counted in the new layout's batches
-            moved = translate_position(job.loaders[0].num_samples, tuple(state.layout), tuple(layout),
-                                       state.batch_in_epoch)
+            moved = translate_position(job.loaders[0].num_samples, was, layout, state.batch_in_epoch)
         except ValueError as e:
             raise UserError(f"cannot resume mid-epoch with a new layout: {e}") from None
         log.info("resuming with %d ranks x micro-batch %d (was %d x %d): epoch position %d -> %d batches",
                  *layout[:2], *was[:2], state.batch_in_epoch, moved)
         state.batch_in_epoch = moved
-    state.layout = layout
+    state.layout = list(layout)
     job.state, job.resumed = state, bool(resumed)
     job.previous = _previous_summary(job.run_path)
 
