@@ -3,16 +3,20 @@ GPU when the job trains on GPUs (NCCL), ``launch.local_ranks`` CPU ranks (gloo) 
 
 The launcher owns the process group of its ranks: Ctrl-C / SIGTERM is forwarded to every rank (each saves its
 checkpoint), and if one rank dies the others are given ``rank_timeout_s`` to notice and are then killed, so a
-dead peer never leaves the job hanging.
+dead peer never leaves the job hanging. A launcher that dies without forwarding anything (SIGKILL, the OOM killer)
+takes its ranks with it: each rank follows its launcher (``follow_launcher``), stops as if Ctrl-C'd, and exits
+``ORPHAN_GRACE_S`` later at the latest, so no orphan keeps the GPU or the run directory.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,15 +48,23 @@ def rank_envs(nprocs: int, port: int) -> list[dict[str, str]]:
                      master_port=port, source="env").torch_env() for r in range(nprocs)]
 
 
-def run_local(argv: list[str], nprocs: int, run_dir: Path, rank_timeout_s: int = 60) -> int:
+def run_local(argv: list[str], nprocs: int, run_dir: Path, rank_timeout_s: int = 60,
+              lock_fd: int | None = None) -> int:
     """Run ``python -m orchestrator train ARGV`` on ``nprocs`` local ranks; returns the job's exit code
-    (the first failing rank's code, else 0)."""
+    (the first failing rank's code, else 0). ``lock_fd``: the run directory's lock (launch/runlock.py), handed
+    to every rank so that it stays held until the last of them ends."""
+    from launch import runlock
+
     port = free_port()
     run_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
+    shared = {LAUNCHER_ENV: str(os.getpid()), "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nprocs))}
+    if lock_fd is not None:
+        shared[runlock.ENV_FD] = str(lock_fd)
     for env_r in rank_envs(nprocs, port):
-        env = {**os.environ, **env_r, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nprocs))}
-        procs.append(subprocess.Popen([sys.executable, "-m", "orchestrator", "train", *argv], env=env))
+        procs.append(subprocess.Popen([sys.executable, "-m", "orchestrator", "train", *argv],
+                                      env={**os.environ, **env_r, **shared},
+                                      pass_fds=() if lock_fd is None else (lock_fd,)))
 
     def forward(signum, frame):
         for p in procs:
@@ -92,3 +104,52 @@ def _wait(procs: list[subprocess.Popen], rank_timeout_s: int) -> int:
         code = next((c for c in codes if c != 0), 0)
     # A rank killed by a signal reports -SIG; report it the shell's way.
     return 128 - code if code < 0 else code
+
+
+LAUNCHER_ENV = "DANET_LAUNCHER_PID"  # set by run_local in each rank: the process the rank must not outlive
+# A rank whose launcher died gets this long to checkpoint and flush after the stop, then exits regardless: a
+# save stuck on a dead peer must not keep the GPU. (A danet152 checkpoint with ZeRO state to a slow shared file
+# system takes tens of seconds; a tracker flush to a slow server is cut short, its spill file keeps the rest.)
+ORPHAN_GRACE_S = 300.0
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def follow_launcher(grace_s: float = ORPHAN_GRACE_S, environ: dict[str, str] | None = None,
+                    poll_s: float = 0.5) -> bool:
+    """In a rank ``run_local`` started: end with the launcher. Returns whether there is a launcher to follow.
+
+    When the launcher goes, even by SIGKILL (which forwards nothing), the rank gets SIGTERM: the stop Ctrl-C
+    gives (checkpoint, summary 'interrupted', exit). Linux sends it at once (PR_SET_PDEATHSIG); a watcher thread
+    notices within ``poll_s`` elsewhere, or when the launcher died before the rank could ask. From then on the
+    rank has ``grace_s``: faulthandler's timer, which needs no GIL, prints every thread's stack and exits."""
+    env = os.environ if environ is None else environ
+    try:
+        launcher = int(env.get(LAUNCHER_ENV, ""))
+    except ValueError:
+        return False
+    # The kernel's signal covers a launcher that dies from now on; one gone already needs the watcher's.
+    signalled = _ask_kernel(signal.SIGTERM) and os.getppid() == launcher
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"rank {env.get('RANK', '?')}: its launcher (pid {launcher}) is gone; stopping, and exiting in "
+              f"{grace_s:.0f}s at the latest", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback_later(grace_s, exit=True)
+        if not signalled:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="follow-launcher", daemon=True).start()
+    return True
+
+
+def _ask_kernel(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent ends; False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

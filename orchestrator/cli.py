@@ -9,14 +9,16 @@ at once, before any rank, process, file or folder is made.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from orchestrator.errors import (
     UserError,
@@ -25,6 +27,9 @@ from orchestrator.errors import (
     report_bad_input,
     reported_bad_input,
 )
+
+if TYPE_CHECKING:
+    from launch.runlock import RunLock
 
 # DeepSpeed picks its accelerator at import: named here from the device nodes, without importing torch (any
 # /dev/nvidiaN: a container given one GPU of a host may see /dev/nvidia3 alone)
@@ -180,6 +185,7 @@ def cmd_launch(args, overrides: list[str]) -> int:
             if not os.environ.get("DATA_ROOT"):  # set: the job script points data.root at it on the nodes
                 problems += pf.check_dataset(cfg)
             problems += pf.check_resume(cfg, run_dir, max(nodes, 1) * max(gpn, 1))
+            problems += pf.check_run_dir_free(run_dir)  # a job running there now: the batch script would refuse
         pf.raise_if(problems)
         from launch import slurm as sl
 
@@ -203,6 +209,7 @@ def cmd_launch(args, overrides: list[str]) -> int:
         problems += pf.check_device(cfg, nprocs)
         problems += pf.check_dataset(cfg, verify_files=True)  # data.verify: headers / CRCs before any rank
         problems += pf.check_resume(cfg, run_dir, nprocs, pf.local_device(cfg))
+        problems += pf.check_run_dir_free(run_dir)
     pf.raise_if(problems)
     if args.dry_run:
         from orchestrator.plan import describe
@@ -212,21 +219,42 @@ def cmd_launch(args, overrides: list[str]) -> int:
         else:
             print(describe(cfg, nodes=1, gpus_per_node=nprocs))
         return 0
+    from launch.local import run_local
     from orchestrator.train.worker import prepare_dataset
 
-    prepare_dataset(cfg)  # the digits set is built once here, not by every rank at once
-    from launch.local import run_local
-
-    print(f"launch: {nprocs} local ranks, run dir {run_dir}", file=sys.stderr)
-    clear_bad_input(run_dir)
-    code = run_local(["--config", config_arg, "--run-dir", str(run_dir), *overrides], nprocs, run_dir,
-                     cfg.launch.rank_timeout_s)
+    with _run_lock(run_dir) as lock:  # held by the launcher and handed to its ranks (launch/runlock.py)
+        prepare_dataset(cfg)  # the digits set is built once here, not by every rank at once
+        print(f"launch: {nprocs} local ranks, run dir {run_dir}", file=sys.stderr)
+        clear_bad_input(run_dir)
+        code = run_local(["--config", config_arg, "--run-dir", str(run_dir), *overrides], nprocs, run_dir,
+                         cfg.launch.rank_timeout_s, lock_fd=lock.fd if lock else None)
     _print_summary(run_dir)
     if code == 2:  # a rank met bad input mid-run (e.g. a corrupt record): its line is the last word
         error = reported_bad_input(run_dir)
         if error:
             raise UserError(error)
     return code
+
+
+def _take_run_lock(run_dir: str | os.PathLike) -> RunLock | None:
+    """``run_dir``'s lock (None: a file system without flock); a job taking it since the preflight is bad input."""
+    from launch import runlock
+
+    try:
+        return runlock.acquire(run_dir)
+    except runlock.RunDirBusy as e:
+        raise UserError(str(e)) from None
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: str | os.PathLike) -> Iterator[RunLock | None]:
+    """Hold ``run_dir``'s lock for the block."""
+    lock = _take_run_lock(run_dir)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -250,7 +278,11 @@ def cmd_train(args, overrides: list[str]) -> int:
     from orchestrator.train.signals import StopRequests
 
     stops = StopRequests()  # before torch/DeepSpeed import: Slurm's USR2 may arrive during start-up
+    from launch import runlock
     from launch.env import rank_info
+    from launch.local import follow_launcher
+
+    follow_launcher()  # a rank of `orchestrator launch` ends with it, even a SIGKILLed one
     from orchestrator import preflight as pf
     from orchestrator.config.load import resolve_config
 
@@ -258,8 +290,9 @@ def cmd_train(args, overrides: list[str]) -> int:
     cfg, problems = resolve_config(args.config, overrides)
     if not run_dir:
         problems.append("orchestrator train needs --run-dir DIR (or RUN_DIR in the environment)")
+    info = rank_info()
+    own_lock = bool(run_dir) and runlock.taken_by_rank(run_dir, info)
     if cfg is not None:  # this rank's share of the launcher's checks, before anything is written
-        info = rank_info()
         if run_dir:
             problems += pf.check_writable_dir(run_dir, "--run-dir")
         problems += pf.check_batch(cfg, info.world_size)
@@ -267,7 +300,11 @@ def cmd_train(args, overrides: list[str]) -> int:
         problems += pf.check_dataset(cfg)
         if run_dir:
             problems += pf.check_resume(cfg, run_dir, info.world_size, pf.local_device(cfg))
+            if own_lock:
+                problems += pf.check_run_dir_free(run_dir)
     pf.raise_if(problems)
+    # Held to the process's end: nothing closes its descriptor (a RunLock has no finalizer).
+    lock = _take_run_lock(run_dir) if own_lock else None  # noqa: F841
     from orchestrator.train.worker import run
 
     try:

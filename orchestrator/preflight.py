@@ -229,6 +229,17 @@ def local_device(cfg: Config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_run_dir_free(run_dir: str | os.PathLike) -> list[str]:
+    """No other job holds ``run_dir`` (launch/runlock.py): two jobs in one run directory overwrite each other's
+    checkpoints. A lock this process inherited from its launcher is its own job's, not another's."""
+    from launch import runlock
+
+    if runlock.inherited(run_dir):
+        return []
+    who = runlock.holder(run_dir)
+    return [] if who is None else [runlock.busy_line(run_dir, who)]
+
+
 def check_resume(cfg: Config, run_dir: str | os.PathLike, world_size: int, device: str | None = None) -> list[str]:
     """A run dir's latest complete checkpoint must be one this config and world size can load. ``device``: the
     ranks' device when known (resolves train.precision=auto), None for a job that runs elsewhere."""

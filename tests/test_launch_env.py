@@ -41,3 +41,49 @@ def test_local_launcher_environments():
     assert [e["RANK"] for e in envs] == ["0", "1", "2"]
     assert all(e["WORLD_SIZE"] == "3" and e["MASTER_PORT"] == "24000" for e in envs)
     assert [rank_info(e).local_rank for e in envs] == [0, 1, 2]
+
+
+# --- one job per run directory (launch/runlock.py) -------------------------------------------------------------
+def _in_child(code: str, env: dict | None = None, pass_fds: tuple[int, ...] = ()) -> str:
+    """Run ``code`` in another process (a flock is per open file: another process is another job)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": repo, **(env or {})},
+                       capture_output=True, text=True, timeout=60, pass_fds=pass_fds)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_run_lock_names_its_holder_refuses_others_and_passes_to_ranks(tmp_path):
+    import os
+
+    from launch import runlock
+    from launch.env import RankInfo
+
+    run_dir = tmp_path / "run"
+    assert runlock.holder(run_dir) is None and not run_dir.exists()  # a probe creates nothing
+    probe = f"from launch import runlock; print(runlock.holder({str(run_dir)!r}))"
+    with runlock.acquire(run_dir) as lock:
+        assert _in_child(probe).startswith(f"pid {os.getpid()} on ")
+        try:  # another job waits, then is refused with the holder named
+            runlock.acquire(run_dir, wait_s=0.3)
+            raise AssertionError("a held run dir was locked twice")
+        except runlock.RunDirBusy as e:
+            assert f"is in use by a running job (pid {os.getpid()} " in str(e)
+        # A rank handed the descriptor is the holder's own job: nothing to refuse, nothing to take.
+        ranked = ("from launch import runlock; from launch.env import rank_info; from orchestrator import preflight; "
+                  f"d = {str(run_dir)!r}; print(runlock.inherited(d), runlock.taken_by_rank(d, rank_info()), "
+                  "preflight.check_run_dir_free(d))")
+        env = {runlock.ENV_FD: str(lock.fd), "RANK": "0", "WORLD_SIZE": "2"}
+        assert _in_child(ranked, env, pass_fds=(lock.fd,)) == "True False []"
+        # Without it, rank 0 of a hand-started job must take the lock itself, and is told who has it.
+        out = _in_child(ranked, {"RANK": "0", "WORLD_SIZE": "2"})
+        assert out.startswith("False True ['--run-dir ") and "is in use by a running job" in out, out
+    assert _in_child(probe) == "None"  # released with its descriptor
+    assert not runlock.taken_by_rank(run_dir, RankInfo(source="slurm"))  # the batch shell holds it
+    assert not runlock.taken_by_rank(run_dir, RankInfo(rank=1, world_size=2, source="env"))
+    assert runlock.taken_by_rank(run_dir, RankInfo())

@@ -267,6 +267,58 @@ def test_dead_rank_ends_the_job_promptly_and_relaunch_resumes(tmp_path):
     assert s["status"] == "completed" and s["restarts"] >= 1 and s["steps"] == 8
 
 
+def test_a_run_dir_in_use_is_refused_and_a_killed_launcher_takes_its_ranks_with_it(tmp_path):
+    """One job per run directory (launch/runlock.py), and no orphans: a second `launch` or a hand-started
+    `train` in a running job's run directory is refused in one line (exit 2); the launcher SIGKILLed (nothing
+    forwarded) leaves ranks that checkpoint, exit, and resume on the next launch."""
+    p = launch_until(tmp_path, "runs/o", "step 3/")
+    ranks = [c for c in psutil.Process(p.pid).children(recursive=True) if "train" in " ".join(c.cmdline())]
+    assert len(ranks) == 2
+    second = launch(tmp_path, "runs/o")
+    direct = subprocess.run([sys.executable, "-m", "orchestrator", "train", "--run-dir", "runs/o",
+                             f"data.root={REPO}/.cache/data/digits", *SMALL], cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    for r in (second, direct):
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+        assert f"--run-dir runs/o is in use by a running job (pid {p.pid} on " in lines[0], lines
+    assert not (tmp_path / "runs/o/ERROR").exists() and p.poll() is None  # the refusals wrote and stopped nothing
+    p.kill()  # the launcher alone, by SIGKILL: it forwards nothing
+    p.wait(timeout=30)
+    gone, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive, [a.pid for a in alive]
+    s = summary(tmp_path, "runs/o")
+    assert s["status"] == "interrupted" and 3 <= s["steps"] < 46, s  # stopped as by Ctrl-C, mid-run
+    assert "its launcher (pid" in (tmp_path / "o.log").read_text()
+    r = launch(tmp_path, "runs/o")
+    assert r.returncode == 0, r.stderr[-4000:]
+    s2 = summary(tmp_path, "runs/o")
+    assert s2["status"] == "completed" and s2["steps"] == 46 and s2["restarts"] == 1, s2
+
+
+def test_an_orphaned_rank_that_does_not_stop_exits_after_its_grace(tmp_path):
+    """follow_launcher's deadline: a rank that ignores the stop (a save stuck on a dead peer) still exits
+    grace_s after its launcher died, with every thread's stack on stderr."""
+    rank = ("import signal, sys, time; from launch.local import follow_launcher; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); assert follow_launcher(grace_s=1.0, poll_s=0.1); "
+            "print('ready', flush=True); time.sleep(600)")
+    launcher = ("import os, subprocess, sys, time; "
+                f"c = subprocess.Popen([sys.executable, '-c', {rank!r}], env={{**os.environ, "
+                "'DANET_LAUNCHER_PID': str(os.getpid())}, stdout=sys.stdout, stderr=open(sys.argv[1], 'w')); "
+                "print(c.pid, flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", launcher, str(tmp_path / "rank.err")], env=_env(),
+                         stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(p.stdout.readline()))
+    assert p.stdout.readline().strip() == "ready"
+    p.kill()
+    p.wait(timeout=30)
+    t0 = time.monotonic()
+    child.wait(timeout=30)  # (not our child: its exit code is its reaper's)
+    assert time.monotonic() - t0 < 15
+    err = (tmp_path / "rank.err").read_text()
+    assert f"its launcher (pid {p.pid}) is gone" in err and "most recent call first" in err, err
+
+
 @pytest.mark.parametrize("policy", ["skip", "stop"])
 def test_nan_loss_policy(policy, tmp_path):
     r = subprocess.run([sys.executable, "-m", "orchestrator", "launch", "--run-dir", "runs/n",

@@ -152,10 +152,13 @@ esac
 """
 
 
-def _batch_shell(tmp_path: Path, stub: str, signal_after_start: bool = False) -> tuple[int, str, Path]:
+def _batch_shell(tmp_path: Path, stub: str, signal_after_start: bool = False, real_python: bool = False,
+                 **env_extra: str) -> tuple[int, str, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", STUB_SRUN), ("python", "#!/bin/sh\nexit 0\n"),
+    python = (f'#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} "$@"\n' if real_python
+              else "#!/bin/sh\nexit 0\n")
+    for name, text in (("srun", STUB_SRUN), ("python", python),
                        ("scontrol", '#!/bin/sh\necho "$@" >> "$STUB_LOG"\n')):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
@@ -165,7 +168,7 @@ def _batch_shell(tmp_path: Path, stub: str, signal_after_start: bool = False) ->
                                           gpus_per_node=1, home=tmp_path))
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB": stub, "STUB_LOG": str(tmp_path / "scontrol.log"),
            "SLURM_JOB_ID": "42", "SLURM_JOB_NAME": "digits", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "4",
-           "SLURM_JOB_NODELIST": "node[1-4]", "SLURM_SUBMIT_DIR": str(tmp_path)}
+           "SLURM_JOB_NODELIST": "node[1-4]", "SLURM_SUBMIT_DIR": str(tmp_path), **env_extra}
     p = subprocess.Popen(["bash", str(script)], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     if signal_after_start:
@@ -195,6 +198,26 @@ def test_batch_shell_forwards_the_warning_to_the_step(tmp_path):
     rc, out, calls = _batch_shell(tmp_path, "wait", signal_after_start=True)
     assert rc == 0 and "pre-timeout signal" in out and "checkpoint at step 7" in out
     assert calls.read_text() == "requeue 42\n"
+
+
+def test_batch_shell_refuses_a_run_dir_in_use_and_a_requeued_start_waits(tmp_path):
+    """The batch shell holds RUN_DIR/.run.lock for the job (launch/runlock.py): a job in a run directory another
+    job is using is refused with the holder named, exit 2, before srun; a requeued start waits for the lock."""
+    from launch import runlock
+
+    run_dir = tmp_path / "run"
+    with runlock.acquire(run_dir):  # another job: this process
+        rc, out, _ = _batch_shell(tmp_path, "ok", real_python=True)
+    assert rc == 2 and "training finished" not in out, out
+    assert f"is in use by a running job (pid {os.getpid()} on " in out and "choose another --run-dir" in out, out
+    rc, out, _ = _batch_shell(tmp_path, "ok")  # free again: it runs, and names itself as the holder
+    assert rc == 0 and "training finished" in out, out
+    assert json.loads((run_dir / runlock.LOCK_NAME).read_text())["slurm_job"] == "42"
+    lock = runlock.acquire(run_dir)
+    threading.Timer(2.0, lock.release).start()  # the previous start's lock, gone 2 s into the requeued start
+    t0 = time.monotonic()
+    rc, out, _ = _batch_shell(tmp_path, "ok", SLURM_RESTART_COUNT="1")
+    assert rc == 0 and "training finished" in out and time.monotonic() - t0 >= 1.5, out
 
 
 # --- the real cluster --------------------------------------------------------------------------------------------
