@@ -2,7 +2,8 @@
 GPU when the job trains on GPUs (NCCL), ``launch.local_ranks`` CPU ranks (gloo) otherwise.
 
 The launcher owns the process group of its ranks: Ctrl-C / SIGTERM is forwarded to every rank (each saves its
-checkpoint), and if one rank dies the others are given ``rank_timeout_s`` to notice and are then killed, so a
+checkpoint; a stop still running is reported every 30 s, and a second Ctrl-C kills the ranks at once, the
+checkpoints being crash-safe), and if one rank dies the others are given ``rank_timeout_s`` to notice and are then killed, so a
 dead peer never leaves the job hanging. A launcher that dies without forwarding anything (SIGKILL, the OOM killer)
 takes its ranks with it: each rank follows its launcher (``follow_launcher``), stops as if Ctrl-C'd, and exits
 ``ORPHAN_GRACE_S`` later at the latest, so no orphan keeps the GPU or the run directory.
@@ -66,33 +67,69 @@ def run_local(argv: list[str], nprocs: int, run_dir: Path, rank_timeout_s: int =
                                       env={**os.environ, **env_r, **shared},
                                       pass_fds=() if lock_fd is None else (lock_fd,)))
 
-    def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+    stops = _Stops(procs)
+    old = {s: signal.signal(s, stops) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     try:
-        return _wait(procs, rank_timeout_s)
+        code = _wait(procs, rank_timeout_s, stops)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    return 130 if stops.killed else code  # killed on a second stop: still an interrupt, as a sweep counts it
 
 
-def _wait(procs: list[subprocess.Popen], rank_timeout_s: int) -> int:
+class _Stops:
+    """The stop signals reaching the launcher. The first SIGINT / SIGTERM goes to every rank (each checkpoints
+    and stops); a second kills the ranks at once, for a stop that takes too long: the checkpoint protocol is
+    crash-safe, so the run resumes from its last complete checkpoint. SIGUSR2 (checkpoint, requeue) always goes
+    to the ranks."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.procs = procs
+        self.first_at: float | None = None
+        self.killed = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        live = [p for p in self.procs if p.poll() is None]
+        if signum != signal.SIGUSR2 and self.first_at is not None:
+            print(f"launch: {name} again: killing the ranks without a checkpoint; launching again resumes from "
+                  "the last complete one", file=sys.stderr, flush=True)
+            self.killed = True
+            for p in live:
+                p.kill()
+            return
+        if signum != signal.SIGUSR2:
+            self.first_at = time.monotonic()
+            print(f"launch: {name}: every rank saves a checkpoint and stops ({name} again: stop at once, "
+                  "without one)", file=sys.stderr, flush=True)
+        for p in live:
+            p.send_signal(signum)
+
+
+STOP_REPORT_S = 30.0  # a stop still in progress is reported this often: a long save never looks like a hang
+
+
+def _wait(procs: list[subprocess.Popen], rank_timeout_s: int, stops: _Stops) -> int:
     failed_at: float | None = None
+    reported_at: float | None = None
     code = 0
     while True:
         codes = [p.poll() for p in procs]
         if all(c is not None for c in codes):
             break
+        now = time.monotonic()
+        if stops.first_at is not None and now - (reported_at or stops.first_at) >= STOP_REPORT_S:
+            reported_at = now
+            running = ", ".join(str(r) for r, c in enumerate(codes) if c is None)
+            print(f"launch: rank(s) {running} still stopping, {now - stops.first_at:.0f}s after the stop "
+                  "(saving their checkpoint); Ctrl-C again to stop them at once", file=sys.stderr, flush=True)
         bad = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
         if bad and failed_at is None:
-            failed_at = time.monotonic()
+            failed_at = now
             code = bad[0][1]
             print(f"launch: rank {bad[0][0]} exited with code {bad[0][1]}; waiting up to {rank_timeout_s}s "
                   "for the other ranks", file=sys.stderr)
-        if failed_at is not None and time.monotonic() - failed_at > rank_timeout_s:
+        if failed_at is not None and now - failed_at > rank_timeout_s:
             for r, p in enumerate(procs):
                 if p.poll() is None:
                     print(f"launch: rank {r} still running {rank_timeout_s}s after a peer failed; killing it",

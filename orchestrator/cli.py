@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -222,7 +221,8 @@ def cmd_launch(args, overrides: list[str]) -> int:
     from launch.local import run_local
     from orchestrator.train.worker import prepare_dataset
 
-    with _run_lock(run_dir) as lock:  # held by the launcher and handed to its ranks (launch/runlock.py)
+    # Held by the launcher and handed to its ranks (launch/runlock.py); None on a file system without flock.
+    with _take_run_lock(run_dir) or contextlib.nullcontext() as lock:
         prepare_dataset(cfg)  # the digits set is built once here, not by every rank at once
         print(f"launch: {nprocs} local ranks, run dir {run_dir}", file=sys.stderr)
         clear_bad_input(run_dir)
@@ -244,17 +244,6 @@ def _take_run_lock(run_dir: str | os.PathLike) -> RunLock | None:
         return runlock.acquire(run_dir)
     except runlock.RunDirBusy as e:
         raise UserError(str(e)) from None
-
-
-@contextlib.contextmanager
-def _run_lock(run_dir: str | os.PathLike) -> Iterator[RunLock | None]:
-    """Hold ``run_dir``'s lock for the block."""
-    lock = _take_run_lock(run_dir)
-    try:
-        yield lock
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _print_summary(run_dir: Path) -> None:

@@ -89,7 +89,8 @@ mkdir -p "$run_dir" || { say "error: cannot create run directory $run_dir"; exit
 # shared file system its previous start's lock can outlive a lost node for a lock lease.
 if command -v flock >/dev/null 2>&1; then
   exec 9>>"$run_dir/.run.lock"
-  if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then flock -w 120 9; else flock -n 9; fi || {
+  flock -n 9 || { [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] &&
+    say "run dir $run_dir is locked (by this job's previous start?); waiting up to 120 s for it" && flock -w 120 9; } || {
     say "error: $(python -c 'import sys; from launch import runlock as r; d = sys.argv[1]
 print(r.busy_line(d, r.describe_holder(r.lock_path(d))))' "$run_dir")"
     exit 2

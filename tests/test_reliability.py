@@ -82,6 +82,28 @@ def test_ctrl_c_then_resume_is_bitwise_identical(straight, tmp_path):
     assert s2["mlflow_run_id"] == s["mlflow_run_id"]  # one MLflow run across the restart
 
 
+def test_a_second_ctrl_c_stops_the_ranks_at_once_and_the_run_still_resumes(tmp_path):
+    """A stop that does not end (here a rank frozen, as by a hung file system) is cut short by a second Ctrl-C:
+    the launcher kills its ranks and exits 130 (an interrupt, as a sweep counts it); the checkpoint protocol is
+    crash-safe, so the next launch resumes."""
+    p = launch_until(tmp_path, "runs/k", "step 5/")
+    ranks = [c for c in psutil.Process(p.pid).children(recursive=True) if "train" in " ".join(c.cmdline())]
+    next(c for c in ranks if c.environ().get("RANK") == "1").suspend()  # SIGSTOP: the stop cannot be agreed
+    p.send_signal(signal.SIGINT)
+    time.sleep(3)
+    assert p.poll() is None  # the first Ctrl-C waits for the ranks' checkpoint, which cannot come
+    p.send_signal(signal.SIGINT)
+    assert p.wait(timeout=60) == 130
+    gone, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, [a.pid for a in alive]
+    log = (tmp_path / "k.log").read_text()
+    assert "launch: SIGINT: every rank saves a checkpoint and stops" in log and "SIGINT again: killing" in log, log
+    r = launch(tmp_path, "runs/k")
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = summary(tmp_path, "runs/k")
+    assert s["status"] == "completed" and s["steps"] == 46 and s["restarts"] == 1, s
+
+
 def test_a_crash_after_an_epoch_resumes_identically_with_gradient_accumulation(tmp_path):
     """Micro-batches of 16 accumulated in pairs (2 ranks, global 64; 719 train samples per rank): an epoch's
     micro-batches come in whole pairs, so it ends on an optimizer step, and a run killed after its epoch-end

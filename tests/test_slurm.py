@@ -218,6 +218,7 @@ def test_batch_shell_refuses_a_run_dir_in_use_and_a_requeued_start_waits(tmp_pat
     t0 = time.monotonic()
     rc, out, _ = _batch_shell(tmp_path, "ok", SLURM_RESTART_COUNT="1")
     assert rc == 0 and "training finished" in out and time.monotonic() - t0 >= 1.5, out
+    assert "is locked (by this job's previous start?); waiting up to 120 s" in out, out
 
 
 # --- the real cluster --------------------------------------------------------------------------------------------

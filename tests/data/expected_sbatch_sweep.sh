@@ -76,6 +76,22 @@ run_dir=${run_dir:-${SLURM_SUBMIT_DIR:-$PWD}/runs/${SLURM_JOB_NAME}-${SLURM_JOB_
 case $run_dir in /*) ;; *) run_dir=$PWD/$run_dir ;; esac
 if [ -n "${DATA_ROOT:-}" ]; then args=("data.root=$DATA_ROOT" "${args[@]}"); fi  # a later data.root= wins
 mkdir -p "$run_dir" || { say "error: cannot create run directory $run_dir"; exit 2; }
+# One job per run directory (launch/runlock.py): this shell holds RUN_DIR/.run.lock for the whole job, so a job
+# started there meanwhile, by Slurm or by hand, is refused. A requeued start waits up to 120 s instead: on a
+# shared file system its previous start's lock can outlive a lost node for a lock lease.
+if command -v flock >/dev/null 2>&1; then
+  exec 9>>"$run_dir/.run.lock"
+  flock -n 9 || { [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] &&
+    say "run dir $run_dir is locked (by this job's previous start?); waiting up to 120 s for it" && flock -w 120 9; } || {
+    say "error: $(python -c 'import sys; from launch import runlock as r; d = sys.argv[1]
+print(r.busy_line(d, r.describe_holder(r.lock_path(d))))' "$run_dir")"
+    exit 2
+  }
+  printf '{"pid": %d, "host": "%s", "slurm_job": "%s", "started": "%s"}\n' "$$" "$(hostname)" "$SLURM_JOB_ID" \
+    "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$run_dir/.run.lock"
+else
+  say "warning: no flock(1) here: a second job started in $run_dir would not be refused"
+fi
 rm -f "$run_dir/REQUEUE"
 
 # Pre-timeout warning (#SBATCH --signal=B:USR2@LEAD reaches this shell only): forward it to the training step.
