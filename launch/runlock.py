@@ -7,7 +7,8 @@ process that starts a job takes the lock before any rank exists:
 * ``orchestrator launch`` (local) takes it and hands its descriptor to every rank (``ENV_FD``): the lock is held
   while the launcher *or any of its ranks* lives, so ranks outliving a killed launcher still hold it;
 * the Slurm batch script takes it with ``flock`` in the batch shell (launch/slurm.py, BODY), for the allocation;
-* ``orchestrator train`` started by hand (or by torchrun) takes it on rank 0.
+* ``orchestrator train`` started by hand (or by torchrun) takes it on rank 0;
+* ``orchestrator sweep`` holds its folder's own lock (``.sweep.lock``) while its runs train locally.
 
 It is ``flock(2)``: the kernel drops it when the last process holding it ends, SIGKILL included, so a crashed job
 never leaves a stale lock on a local disk. File systems without flock get a warning and no lock.
@@ -33,7 +34,11 @@ _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 class RunDirBusy(Exception):
-    """The run directory's lock is held by another job; ``str(e)`` is the user's one line."""
+    """The lock is held by another process: ``holder`` says who; ``str(e)`` is a run directory's one line."""
+
+    def __init__(self, line: str, holder: str):
+        super().__init__(line)
+        self.holder = holder
 
 
 @dataclass
@@ -55,8 +60,8 @@ class RunLock:
         self.release()
 
 
-def lock_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / LOCK_NAME
+def lock_path(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> Path:
+    return Path(run_dir) / name
 
 
 def describe_holder(path: Path) -> str:
@@ -94,9 +99,10 @@ def taken_by_rank(run_dir: str | os.PathLike, info: RankInfo, environ: dict[str,
     return info.source != "slurm" and info.rank == 0 and not inherited(run_dir, environ)
 
 
-def holder(run_dir: str | os.PathLike) -> str | None:
-    """Who holds ``run_dir``'s lock now, or None when nobody does. Creates and writes nothing (a preflight)."""
-    path = lock_path(run_dir)
+def holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:
+    """Who holds ``run_dir``'s lock now, or None when nobody does. Creates and writes nothing (a preflight).
+    ``name``: the lock file (a sweep's folder has its own, ``.sweep.lock``)."""
+    path = lock_path(run_dir, name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -114,12 +120,12 @@ def holder(run_dir: str | os.PathLike) -> str | None:
         os.close(fd)  # a shared lock taken by the probe goes with the descriptor
 
 
-def acquire(run_dir: str | os.PathLike, wait_s: float = 0.0) -> RunLock | None:
+def acquire(run_dir: str | os.PathLike, wait_s: float = 0.0, name: str = LOCK_NAME) -> RunLock | None:
     """Take ``run_dir``'s lock (creating the folder and the file) and record this process as its holder.
 
     Waits up to ``wait_s`` for a holder to end, then raises ``RunDirBusy``. Returns None, with a warning on
     stderr, where the file system has no flock: the job runs unguarded rather than not at all."""
-    path = lock_path(run_dir)
+    path = lock_path(run_dir, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + wait_s
@@ -130,13 +136,14 @@ def acquire(run_dir: str | os.PathLike, wait_s: float = 0.0) -> RunLock | None:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                raise RunDirBusy(busy_line(run_dir, describe_holder(path))) from None
+                who = describe_holder(path)
+                raise RunDirBusy(busy_line(run_dir, who), who) from None
             time.sleep(0.2)
         except OSError as e:
             os.close(fd)
             if e.errno in _NO_FLOCK:
                 print(f"warning: {path.parent} does not support flock ({e.strerror}); two jobs started in this "
-                      "run directory at once would not be refused", file=sys.stderr)
+                      "folder at once would not be refused", file=sys.stderr)
                 return None
             raise
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),

@@ -327,6 +327,22 @@ def test_sweep_status_and_a_different_sweep_in_the_same_dir(local_sweep):
     assert len(p.stderr.strip().splitlines()) == 1 and (d / "sweep.json").stat().st_mtime_ns == mtime
 
 
+def test_a_sweep_running_in_its_folder_refuses_a_second(local_sweep):
+    """A second `orchestrator sweep` in a folder whose sweep is running is refused, naming the holder, before it
+    writes anything (the two would train the same runs twice and overwrite each other's sweep.json)."""
+    from launch import runlock
+    from orchestrator.sweep.local import LOCK
+
+    d = local_sweep["dir"]
+    mtime = (d / "sweep.json").stat().st_mtime_ns
+    with runlock.acquire(d, name=LOCK):  # the running sweep: this process
+        p = _sweep(*local_sweep["args"], cwd=local_sweep["cwd"])
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
+    assert f"another `orchestrator sweep` is running in {d} (pid {os.getpid()} on " in lines[0], lines
+    assert (d / "sweep.json").stat().st_mtime_ns == mtime
+
+
 # --- the same sweep as one job array on the local Slurm -------------------------------------------------------------
 def _wait_job(job: str, timeout: float, until) -> dict:
     deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ from typing import TextIO
 from orchestrator.errors import UserError
 
 from . import state as st
-from .local import LaunchOne, is_running_here, run_sweep, sweep_lock
+from .local import LaunchOne, check_not_running, run_sweep, sweep_lock
 from .parent import open_parent
 from .spec import SweepSpec, build
 
@@ -99,9 +99,7 @@ def launch_sweep(config: str | None, run_dir: str | None, overrides: list[str], 
         old = st.load(sweep_dir)
         st.check_same_sweep(old, state.config, state.fixed, state.axes)
         state = old  # same config and axes: the same runs, in the same order, in the same directories
-        if is_running_here(sweep_dir):
-            raise UserError(f"another `orchestrator sweep` is running in {sweep_dir}; wait for it, or stop it "
-                            "(Ctrl-C) and relaunch")
+        check_not_running(sweep_dir)
         if state.slurm_array_job_ids and shutil.which("scontrol"):
             from .array import check_no_active_array
 

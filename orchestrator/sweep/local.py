@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import signal
 import sys
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from launch import runlock
 from orchestrator.errors import UserError
 from orchestrator.tracking.tracker import NoopTracker
 
@@ -22,35 +21,32 @@ LOCK = ".sweep.lock"
 LaunchOne = Callable[[Path, list[str]], int]
 
 
+def _busy_line(sweep_dir: Path, holder: str) -> str:
+    return (f"another `orchestrator sweep` is running in {sweep_dir} ({holder}); wait for it, or stop it (Ctrl-C) "
+            "and relaunch")
+
+
 @contextmanager
-def sweep_lock(sweep_dir: Path):
+def sweep_lock(sweep_dir: Path) -> Iterator[None]:
     """Held while a local sweep runs in DIR: a second sweep process there would train the same runs twice."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sweep_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `orchestrator sweep` is running in {sweep_dir} (it holds {LOCK}); wait for "
-                            "it, or stop it (Ctrl-C) and relaunch") from None
+        lock = runlock.acquire(sweep_dir, name=LOCK)
+    except runlock.RunDirBusy as e:
+        raise UserError(_busy_line(sweep_dir, e.holder)) from None
+    with lock or nullcontext():
         yield
-    finally:
-        os.close(fd)
+
+
+def check_not_running(sweep_dir: Path) -> None:
+    """Refuse (UserError) while a local sweep process holds DIR's lock; writes nothing."""
+    who = runlock.holder(sweep_dir, name=LOCK)
+    if who is not None:
+        raise UserError(_busy_line(sweep_dir, who))
 
 
 def is_running_here(sweep_dir: Path) -> bool:
     """True while a local sweep process holds DIR's lock."""
-    p = Path(sweep_dir) / LOCK
-    if not p.is_file():
-        return False
-    fd = os.open(p, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return runlock.holder(sweep_dir, name=LOCK) is not None
 
 
 def child_overrides(run: st.RunState, parent_run_id: str | None) -> list[str]:
