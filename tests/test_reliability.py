@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -339,6 +340,47 @@ def test_an_orphaned_rank_that_does_not_stop_exits_after_its_grace(tmp_path):
     assert time.monotonic() - t0 < 15
     err = (tmp_path / "rank.err").read_text()
     assert f"its launcher (pid {p.pid}) is gone" in err and "most recent call first" in err, err
+
+
+def test_a_stalled_step_is_reported_with_where_every_thread_is(tmp_path):
+    """A step that does not finish (here step 5 sleeps 5 s on every rank, as on a hung read) is reported by each
+    rank after train.stall_report_s, with every thread's stack pointing at the stall; the run then goes on."""
+    r = launch(tmp_path, "runs/st", "train.max_steps=8", "train.stall_report_s=2",
+               env=_env(ORCHESTRATOR_FAULT_STALL="5:5"))
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = r.stdout + r.stderr
+    for rank in (0, 1):
+        assert re.search(rf"\[rank {rank}\] no training step has finished for [2-4]s \(the last was step 4\); "
+                         "where every thread is:", out), out[-4000:]
+    report = out[out.index("no training step has finished"):]
+    assert report.splitlines()[1].strip() == "thread MainThread:", report[:3000]  # the loop's thread first
+    assert "in _injected_stall" in report, report[:3000]
+    assert "the last was step" not in out.replace("the last was step 4", ""), "only the stalled step is reported"
+    assert summary(tmp_path, "runs/st")["steps"] == 8
+
+
+def test_the_stall_watch_counts_steps_only(caplog):
+    """Not before the first step (compilation, autotuning), not while paused (evaluation, checkpoints)."""
+    import logging
+
+    from orchestrator.train.stall import StallWatch
+
+    caplog.set_level(logging.WARNING, logger="orchestrator.train")
+    with StallWatch(0.3, poll_s=0.05) as watch:
+        time.sleep(0.8)  # no step yet
+        watch.beat(1)
+        with watch.paused():
+            time.sleep(0.8)  # an evaluation
+        assert not caplog.records
+        time.sleep(0.6)  # then a stall
+    assert caplog.records and "(the last was step 1)" in caplog.records[0].getMessage()
+    n = len(caplog.records)
+    time.sleep(0.5)
+    assert len(caplog.records) == n  # closed with its block
+    with StallWatch(0) as off:  # train.stall_report_s=0
+        off.beat(1)
+        time.sleep(0.3)
+    assert len(caplog.records) == n
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])

@@ -217,6 +217,7 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
         check(key, get(key) > 0, "> 0")
     for key in ("model.memory_budget_gb", "train.epochs", "train.max_steps", "train.micro_batch_size",
                 "train.grad_clip", "train.nan_skip_limit", "train.checkpoint_every_steps", "train.keep_top_k",
+                "train.stall_report_s",
                 "optim.weight_decay", "optim.warmup_epochs", "optim.min_lr", "data.mixup_alpha",
                 "data.cutmix_alpha", "deepspeed.gradient_accumulation_steps"):
         check(key, get(key) >= 0, ">= 0")

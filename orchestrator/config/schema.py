@@ -126,6 +126,10 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = off
     eval_every_epochs: int = 1
     log_every_steps: int = 10
+    # A rank with no finished step for this long prints where every thread is (orchestrator/train/stall.py), and
+    # again as long as it lasts; below the process group's 300 s timeout, so a hang is shown before it ends the
+    # job. Evaluation, checkpoints and the first step are not counted. 0 = off.
+    stall_report_s: int = 120
     nan_policy: str = "stop"  # stop | skip
     nan_skip_limit: int = 10
     checkpoint_every_steps: int = 0  # 0 = at each epoch end only

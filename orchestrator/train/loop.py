@@ -25,6 +25,7 @@ from orchestrator.train import dist
 from orchestrator.train.metrics import NonFiniteLoss, StepMetrics, topk_hits
 from orchestrator.train.mix import mix_batch
 from orchestrator.train.precision import FP32, Precision
+from orchestrator.train.stall import StallWatch
 
 LOSS_TAIL = 100  # losses kept in the loop state and summary.json; the whole curve is in MLflow ("loss")
 
@@ -78,6 +79,12 @@ log = logging.getLogger("orchestrator.train")
 
 # Fault injection for the reliability tests: a comma list of optimizer steps whose loss is made NaN.
 _FAULT_NAN_STEPS = {int(v) for v in os.environ.get("ORCHESTRATOR_FAULT_NAN_STEPS", "").split(",") if v.strip()}
+# ... and "STEP:SECONDS": that optimizer step stalls for SECONDS before its forward, as on a hung read.
+_FAULT_STALL = tuple(float(v) for v in os.environ.get("ORCHESTRATOR_FAULT_STALL", "").split(":") if v.strip())
+
+
+def _injected_stall(seconds: float) -> None:  # named: the stall report's stack must point here
+    time.sleep(seconds)
 
 __all__ = ["LoopState", "NonFiniteLoss", "StopTraining", "evaluate", "loss_fn", "to_device", "train"]
 
@@ -155,8 +162,11 @@ def _sync(recorder: StepMetrics, callbacks: list, state: LoopState, world_size: 
 
 
 def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops, device: str,
-          precision: Precision, world_size: int, accumulation: int) -> LoopState:
-    """Run epochs from ``state`` until train.epochs or train.max_steps; callbacks see every step and epoch."""
+          precision: Precision, world_size: int, accumulation: int, watch: StallWatch | None = None,
+          ) -> LoopState:
+    """Run epochs from ``state`` until train.epochs or train.max_steps; callbacks see every step and epoch.
+    ``watch`` hears of every finished step and is paused around evaluation and the callbacks (checkpoints)."""
+    watch = watch or StallWatch(0)  # off
     train_loader, val_loader = loaders
     engine.train()
     t = cfg.train
@@ -179,6 +189,8 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             if cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0:
                 x, target = mix_batch(x, y, cfg.model.num_classes, cfg.data.mixup_alpha, cfg.data.cutmix_alpha,
                                       t.seed, state.step, state.batch_in_epoch)
+            if _FAULT_STALL and state.step + 1 == _FAULT_STALL[0] and state.batch_in_epoch % accumulation == 0:
+                _injected_stall(_FAULT_STALL[1])
             with precision.forward(device):  # autocast for bf16-mixed; the loss and backward outside it
                 out = engine(x)
             loss = loss_fn(cfg, out.float(), target)
@@ -200,9 +212,11 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             recorder.end_step(state.step, state.epoch, loss, out, y, engine.get_lr()[0])
             if sync_due(state.step):
                 _sync(recorder, callbacks, state, world_size, accumulation)
-            for cb in callbacks:
-                if hasattr(cb, "on_step_end"):
-                    cb.on_step_end(state, {"lr": engine.get_lr()[0]})
+            with watch.paused():  # a checkpoint takes as long as it takes
+                for cb in callbacks:
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(state, {"lr": engine.get_lr()[0]})
+            watch.beat(state.step)
             code = stops.agreed()  # a host value on the CPU group: no wait for the device
             if code:
                 _sync(recorder, callbacks, state, world_size, accumulation)
@@ -215,11 +229,12 @@ def train(engine, loaders, cfg: Config, state: LoopState, callbacks: list, stops
             state.epoch += 1
             state.batch_in_epoch = 0
             due = state.epoch % t.eval_every_epochs == 0 or state.epoch == t.epochs
-            metrics = evaluate(engine, val_loader, cfg, device, precision) if due else {}
-            if metrics:
-                state.last_eval = {k: metrics[k] for k in ("val_top1", "val_top5", "val_loss")}
-            for cb in callbacks:
-                cb.on_epoch_end(state, metrics)
+            with watch.paused():
+                metrics = evaluate(engine, val_loader, cfg, device, precision) if due else {}
+                if metrics:
+                    state.last_eval = {k: metrics[k] for k in ("val_top1", "val_top5", "val_loss")}
+                for cb in callbacks:
+                    cb.on_epoch_end(state, metrics)
             continue
         break  # max_steps reached mid-epoch
     return state

@@ -41,6 +41,7 @@ from orchestrator.train.engine import (
 from orchestrator.train.loop import LoopState, NonFiniteLoss, StopTraining, evaluate, train
 from orchestrator.train.precision import Precision
 from orchestrator.train.signals import INTERRUPT, REQUEUE, StopRequests
+from orchestrator.train.stall import StallWatch
 
 log = logging.getLogger("orchestrator.train")
 
@@ -266,8 +267,9 @@ def fit(job: Job) -> Outcome:
     out = Outcome()
     start_samples, t_train = job.state.samples, time.perf_counter()
     try:
-        job.state = train(job.engine, job.loaders, job.cfg, job.state, job.callbacks, job.stops, job.device,
-                          job.precision_mode, job.info.world_size, job.plan.accumulation)
+        with StallWatch(job.cfg.train.stall_report_s) as watch:  # steps only: ends with them
+            job.state = train(job.engine, job.loaders, job.cfg, job.state, job.callbacks, job.stops, job.device,
+                              job.precision_mode, job.info.world_size, job.plan.accumulation, watch)
     except StopTraining as stop:
         out.status = "requeued" if stop.code == REQUEUE else "interrupted"
         log.warning("stop requested (%s): checkpointing at step %d", ", ".join(job.stops.received) or "peer",
