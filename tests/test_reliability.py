@@ -105,6 +105,21 @@ def test_a_second_ctrl_c_stops_the_ranks_at_once_and_the_run_still_resumes(tmp_p
     assert s["status"] == "completed" and s["steps"] == 46 and s["restarts"] == 1, s
 
 
+def test_a_stop_in_progress_is_reported_until_the_ranks_end(capsys, monkeypatch):
+    """The launcher says which ranks are still stopping, and since when, while a stop lasts (every 30 s; 0.2 s
+    here): a long checkpoint never looks like a hang."""
+    from launch import local
+
+    monkeypatch.setattr(local, "STOP_REPORT_S", 0.2)
+    procs = [subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({d})"]) for d in (0.1, 1.0)]
+    stops = local._Stops(procs)
+    stops.first_at = time.monotonic()  # as the first Ctrl-C leaves it
+    assert local._wait(procs, 60, stops) == 0
+    err = capsys.readouterr().err
+    assert "launch: rank(s) 1 still stopping" in err and "Ctrl-C again to stop them at once" in err, err
+    assert "rank(s) 0" not in err  # rank 0 had ended
+
+
 def test_a_crash_after_an_epoch_resumes_identically_with_gradient_accumulation(tmp_path):
     """Micro-batches of 16 accumulated in pairs (2 ranks, global 64; 719 train samples per rank): an epoch's
     micro-batches come in whole pairs, so it ends on an optimizer step, and a run killed after its epoch-end
