@@ -74,7 +74,23 @@ def describe_holder(path: Path) -> str:
         return "another job"
     job = f" (Slurm job {owner['slurm_job']})" if owner.get("slurm_job") else ""
     since = f" since {owner['started']}" if owner.get("started") else ""
-    return f"pid {owner['pid']} on {owner.get('host', '?')}{job}{since}"
+    # The lock outlives its taker while the processes it was handed to live: a killed launcher's ranks, still
+    # saving their checkpoint (launch.local.follow_launcher gives them ORPHAN_GRACE_S).
+    ended = "; that process has ended, its ranks are still stopping" if _ended_here(owner) else ""
+    return f"pid {owner['pid']} on {owner.get('host', '?')}{job}{since}{ended}"
+
+
+def _ended_here(owner: dict) -> bool:
+    """True when the holder's recorded process ran on this host and is gone."""
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, TypeError):  # another user's process, or an unreadable pid: assume it lives
+        return False
+    return False
 
 
 def busy_line(run_dir: str | os.PathLike, holder: str) -> str:

@@ -87,3 +87,25 @@ def test_run_lock_names_its_holder_refuses_others_and_passes_to_ranks(tmp_path):
     assert not runlock.taken_by_rank(run_dir, RankInfo(source="slurm"))  # the batch shell holds it
     assert not runlock.taken_by_rank(run_dir, RankInfo(rank=1, world_size=2, source="env"))
     assert runlock.taken_by_rank(run_dir, RankInfo())
+
+
+def test_a_lock_held_past_its_taker_says_so(tmp_path):
+    """A launcher killed outright leaves its ranks holding the lock while they save: the refusal says that the
+    recorded process has ended and its ranks are still stopping, not just a pid that no longer exists."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from launch import runlock
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with runlock.acquire(tmp_path) as lock:
+        mine = runlock.describe_holder(lock.path)
+        assert mine.startswith(f"pid {os.getpid()} on ") and "ended" not in mine
+        lock.path.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": "T"}))
+        line = runlock.holder(tmp_path)
+    assert line == (f"pid {gone.pid} on {socket.gethostname()} since T; that process has ended, its ranks are still "
+                    "stopping"), line
