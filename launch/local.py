@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from launch import runlock
 from launch.env import RankInfo
 
 
@@ -54,8 +55,6 @@ def run_local(argv: list[str], nprocs: int, run_dir: Path, rank_timeout_s: int =
     """Run ``python -m orchestrator train ARGV`` on ``nprocs`` local ranks; returns the job's exit code
     (the first failing rank's code, else 0). ``lock_fd``: the run directory's lock (launch/runlock.py), handed
     to every rank so that it stays held until the last of them ends."""
-    from launch import runlock
-
     port = free_port()
     run_dir.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
