@@ -1,6 +1,6 @@
 """The models' CPU kernels in C++ (``csrc/cpu_kernels.cpp``), built on first use; each has a torch fallback.
 
-- The fused LIF / IF, one pass over the data per direction over all T (the Triton kernel's scheme). The
+- The fused LIF / IF / PLIF, one pass over the data per direction over all T (the Triton kernel's scheme). The
   vectorised torch path in ``lif_fused`` makes three passes per step forward and six backward, each a separate
   op; rounding follows that path (see the source): spikes equal its spikes, and on this project's x86 box the
   membranes came out bit-identical too (the tests allow rounding, for CPUs where torch's kernels round
@@ -65,14 +65,18 @@ class _Spec(ctypes.Structure):
         ("v_threshold", ctypes.c_double),
         ("v_reset", ctypes.c_double),
         ("alpha", ctypes.c_double),
+        ("learnable", ctypes.c_int32),
+        ("rate", ctypes.c_double),
     ]
 
 
-def _c_spec(spec: NeuronSpec) -> _Spec:
+def _c_spec(spec: NeuronSpec, k: torch.Tensor | None = None) -> _Spec:
+    """The spec as the kernels take it; PLIF's rate ``k`` (a CPU tensor) travels as the number it holds."""
     charge = "if" if spec.type == "if" else ("lif_decay" if spec.decay_input else "lif")
     hard = spec.v_reset is not None
     return _Spec(_CHARGE[charge], int(hard), int(spec.detach_reset), _SURROGATE[spec.surrogate], spec.tau,
-                 spec.v_threshold, spec.v_reset if hard else 0.0, spec.surrogate_alpha)
+                 spec.v_threshold, spec.v_reset if hard else 0.0, spec.surrogate_alpha, int(k is not None),
+                 float(k) if k is not None else 0.0)
 
 
 def _compiler() -> str | None:
@@ -162,8 +166,10 @@ def _load() -> ctypes.CDLL | None:
         warnings.warn(f"the CPU kernels are unavailable ({exc}); using the torch paths", stacklevel=3)
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.danet_lif_forward.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.POINTER(_Spec)]
+    lib.danet_lif_backward.argtypes = [*lib.danet_lif_forward.argtypes, ptr, ptr]
+    lib.danet_lif_block.argtypes, lib.danet_lif_block.restype = [], i64
     for fn in (lib.danet_lif_forward, lib.danet_lif_backward):
-        fn.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.POINTER(_Spec)]
         fn.restype = ctypes.c_int
     lib.danet_bn_forward.argtypes = [ctypes.c_int, *[ptr] * 8, i64, i64, i64, ctypes.c_double, ctypes.c_double]
     lib.danet_bn_forward.restype = ctypes.c_int
@@ -214,28 +220,40 @@ def _call(name: str, *args) -> None:
         raise RuntimeError(f"{name} returned {rc}")
 
 
-def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
-    """(spikes, final membrane, h) in ``x_seq``'s step layout; the caller checked ``applies(x_seq)``."""
+def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec, k: torch.Tensor | None = None):
+    """(spikes, final membrane, h) in ``x_seq``'s step layout (``k``: PLIF's rate); the caller checked
+    ``applies(x_seq)``."""
     s_seq, h_seq = empty_seq_like(x_seq), empty_seq_like(x_seq)
     v_last = empty_step_like(x_seq)
     ref = h_seq[0]
     x, x_st = seq_operand(x_seq, ref)
     v0c = step_operand(v0.to(x_seq.dtype), ref) if v0 is not None else None
     _call("danet_lif_forward", _DTYPES[x_seq.dtype], x.data_ptr(), x_st, _ptr(v0c), s_seq.data_ptr(),
-          h_seq.data_ptr(), v_last.data_ptr(), x_seq.shape[0], ref.numel(), ctypes.byref(_c_spec(spec)))
+          h_seq.data_ptr(), v_last.data_ptr(), x_seq.shape[0], ref.numel(), ctypes.byref(_c_spec(spec, k)))
     return s_seq, v_last, h_seq
 
 
-def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec):
-    """(g_x, g_v0) in ``h_seq``'s layout; the caller checked ``applies(h_seq)``."""
+def backward(
+    g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec,
+    k: torch.Tensor | None = None, v0: torch.Tensor | None = None,
+):
+    """(g_x, g_v0, PLIF's g_k or None) in ``h_seq``'s layout (``k``, ``v0``: PLIF's rate and forward's initial
+    membrane); the caller checked ``applies(h_seq)``. g_k is the sum, in double, of one partial sum per block."""
     h_seq = dense_seq(h_seq)  # forward's own output always is
     ref = h_seq[0]
     g_x, g_v0 = empty_seq_like(h_seq), empty_step_like(h_seq)
     gs, gs_st = seq_operand(g_s.to(h_seq.dtype), ref)
     gv = step_operand(g_v.to(h_seq.dtype), ref) if g_v is not None else None
+    v0c = step_operand(v0.to(h_seq.dtype), ref) if k is not None and v0 is not None else None
+    partials = None
+    if k is not None:
+        lib = library()
+        assert lib is not None
+        partials = torch.empty(-(-ref.numel() // lib.danet_lif_block()), dtype=torch.float64)
     _call("danet_lif_backward", _DTYPES[h_seq.dtype], gs.data_ptr(), gs_st, _ptr(gv), h_seq.data_ptr(),
-          g_x.data_ptr(), g_v0.data_ptr(), h_seq.shape[0], ref.numel(), ctypes.byref(_c_spec(spec)))
-    return g_x, g_v0
+          g_x.data_ptr(), g_v0.data_ptr(), h_seq.shape[0], ref.numel(), ctypes.byref(_c_spec(spec, k)), _ptr(v0c),
+          _ptr(partials))
+    return g_x, g_v0, (partials.sum().to(k.dtype) if partials is not None else None)
 
 
 # --------------------------------------------------------------------------------------------- BatchNorm

@@ -1,4 +1,4 @@
-"""Triton kernels for the fused multi-step LIF / IF on CUDA (imported only when triton is importable).
+"""Triton kernels for the fused multi-step LIF / IF / PLIF on CUDA (imported only when triton is importable).
 
 One program handles BLOCK neurons over all T steps, keeping the membrane in registers: forward reads x once and
 writes spikes and the charged potential h once; backward reads g_s and h once and writes g_x once. Equations as
@@ -50,11 +50,14 @@ def _neuron_step(v, y, k, vr, thr, dtype: tl.constexpr, CHARGE: tl.constexpr, HA
 
 @triton.jit
 def _lif_fwd(
-    x_ptr, v0_ptr, s_ptr, h_ptr, vt_ptr, M, x_st, k, vr, thr,
-    T: tl.constexpr, HAS_V0: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr, v0_ptr, s_ptr, h_ptr, vt_ptr, k_ptr, M, x_st, k, vr, thr,
+    T: tl.constexpr, HAS_V0: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, LEARN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
+    if LEARN:  # PLIF: the rate from device memory (no host round trip for sigmoid(w))
+        k = tl.load(k_ptr).to(tl.float32)
     x_step = tl.cast(x_st, tl.int64)  # tl.cast: a scalar Triton specialised to a constant works too
     o_step = tl.cast(M, tl.int64)  # outputs are dense sequences: time stride M
     if HAS_V0:
@@ -99,14 +102,20 @@ def _surrogate_and_reset(h, thr, vr, alpha, HARD: tl.constexpr, DETACH: tl.const
 
 @triton.jit
 def _lif_bwd(
-    gs_ptr, h_ptr, gvt_ptr, gx_ptr, gv0_ptr, M, gs_st, a, b, thr, vr, alpha,
+    gs_ptr, h_ptr, gvt_ptr, gx_ptr, gv0_ptr, k_ptr, v0_ptr, gk_ptr, M, gs_st, a, b, thr, vr, alpha,
     T: tl.constexpr, HAS_GV: tl.constexpr, HARD: tl.constexpr, DETACH: tl.constexpr, SURROGATE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LEARN: tl.constexpr, DECAY: tl.constexpr, HAS_V0: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     g_step = tl.cast(gs_st, tl.int64)
     o_step = tl.cast(M, tl.int64)  # h and g_x are dense sequences: time stride M
+    if LEARN:  # PLIF: a and b from the rate in device memory; g_k summed per program
+        k = tl.load(k_ptr).to(tl.float32)
+        a = 1.0 - k
+        if DECAY:
+            b = k
+        g_k = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GV:
         carry = tl.load(gvt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -115,8 +124,8 @@ def _lif_bwd(
     gsp = gs_ptr + (T - 1) * g_step
     hp = h_ptr + (T - 1) * o_step
     gxp = gx_ptr + (T - 1) * o_step
+    h = tl.load(hp + offs, mask=mask, other=0.0).to(tl.float32)
     for _i in tl.static_range(T):
-        h = tl.load(hp + offs, mask=mask, other=0.0).to(tl.float32)
         gs = tl.load(gsp + offs, mask=mask, other=0.0).to(tl.float32)
         sg, dvdh = _surrogate_and_reset(h, thr, vr, alpha, HARD, DETACH, SURROGATE)
         gh = gs * sg + carry * dvdh
@@ -125,7 +134,28 @@ def _lif_bwd(
         gsp -= g_step
         hp -= o_step
         gxp -= o_step
+        if _i < T - 1:  # the previous step's h: this step's membrane came from its reset, and it is next
+            h_prev = tl.load(hp + offs, mask=mask, other=0.0).to(tl.float32)
+        if LEARN:
+            if _i < T - 1:
+                s_prev = (h_prev >= thr).to(tl.float32)
+                if HARD:
+                    v_prev = h_prev - h_prev * s_prev + vr * s_prev
+                else:
+                    v_prev = h_prev - thr * s_prev
+            elif HAS_V0:
+                v_prev = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:
+                v_prev = tl.zeros([BLOCK], dtype=tl.float32)
+            if DECAY:
+                g_k += gh * ((h - v_prev) / k)
+            else:
+                g_k += gh * (vr - v_prev)
+        if _i < T - 1:
+            h = h_prev
     tl.store(gv0_ptr + offs, carry.to(gv0_ptr.dtype.element_ty), mask=mask)
+    if LEARN:
+        tl.store(gk_ptr + tl.program_id(0), tl.sum(g_k, axis=0))
 
 
 def _charge(spec: NeuronSpec) -> int:
@@ -140,8 +170,9 @@ def _grid(m: int) -> tuple[int]:
     return (triton.cdiv(m, BLOCK),)
 
 
-def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
-    """(spikes, final membrane, h) in ``x_seq``'s step layout (see the module docstring)."""
+def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec, k: torch.Tensor | None = None):
+    """(spikes, final membrane, h) in ``x_seq``'s step layout (see the module docstring; ``k``: PLIF's rate, a
+    0-dim tensor on the device)."""
     steps = x_seq.shape[0]
     s_seq, h_seq = empty_seq_like(x_seq), empty_seq_like(x_seq)
     v_last = empty_step_like(x_seq)
@@ -151,15 +182,21 @@ def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec):
     v0c = step_operand(v0, ref) if v0 is not None else v_last  # a dummy pointer when absent (never read)
     hard = spec.v_reset is not None
     _lif_fwd[_grid(m)](
-        x, v0c, s_seq, h_seq, v_last, m, x_st,
+        x, v0c, s_seq, h_seq, v_last, k if k is not None else v_last, m, x_st,
         1.0 / spec.tau, spec.v_reset if hard else 0.0, spec.v_threshold,
-        T=steps, HAS_V0=v0 is not None, CHARGE=_charge(spec), HARD=hard, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        T=steps, HAS_V0=v0 is not None, CHARGE=_charge(spec), HARD=hard, LEARN=k is not None, BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return s_seq, v_last, h_seq
 
 
-def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec):
-    """(g_x, g_v0) in ``h_seq``'s layout (``h_seq``: forward's own output, a dense sequence)."""
+def backward(
+    g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, spec: NeuronSpec,
+    k: torch.Tensor | None = None, v0: torch.Tensor | None = None,
+):
+    """(g_x, g_v0, PLIF's g_k or None) in ``h_seq``'s layout (``h_seq``: forward's own output, a dense sequence;
+    ``k``, ``v0``: PLIF's rate and forward's initial membrane). g_k: one fp32 partial sum per program, added up
+    by torch (a fixed order: the same result every run)."""
     steps = h_seq.shape[0]
     h_seq = dense_seq(h_seq)  # forward's own output always is
     ref = h_seq[0]
@@ -168,14 +205,20 @@ def backward(g_s: torch.Tensor, g_v: torch.Tensor | None, h_seq: torch.Tensor, s
     g_v0 = empty_step_like(h_seq)
     gs, gs_st = seq_operand(g_s, ref)
     gv = step_operand(g_v, ref) if g_v is not None else g_v0  # dummy pointer when absent (never read)
-    k = 1.0 / spec.tau
-    a = 1.0 if spec.type == "if" else 1.0 - k
-    b = k if (spec.type != "if" and spec.decay_input) else 1.0
+    rate = 1.0 / spec.tau  # (PLIF: the kernel reads k and sets a and b itself)
+    a = 1.0 if spec.type == "if" else 1.0 - rate
+    b = rate if (spec.type != "if" and spec.decay_input) else 1.0
     hard = spec.v_reset is not None
-    _lif_bwd[_grid(m)](
-        gs, h_seq, gv, g_x, g_v0, m, gs_st, a, b, spec.v_threshold, spec.v_reset if hard else 0.0,
+    learn = k is not None
+    grid = _grid(m)
+    v0c = step_operand(v0, ref) if learn and v0 is not None else None
+    partials = torch.empty(grid[0], dtype=torch.float32, device=h_seq.device) if learn else None
+    _lif_bwd[grid](
+        gs, h_seq, gv, g_x, g_v0, k if learn else g_v0, v0c if v0c is not None else g_v0,
+        partials if learn else g_v0, m, gs_st, a, b, spec.v_threshold, spec.v_reset if hard else 0.0,
         spec.surrogate_alpha,
         T=steps, HAS_GV=g_v is not None, HARD=hard, DETACH=spec.detach_reset,
-        SURROGATE=_SURROGATE[spec.surrogate], BLOCK=BLOCK, num_warps=NUM_WARPS,
+        SURROGATE=_SURROGATE[spec.surrogate], LEARN=learn, DECAY=spec.decay_input, HAS_V0=v0c is not None,
+        BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
-    return g_x, g_v0
+    return g_x, g_v0, (partials.sum().to(k.dtype) if learn else None)

@@ -23,8 +23,8 @@ block is being recomputed. The normalisation is computed as one multiply-add rat
 fire on one path and not the other.
 
 Two implementations: Triton kernels on CUDA (``_bn_neuron_triton``), and torch ops anywhere (the reference the
-kernels are checked against; on CPU it is not faster than the pair). PLIF, the reference neuron backend and
-``torch.compile`` (which fuses by itself) run the unfused pair.
+kernels are checked against; on CPU it is not faster than the pair). PLIF (its learnable rate is not in these
+kernels), the reference neuron backend and ``torch.compile`` (which fuses by itself) run the unfused pair.
 """
 
 from __future__ import annotations
@@ -43,9 +43,11 @@ _STATE: dict[str, object] = {}
 
 
 def applies(bn: nn.BatchNorm2d, neuron: nn.Module) -> bool:
-    """Whether ``bn`` then ``neuron`` can run fused (an LIF / IF on a fused backend, not while compiling)."""
+    """Whether ``bn`` then ``neuron`` can run fused (an LIF / IF on a fused backend, not while compiling; PLIF's
+    learnable rate is not in these kernels: it runs the pair, its neuron still fused)."""
     uses_fused = getattr(neuron, "uses_fused", None)
-    return bool(uses_fused and uses_fused()) and not torch.compiler.is_compiling()
+    return (bool(uses_fused and uses_fused()) and neuron.spec.type in ("lif", "if")
+            and not torch.compiler.is_compiling())
 
 
 def bn_neuron(x_seq: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module) -> torch.Tensor:

@@ -44,7 +44,7 @@ class NeuronSpec:
     detach_reset: bool = True
     surrogate: str = "atan"  # atan | sigmoid | rect
     surrogate_alpha: float = 2.0
-    backend: str = "auto"  # auto (fused where it applies) | fused | reference
+    backend: str = "auto"  # auto (= fused) | fused | reference (the autograd loop, for checking)
 
     def __post_init__(self) -> None:
         problems = []
@@ -54,10 +54,6 @@ class NeuronSpec:
             problems.append(f"neuron.surrogate={self.surrogate!r}: expected one of {', '.join(SURROGATES)}")
         if self.backend not in BACKENDS:
             problems.append(f"neuron.backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if self.backend == "fused" and self.type not in ("lif", "if"):
-            # (auto runs the reference loop for it; fused would silently do the same)
-            problems.append(f"neuron.backend=fused: the fused kernels run lif and if neurons (a fixed tau), not "
-                            f"{self.type!r}; use backend auto or reference")
         if self.type in ("lif", "plif") and not float(self.tau) > 1.0:
             problems.append(f"neuron.tau={self.tau}: must be > 1")
         if not float(self.surrogate_alpha) > 0:

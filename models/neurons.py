@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .layout import stack_like
-from .lif_fused import fused_lif
+from .lif_fused import fused_lif, plif_rate
 from .neuron_spec import BACKENDS, NEURON_TYPES, SURROGATES, NeuronSpec, spec_from_any
 
 __all__ = ["BACKENDS", "NEURON_TYPES", "SURROGATES", "MultiStepNeuron", "NeuronSpec", "heaviside", "make_neuron",
@@ -102,11 +102,14 @@ class MultiStepNeuron(nn.Module):
         if s.type == "if":
             return x.clone() if v is None else x + v
         if s.type == "plif":
-            k = torch.sigmoid(self.w)
-            v = torch.zeros_like(x) if v is None else v
+            # the LIF's charge with a tensor rate, as models.lif_fused computes it (the same ops, so both paths
+            # agree bit for bit)
+            k = plif_rate(self.w, x.dtype)
             if s.decay_input:
-                return v + (x - (v - vr)) * k
-            return v - (v - vr) * k + x
+                target = x + vr if vr != 0.0 else x
+                return target * k if v is None else torch.lerp(v, target, k)
+            h = x.clone() if v is None else torch.mul(v, 1.0 - k).add_(x)
+            return h + vr * k if vr != 0.0 else h
         # LIF: the same floating-point ops as models.lif_fused, so both paths agree bit for bit.
         k = 1.0 / s.tau
         if s.decay_input:
@@ -133,15 +136,15 @@ class MultiStepNeuron(nn.Module):
 
     # --- multi-step
     def uses_fused(self) -> bool:
-        s = self.spec
-        return s.backend != "reference" and s.type in ("lif", "if")
+        return self.spec.backend != "reference"
 
     def forward_with_state(
         self, x_seq: torch.Tensor, v: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Spikes ``[T, N, ...]`` and the final membrane ``[N, ...]`` (the state passed out, never stored)."""
         if self.uses_fused():
-            return fused_lif(x_seq, v, self.spec)
+            k = plif_rate(self.w, x_seq.dtype) if self.w is not None else None
+            return fused_lif(x_seq, v, self.spec, k)
         spikes = []
         for x in x_seq.unbind(0):  # unbind, not x_seq[t]: its backward keeps x_seq's layout (select's does not)
             spike, v = self.step(x, v)

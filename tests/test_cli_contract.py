@@ -106,7 +106,7 @@ CASES: dict[str, Case] = {
         ["launch", "--run-dir", "blocker/run", "--nodes", "0", "--time", "1:00:00", "--partition", "gpu",
          "model.name=danet999", "model.neuron.surrogate=atann", "train.epochs=-1", "optim.lrr=1", "model.T=abc",
          "data.image_size=0", "deepspeed.zero_stage=4", "train.label_smoothing=1.5", "data.name=imagenet",
-         "data.root=nodata", "train.global_batch_size=63", "model.neuron.type=plif", "model.neuron.backend=fused"],
+         "data.root=nodata", "train.global_batch_size=63", "model.neuron.type=plif", "model.neuron.tau=1"],
         [("'model.name'", "danet999", "danet18"), ("'model.neuron.surrogate'", "atann", "Did you mean 'atan'"),
          ("'train.epochs' must be >= 0", "-1"), ("'optim.lrr'", "Did you mean 'optim.lr'"),
          ("wrong type for 'model.T'", "'abc'", "int"), ("'data.image_size' must be > 0", "0"),
@@ -114,7 +114,7 @@ CASES: dict[str, Case] = {
          ("--run-dir blocker/run", "not writable", "is a file"), ("--nodes 0", ">= 1"),
          ("--time 1:00:00", "Slurm jobs only"), ("--partition gpu", "Slurm jobs only"),
          ("data.root=nodata", "no such folder"), ("train.global_batch_size=63", "world size 2", "multiple of 2"),
-         ("'model.neuron.backend'", "auto or reference for a plif neuron", "'fused'")],
+         ("'model.neuron.tau' must be > 1 for a LIF/PLIF neuron", "1.0")],
         setup=_blocker),
     # a Slurm launch with no Slurm client on PATH: its flags, a real dataset with other classes, and a run dir
     # whose checkpoint this config and world size cannot resume

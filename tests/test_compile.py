@@ -82,3 +82,31 @@ def test_unresolved_auto_policy_is_refused_under_fullgraph():
     with pytest.raises(torch._dynamo.exc.Unsupported, match="skipped"):
         torch.compile(m, fullgraph=True, backend="aot_eager")(torch.randn(2, 3, 32, 32))
     assert m.checkpointing_resolved is None
+
+
+@pytest.mark.parametrize("decay_input", [True, False])
+def test_plif_compiles_fullgraph_with_its_rate_gradient(decay_input):
+    """PLIF's learnable rate goes into the registered op as a tensor (``sigmoid(w)`` traced beside it): one graph,
+    one ``danet::lif_forward`` node, and the compiled gradients of x, the initial membrane and w equal eager's."""
+    from models import MultiStepNeuron, NeuronSpec
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = MultiStepNeuron(NeuronSpec(type="plif", decay_input=decay_input, v_reset=0.2))
+    eager.w.data.fill_(0.4)
+    compiled = copy.deepcopy(eager)
+    x = (torch.randn(4, 2, 3, 5, 5) * 1.5 + 0.6).contiguous()
+    v0, g = torch.rand(2, 3, 5, 5) * 0.5, torch.randn(4, 2, 3, 5, 5)
+    graphs: list = []
+    fn = torch.compile(compiled.forward_with_state, fullgraph=True, backend=_recording_backend(graphs))
+    results = []
+    for call, module in ((eager.forward_with_state, eager), (fn, compiled)):
+        xb, vb = x.clone().requires_grad_(), v0.clone().requires_grad_()
+        spikes, v_last = call(xb, vb)
+        ((spikes * g).sum() + v_last.square().sum()).backward()
+        results.append((spikes, v_last, xb.grad, vb.grad, module.w.grad))
+    assert len(graphs) == 1
+    assert sum(str(n.target).startswith("danet.lif_forward") for n in graphs[0].graph.nodes) == 1
+    assert 0.05 < results[0][0].mean() < 0.95
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)

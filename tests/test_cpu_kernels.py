@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.layouts import sequence_layouts
-from helpers.neurons import FUSED_NEURON_CASES, case_id
+from helpers.neurons import FUSED_NEURON_CASES, PLIF_CASES, case_id
 
 from models import _cpu_kernels, create_model
 from models.checkpointing import BatchNorm
 from models.layout import empty_seq_like
-from models.lif_fused import backward_vectorised, forward_vectorised
+from models.lif_fused import backward_vectorised, forward_vectorised, plif_rate
 from models.neuron_spec import NeuronSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,11 +38,13 @@ def test_the_kernels_build_and_load_here():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", FUSED_NEURON_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FUSED_NEURON_CASES + PLIF_CASES, ids=case_id)
 def test_lif_kernel_equals_the_vectorised_path(case, dtype):
-    """Spikes equal; membranes and gradients to rounding; with and without an initial membrane and a gradient
-    on the final one; a step large enough to be split across threads and one smaller than a block."""
+    """Spikes equal; membranes and gradients (PLIF's rate's too) to rounding; with and without an initial
+    membrane and a gradient on the final one; a step large enough to be split across threads and one smaller
+    than a block."""
     spec = NeuronSpec(**case)
+    k = plif_rate(torch.tensor(0.4), dtype) if spec.type == "plif" else None
     g = torch.Generator().manual_seed(0)
     for shape in [(5, 3, 4, 6, 6), (4, 4, 64, 28, 28)]:
         x = (torch.randn(shape, generator=g) * 1.5 + 0.6).to(dtype)
@@ -50,17 +52,22 @@ def test_lif_kernel_equals_the_vectorised_path(case, dtype):
         v0 = (torch.rand(shape[1:], generator=g) * 0.5).to(dtype)
         g_v = torch.randn(shape[1:], generator=g).to(dtype)
         for v in (None, v0):
-            s_k, v_k, h_k = _cpu_kernels.forward(x, v, spec)
-            s_t, v_t, h_t = forward_vectorised(x, v, spec)
+            s_k, v_k, h_k = _cpu_kernels.forward(x, v, spec, k)
+            s_t, v_t, h_t = forward_vectorised(x, v, spec, k)
             assert 0.05 < s_t.mean() < 0.95  # both branches exercised
             assert torch.equal(s_k, s_t)
             torch.testing.assert_close(h_k, h_t, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(v_k, v_t, rtol=1e-6, atol=1e-7)
             for gv in (None, g_v):
-                gx_k, gv0_k = _cpu_kernels.backward(grad, gv, h_k, spec)
-                gx_t, gv0_t = backward_vectorised(grad, gv, h_t, spec)
+                gx_k, gv0_k, gk_k = _cpu_kernels.backward(grad, gv, h_k, spec, k, v)
+                gx_t, gv0_t, gk_t = backward_vectorised(grad, gv, h_t, spec, k, v)
                 torch.testing.assert_close(gx_k, gx_t, rtol=1e-5, atol=1e-6)
                 torch.testing.assert_close(gv0_k, gv0_t, rtol=1e-5, atol=1e-6)
+                if k is None:
+                    assert gk_k is None and gk_t is None
+                else:  # a sum over up to 1.2 M terms: fp32 summation order shows at ~1e-6 of it
+                    assert gk_k.shape == () and gk_k.dtype == k.dtype
+                    torch.testing.assert_close(gk_k, gk_t, rtol=1e-4, atol=1e-4)
 
 
 def test_lif_kernel_keeps_every_layout():
@@ -76,8 +83,8 @@ def test_lif_kernel_keeps_every_layout():
         assert s_k.stride() == h_k.stride() == empty_seq_like(x).stride(), label
         assert v_k.stride() == s_k[0].stride(), label
         for g in (grad, grad.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 3))):
-            gx_k, _ = _cpu_kernels.backward(g, None, h_k, spec)
-            gx_t, _ = backward_vectorised(g.contiguous(), None, h_t, spec)
+            gx_k, _, _ = _cpu_kernels.backward(g, None, h_k, spec)
+            gx_t, _, _ = backward_vectorised(g.contiguous(), None, h_t, spec)
             torch.testing.assert_close(gx_k.contiguous(), gx_t, rtol=1e-6, atol=1e-6, msg=label)
             assert gx_k.stride() == h_k.stride(), label
     tie = torch.full((2, 3, 8), 2.0)  # h = x / tau = 1.0 = v_threshold exactly: a spike (h >= threshold)
@@ -128,8 +135,9 @@ def test_batchnorm_kernel_equals_torch_batchnorm(dtype, momentum, monkeypatch):
 
 
 def test_results_do_not_depend_on_the_thread_count():
-    """Each neuron and each channel is computed whole by one thread, in a fixed order: 1 thread or 2, the same
-    bits (a deterministic run stays deterministic on another core count)."""
+    """Each neuron and each channel is computed whole by one thread, in a fixed order, and PLIF's rate gradient
+    is summed from per-block partial sums in a fixed order: 1 thread or 2, the same bits (a deterministic run
+    stays deterministic on another core count)."""
     x = torch.randn(4, 4, 64, 28, 28) * 1.5 + 0.6
     g = torch.randn_like(x)
     bn_in = torch.randn(16, 64, 28, 28) * 2 + 0.7
@@ -139,9 +147,11 @@ def test_results_do_not_depend_on_the_thread_count():
         for n in (1, 2):
             torch.set_num_threads(n)
             s, v, h = _cpu_kernels.forward(x, None, NeuronSpec())
-            gx, _ = _cpu_kernels.backward(g, None, h, NeuronSpec())
+            gx, _, _ = _cpu_kernels.backward(g, None, h, NeuronSpec())
+            plif, k = NeuronSpec(type="plif"), torch.tensor(0.4)
+            _, _, gk = _cpu_kernels.backward(g, None, _cpu_kernels.forward(x, None, plif, k)[2], plif, k)
             bn = BatchNorm(64)
-            results.append((s, v, h, gx, bn(bn_in), bn.running_mean.clone(), bn.running_var.clone()))
+            results.append((s, v, h, gx, gk, bn(bn_in), bn.running_mean.clone(), bn.running_var.clone()))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from helpers.neurons import FUSED_NEURON_CASES, case_id
+from helpers.neurons import FUSED_NEURON_CASES, PLIF_CASES, case_id
 
 from models import Connection, MultiStepNeuron, NeuronSpec, create_model, model_names
 from models.lif_fused import fused_lif
@@ -35,7 +35,7 @@ def test_every_model_forward_backward(name):
 
 # ------------------------------------------------------------------------------------------------ neurons
 
-NEURON_CASES = [*FUSED_NEURON_CASES, dict(type="plif")]
+NEURON_CASES = [*FUSED_NEURON_CASES, *PLIF_CASES]
 
 
 def _inputs(shape=(5, 3, 4, 6, 6), seed=0):
@@ -46,8 +46,6 @@ def _inputs(shape=(5, 3, 4, 6, 6), seed=0):
 @pytest.mark.parametrize("case", NEURON_CASES, ids=case_id)
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 def test_multistep_equals_single_steps(case, backend):
-    if backend == "fused" and case.get("type") == "plif":
-        backend = "auto"  # PLIF has no fused kernel: auto runs its reference loop, "fused" is refused
     neuron = MultiStepNeuron(NeuronSpec(**case, backend=backend))
     x, _ = _inputs()
     spikes, v_last = neuron.forward_with_state(x)
@@ -60,18 +58,23 @@ def test_multistep_equals_single_steps(case, backend):
     assert 0.05 < spikes.mean() < 0.95  # the inputs exercise both branches
 
 
-@pytest.mark.parametrize("case", FUSED_NEURON_CASES, ids=case_id)
+@pytest.mark.parametrize("case", NEURON_CASES, ids=case_id)
 @pytest.mark.parametrize("with_v0", [False, True])
 def test_fused_lif_equals_reference_loop(case, with_v0):
+    """Spikes equal, the final membrane and every gradient (PLIF's learnable w included) to rounding."""
     x, g = _inputs()
     v0 = (torch.rand(x.shape[1:]) * 0.5) if with_v0 else None
     outs = {}
     for backend in ("fused", "reference"):
         xb = x.clone().requires_grad_()
         vb = v0.clone().requires_grad_() if v0 is not None else None
-        spikes, v_last = MultiStepNeuron(NeuronSpec(**case, backend=backend)).forward_with_state(xb, vb)
+        neuron = MultiStepNeuron(NeuronSpec(**case, backend=backend))
+        if neuron.w is not None:
+            neuron.w.data.fill_(0.4)  # a rate other than the initial 1/tau
+        spikes, v_last = neuron.forward_with_state(xb, vb)
         (spikes * g).sum().add_((v_last * g[0]).sum()).backward()
-        outs[backend] = (spikes, v_last, xb.grad, vb.grad if vb is not None else None)
+        outs[backend] = (spikes, v_last, xb.grad, vb.grad if vb is not None else None,
+                         neuron.w.grad if neuron.w is not None else None)
     fused, ref = outs["fused"], outs["reference"]
     assert torch.equal(fused[0], ref[0])
     for a, b in zip(fused[1:], ref[1:], strict=True):
@@ -267,7 +270,8 @@ def test_dense_aggregate_backward_matches_plain_autograd(policy, monkeypatch):
 LAYOUT_CASES = [
     ("danet18", {}, False),  # membrane domain, network span: broadcast stem into projections and the DA sums
     ("danet18", {"da": {"domain": "spike", "span": "stage", "weights": "learnable"}, "spike_storage": "bit"}, True),
-    ("spiking_resnet18", {"neuron": {"type": "plif"}}, False),  # the reference (autograd) neuron loop
+    ("spiking_resnet18", {"neuron": {"type": "plif"}}, False),  # the fused neuron with a learnable rate
+    ("spiking_resnet18", {"neuron": {"backend": "reference"}}, False),  # the reference (autograd) neuron loop
 ]
 
 
@@ -311,7 +315,7 @@ class _LayoutWatch(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("name,overrides,cl_weights", LAYOUT_CASES,
-                         ids=["danet18", "danet18-spike-stage-bit-clweights", "plif"])
+                         ids=["danet18", "danet18-spike-stage-bit-clweights", "plif", "reference-loop"])
 def test_channels_last_same_results_and_stays_channels_last(name, overrides, cl_weights):
     # float64: the NHWC convolutions sum in another order, which fp32 shows at ~1e-5; in float64 any real
     # difference (a misplaced element, a lost gradient) stands out by orders of magnitude

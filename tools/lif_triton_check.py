@@ -1,6 +1,7 @@
 """The Triton LIF kernels (models/_lif_triton.py) against the vectorised path, for every operand layout they can
 be given: NCHW, channels_last, broadcast over T (stride 0), a slice (copied), channels_last initial membrane,
-gradients contiguous / channels_last / all-broadcast; each neuron variant; fp32 (exact spikes, 1e-6) and bf16.
+gradients contiguous / channels_last / all-broadcast; each neuron variant, PLIF's rate gradient included; fp32
+(exact spikes, 1e-6) and bf16.
 Then the BatchNorm + neuron kernels (``run_bn_neuron``) and the DA aggregation kernels (``run_da``).
 
 On a GPU: ``python tools/lif_triton_check.py [--quick]`` (the real kernels; --quick: the default neuron only). Without one: ``TRITON_INTERPRET=1 python
@@ -21,7 +22,7 @@ import torch  # noqa: E402
 
 from models import _lif_triton as K  # noqa: E402
 from models.layout import empty_seq_like, empty_step_like  # noqa: E402
-from models.lif_fused import backward_vectorised, forward_vectorised  # noqa: E402
+from models.lif_fused import backward_vectorised, forward_vectorised, plif_rate  # noqa: E402
 from models.neuron_spec import NeuronSpec  # noqa: E402
 
 CASES = [
@@ -31,6 +32,13 @@ CASES = [
     {"decay_input": False, "surrogate": "sigmoid", "surrogate_alpha": 4.0},
     {"v_reset": None, "detach_reset": False, "surrogate": "rect", "surrogate_alpha": 1.0},
     {"type": "if"},
+]
+# PLIF (a learnable rate read from device memory, and its gradient): the LIF kernels' other path; not in the
+# BatchNorm + neuron kernels, which run the pair for it
+PLIF_CASES = [
+    {"type": "plif"},
+    {"type": "plif", "decay_input": False, "v_reset": 0.3},
+    {"type": "plif", "v_reset": None, "detach_reset": False},
 ]
 T, N, C, H, W = 3, 2, 5, 4, 3
 
@@ -49,20 +57,21 @@ def run(device: torch.device, cases: list[dict] | None = None) -> list[str]:
     """Every failure, as one line each (empty: all passed)."""
     failures = []
     gen = torch.Generator().manual_seed(0)
-    cases = CASES if cases is None else cases
+    cases = CASES + PLIF_CASES if cases is None else cases
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen).to(device)
 
     for case, dtype in itertools.product(cases, (torch.float32, torch.bfloat16)):
         spec = NeuronSpec(**case)
+        k = plif_rate(torch.tensor(0.4, device=device), dtype) if spec.type == "plif" else None
         exact = dtype == torch.float32
         base = (rnd(T, N, C, H, W) * 1.5 + 0.6).to(dtype)
         v0_cl = (rnd(N, C, H, W).abs() * 0.5).to(dtype).contiguous(memory_format=torch.channels_last)
         for (name, x), v0 in itertools.product(_layouts(base).items(), (None, v0_cl)):
             tag = f"{case or 'default'} {str(dtype)[6:]} x={name} v0={'cl' if v0 is not None else 'none'}"
-            s1, v1, h1 = K.forward(x, v0, spec)
-            s2, v2, h2 = forward_vectorised(x, v0, spec)
+            s1, v1, h1 = K.forward(x, v0, spec, k)
+            s2, v2, h2 = forward_vectorised(x, v0, spec, k)
             if s1.stride() != empty_seq_like(x).stride() or v1.stride() != empty_step_like(x).stride():
                 failures.append(f"{tag}: output strides {s1.stride()} / {v1.stride()}")
             if exact and not (torch.equal(s1, s2) and torch.allclose(h1, h2, atol=1e-6)
@@ -77,13 +86,20 @@ def run(device: torch.device, cases: list[dict] | None = None) -> list[str]:
                 "broadcast": torch.ones((), dtype=dtype, device=device).expand(T, N, C, H, W),
             }
             for (gname, g), gv in itertools.product(grads.items(), (None, rnd(N, C, H, W).to(dtype))):
-                gx1, gv1 = K.backward(g, gv, h2, spec)
-                gx2, gv2 = backward_vectorised(g, gv, h2, spec)
+                gx1, gv1, gk1 = K.backward(g, gv, h2, spec, k, v0)
+                gx2, gv2, gk2 = backward_vectorised(g, gv, h2, spec, k, v0)
                 tol = 1e-5 if exact else 5e-2
                 if not (torch.allclose(gx1.float(), gx2.float(), atol=tol, rtol=tol)
                         and torch.allclose(gv1.float(), gv2.float(), atol=tol, rtol=tol)):  # fmt: skip
                     failures.append(f"{tag} g={gname} gv={gv is not None}: backward differs "
                                     f"({(gx1.float() - gx2.float()).abs().max():.2e})")
+                if k is not None:  # bf16: the kernel works in fp32 on the stored values, so the fp32 path on them
+                    if not exact:
+                        gk2 = backward_vectorised(g.float(), None if gv is None else gv.float(), h2.float(), spec,
+                                                  k, None if v0 is None else v0.float())[2]
+                    if not torch.allclose(gk1, gk2, rtol=1e-4, atol=1e-4):
+                        failures.append(f"{tag} g={gname} gv={gv is not None}: g_k {gk1.item():.6g} against "
+                                        f"{gk2.item():.6g}")
                 if gx1.stride() != empty_seq_like(h2).stride():
                     failures.append(f"{tag} g={gname}: g_x strides {gx1.stride()}")
     return failures

@@ -7,7 +7,7 @@
 // sequences (time stride M); an input may have any time stride, 0 included (a sequence broadcast over T).
 //
 // Forward reads x once and writes the spikes and the charged potential h once; backward reads g_s and h once
-// and writes g_x once. The membrane (forward) and the gradient reaching it (backward) stay in a small block
+// and writes g_x once (PLIF's backward also reads the previous step's h, from cache, for the rate's gradient). The membrane (forward) and the gradient reaching it (backward) stay in a small block
 // buffer across the T steps, so the inner loops run over consecutive elements and vectorise.
 //
 // Rounding follows the vectorised torch path the Python side falls back to (torch.lerp's and torch.add(alpha=)'s
@@ -32,6 +32,9 @@ struct LifSpec {
     double v_threshold;
     double v_reset;  // 0 when soft
     double alpha;    // the surrogate's
+    int32_t learnable;  // PLIF: the rate is `rate` (its sigmoid(w), as the tensor holds it), not 1 / tau, and
+                        // backward also sums the rate's gradient
+    double rate;
 };
 
 }  // extern "C"
@@ -73,9 +76,13 @@ struct Forward {
     LifSpec spec;
 
     void operator()(int64_t lo, int64_t hi) const {
-        const T k = T(1.0 / spec.tau);
-        const T keep = T(1.0 - 1.0 / spec.tau);  // torch.add's alpha, rounded as torch rounds it
-        const T vr = T(spec.v_reset), thr = T(spec.v_threshold), vr_k = T(spec.v_reset * (1.0 / spec.tau));
+        const bool learnable = spec.learnable;
+        // LIF: torch.add's alpha and v_reset / tau, rounded as torch rounds the numbers it is given; PLIF: the
+        // tensor rate's arithmetic, in T as torch does it
+        const T k = learnable ? T(spec.rate) : T(1.0 / spec.tau);
+        const T keep = learnable ? T(1) - k : T(1.0 - 1.0 / spec.tau);
+        const T vr = T(spec.v_reset), thr = T(spec.v_threshold);
+        const T vr_k = learnable ? vr * k : T(spec.v_reset * (1.0 / spec.tau));
         const bool shifted = spec.v_reset != 0.0 && spec.hard_reset;
         T v[kBlock];
         for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
@@ -96,7 +103,8 @@ struct Forward {
                     else if (shifted) for (int64_t j = 0; j < n; ++j) hs[j] = (xs[j] + vr) * k;
                     else for (int64_t j = 0; j < n; ++j) hs[j] = xs[j] * k;
                 } else {
-                    if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = std::fma(v[j], keep, xs[j]);
+                    if (have_v && learnable) for (int64_t j = 0; j < n; ++j) hs[j] = v[j] * keep + xs[j];
+                    else if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = std::fma(v[j], keep, xs[j]);
                     else std::copy(xs, xs + n, hs);
                     if (shifted) for (int64_t j = 0; j < n; ++j) hs[j] = hs[j] + vr_k;
                 }
@@ -121,10 +129,11 @@ struct Forward {
     }
 };
 
-// One time step of backward over a block: g (the carry into step t) becomes the carry into step t - 1.
+// One time step of backward over a block: g (the carry into step t) becomes the carry into step t - 1; g_h
+// also goes to gh where that is not null (PLIF's rate gradient needs it).
 template <int Kind, bool Hard, bool Detach, typename T>
-void backward_step(const T* hs, const T* gs, T* gx, T* g, int64_t n, T a, T b, T thr, T vr, T alpha, T c2,
-                   T half_width) {
+void backward_step(const T* hs, const T* gs, T* gx, T* g, T* gh_out, int64_t n, T a, T b, T thr, T vr, T alpha,
+                   T c2, T half_width) {
     for (int64_t j = 0; j < n; ++j) {
         const T hv = hs[j];
         const T sg = surrogate<Kind>(hv - thr, alpha, c2, half_width);
@@ -134,11 +143,12 @@ void backward_step(const T* hs, const T* gs, T* gx, T* g, int64_t n, T a, T b, T
         const T gh = g[j] * dvdh + gs[j] * sg;
         gx[j] = gh * b;
         g[j] = gh * a;
+        if (gh_out != nullptr) gh_out[j] = gh;
     }
 }
 
 template <typename T>
-using StepFn = void (*)(const T*, const T*, T*, T*, int64_t, T, T, T, T, T, T, T);
+using StepFn = void (*)(const T*, const T*, T*, T*, T*, int64_t, T, T, T, T, T, T, T);
 
 template <typename T, int Kind>
 StepFn<T> pick_step(bool hard, bool detach) {
@@ -165,25 +175,52 @@ struct Backward {
     int64_t steps;
     int64_t m;
     LifSpec spec;
+    const T* v0;         // PLIF: forward's initial membrane (nullptr: zeros)
+    double* g_rate;      // PLIF: one partial sum of the rate's gradient per block (m / kBlock, rounded up)
+
+    // sum_j g_h * dh/dk over one step of a block: dh/dk = (h - v_prev) / k with decay_input, else v_reset - v_prev,
+    // v_prev the membrane step t charged from (step t - 1's reset of its h, as forward computed it)
+    double rate_term(int64_t t, int64_t b0, int64_t n, const T* gh, T k, T thr, T vr) const {
+        const T* hs = h + t * m + b0;
+        const T* hp = t > 0 ? h + (t - 1) * m + b0 : nullptr;
+        double acc = 0;
+        for (int64_t j = 0; j < n; ++j) {
+            T vp = T(0);
+            if (hp != nullptr) {
+                const bool s = hp[j] >= thr;
+                vp = spec.hard_reset ? (s ? vr : hp[j]) : (s ? hp[j] - thr : hp[j]);
+            } else if (v0 != nullptr) {
+                vp = v0[b0 + j];
+            }
+            const T dh_dk = spec.charge == 0 ? (hs[j] - vp) / k : vr - vp;
+            acc += double(gh[j]) * double(dh_dk);
+        }
+        return acc;
+    }
 
     void operator()(int64_t lo, int64_t hi) const {
         const StepFn<T> step = pick_step<T>(spec);
-        const bool is_if = spec.charge == 2;
-        const T a = is_if ? T(1) : T(1.0 - 1.0 / spec.tau);
-        const T b = spec.charge == 0 ? T(1.0 / spec.tau) : T(1);
+        const bool is_if = spec.charge == 2, learnable = spec.learnable;
+        const T k = learnable ? T(spec.rate) : T(1.0 / spec.tau);
+        const T a = is_if ? T(1) : (learnable ? T(1) - k : T(1.0 - 1.0 / spec.tau));
+        const T b = spec.charge == 0 ? k : T(1);
         const T thr = T(spec.v_threshold), vr = T(spec.v_reset), alpha = T(spec.alpha);
         const double c = M_PI / 2 * spec.alpha;
         const T c2 = T(c * c), half_width = T(0.5 / spec.alpha);
         T g[kBlock];  // the gradient reaching the membrane after step t, times a
+        T gh[kBlock];  // PLIF: step t's g_h
         for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
             const int64_t n = std::min(kBlock, hi - b0);
             if (g_v != nullptr) std::copy(g_v + b0, g_v + b0 + n, g);
             else std::fill(g, g + n, T(0));
+            double rate_acc = 0;
             for (int64_t t = steps - 1; t >= 0; --t) {
-                step(h + t * m + b0, g_s + t * gs_step + b0, g_x + t * m + b0, g, n, a, b, thr, vr, alpha, c2,
-                     half_width);
+                step(h + t * m + b0, g_s + t * gs_step + b0, g_x + t * m + b0, g, learnable ? gh : nullptr, n, a,
+                     b, thr, vr, alpha, c2, half_width);
+                if (learnable) rate_acc += rate_term(t, b0, n, gh, k, thr, vr);
             }
             std::copy(g, g + n, g_v0 + b0);
+            if (learnable) g_rate[b0 / kBlock] = rate_acc;
         }
     }
 };
@@ -268,6 +305,9 @@ struct BatchNormForward {
 
 extern "C" {
 
+// Elements per block (PLIF's backward writes one partial sum per block).
+int64_t danet_lif_block() { return kBlock; }
+
 // dtype: 0 float32, 1 float64. Returns 0, or 1 for an unknown dtype.
 int danet_lif_forward(int dtype, const void* x, int64_t x_step, const void* v0, void* spikes, void* h,
                       void* v_last, int64_t steps, int64_t m, const LifSpec* spec) {
@@ -285,15 +325,18 @@ int danet_lif_forward(int dtype, const void* x, int64_t x_step, const void* v0, 
     return 0;
 }
 
+// PLIF (spec->learnable): v0 is forward's initial membrane (or null), g_rate has danet_lif_block() per block
+// partial sums of the rate's gradient (m / block, rounded up), in double.
 int danet_lif_backward(int dtype, const void* g_s, int64_t gs_step, const void* g_v, const void* h, void* g_x,
-                       void* g_v0, int64_t steps, int64_t m, const LifSpec* spec) {
+                       void* g_v0, int64_t steps, int64_t m, const LifSpec* spec, const void* v0,
+                       double* g_rate) {
     if (dtype == 0) {
         Backward<float> f{(const float*)g_s, gs_step, (const float*)g_v, (const float*)h, (float*)g_x,
-                          (float*)g_v0, steps, m, *spec};
+                          (float*)g_v0, steps, m, *spec, (const float*)v0, g_rate};
         parallel(f, m);
     } else if (dtype == 1) {
         Backward<double> f{(const double*)g_s, gs_step, (const double*)g_v, (const double*)h, (double*)g_x,
-                           (double*)g_v0, steps, m, *spec};
+                           (double*)g_v0, steps, m, *spec, (const double*)v0, g_rate};
         parallel(f, m);
     } else {
         return 1;

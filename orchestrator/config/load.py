@@ -234,8 +234,6 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
     check("train.ema_decay", 0 <= cfg.train.ema_decay < 1, "in [0, 1) (0 = off)")
     n = cfg.model.neuron
     check("model.neuron.tau", n.type not in ("lif", "plif") or n.tau > 1, "> 1 for a LIF/PLIF neuron")
-    check("model.neuron.backend", n.backend != "fused" or n.type in ("lif", "if"),
-          f"auto or reference for a {n.type} neuron (the fused kernels run lif and if, a fixed tau)")
     check("model.neuron.v_threshold", n.v_threshold > 0, "> 0")
     check("model.neuron.surrogate_alpha", n.surrogate_alpha > 0, "> 0")
     d = cfg.data

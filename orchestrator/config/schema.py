@@ -48,7 +48,7 @@ class NeuronConfig:
     detach_reset: bool = True
     surrogate: str = "atan"  # atan | sigmoid | rect
     surrogate_alpha: float = 2.0
-    backend: str = "auto"  # auto (fused where available) | fused | reference
+    backend: str = "auto"  # auto (= fused) | fused | reference (the autograd loop, for checking)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The neuron variants the tests run every neuron path on: each charge (LIF with and without decay_input, IF),
-reset (hard to 0, hard to another value, soft), detached or not, and surrogate."""
+"""The neuron variants the tests run every neuron path on: each charge (LIF with and without decay_input, IF,
+PLIF), reset (hard to 0, hard to another value, soft), detached or not, and surrogate."""
 
 from __future__ import annotations
 
@@ -14,6 +14,14 @@ FUSED_NEURON_CASES = [
     dict(type="lif", tau=3.0, v_threshold=0.5),
     dict(type="if"),
     dict(type="if", v_reset=None, surrogate="sigmoid"),
+]
+
+# PLIF: the same fused op with a learnable rate k = sigmoid(w) (and g_k); not in the BatchNorm + neuron op
+PLIF_CASES = [
+    dict(type="plif"),
+    dict(type="plif", v_reset=None, detach_reset=False, surrogate="sigmoid", surrogate_alpha=4.0),
+    dict(type="plif", decay_input=False, v_reset=0.3),
+    dict(type="plif", decay_input=False, v_reset=None, surrogate="rect", surrogate_alpha=1.0),
 ]
 
 
