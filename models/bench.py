@@ -9,7 +9,8 @@ also timed in the same rounds with its C++ CPU kernels switched off ("ours, torc
 vectorised torch path and torch's BatchNorm), which is what those kernels give.
 
 ``run_lif_bench()``: one LIF layer ``[T=4, N=4, 256, 28, 28]`` forward + backward: our fused op (C++ kernel, and
-its torch path), our reference loop (autograd through every step) and SpikingJelly's LIFNode.
+its torch path), our reference loop (autograd through every step) and SpikingJelly's LIFNode; then PLIF the
+same way against SpikingJelly's ParametricLIFNode.
 
 SpikingJelly's model file imports one function from torchvision (``load_state_dict_from_url``, for pretrained
 weights), and torchvision does not work beside this torch build (``operator torchvision::nms does not exist``,
@@ -196,17 +197,23 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
 def run_lif_bench(
     shape: tuple[int, ...] = (T, BATCH, 256, 28, 28), warmup: int = 2, repeats: int = 9
 ) -> dict:
-    """LIF layer forward + backward: fused vs reference loop vs SpikingJelly's LIFNode (median ms)."""
+    """LIF layer forward + backward: fused vs reference loop vs SpikingJelly's LIFNode (median ms); the same for
+    PLIF (SpikingJelly's ParametricLIFNode), whose rate's gradient the fused op sums too."""
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     x = (torch.randn(shape) * 1.5 + 0.5).requires_grad_()
     grad = torch.randn(shape)
     fused = MultiStepNeuron(NeuronSpec(backend="fused"))
     reference = MultiStepNeuron(NeuronSpec(backend="reference"))
+    plif_fused = MultiStepNeuron(NeuronSpec(type="plif", backend="fused"))
+    plif_reference = MultiStepNeuron(NeuronSpec(type="plif", backend="reference"))
     with _torchvision_standin():
         from spikingjelly.activation_based import functional, neuron, surrogate
     sj = neuron.LIFNode(
         tau=2.0, v_reset=0.0, surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True, step_mode="m"
+    )
+    sj_plif = neuron.ParametricLIFNode(
+        init_tau=2.0, v_reset=0.0, surrogate_function=surrogate.ATan(alpha=2.0), detach_reset=True, step_mode="m"
     )
 
     def run(layer: nn.Module, reset: Callable[[nn.Module], None] | None = None) -> Callable[[], None]:
@@ -224,7 +231,8 @@ def run_lif_bench(
 
     times = _rounds(
         {"fused": run(fused), "fused, torch ops": fused_torch_ops, "reference": run(reference),
-         "spikingjelly": run(sj, functional.reset_net)},
+         "spikingjelly": run(sj, functional.reset_net), "plif fused": run(plif_fused),
+         "plif reference": run(plif_reference), "plif spikingjelly": run(sj_plif, functional.reset_net)},
         warmup,
         repeats,
     )
@@ -234,6 +242,8 @@ def run_lif_bench(
         "median_ms": ms,
         "speedup_fused_vs_reference": ms["reference"] / ms["fused"],
         "speedup_fused_vs_spikingjelly": ms["spikingjelly"] / ms["fused"],
+        "plif_speedup_fused_vs_reference": ms["plif reference"] / ms["plif fused"],
+        "plif_speedup_fused_vs_spikingjelly": ms["plif spikingjelly"] / ms["plif fused"],
     }
 
 

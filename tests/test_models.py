@@ -432,4 +432,5 @@ def test_triton_kernels_compile_for_the_h200():
     assert r.returncode == 0 and ", 0 failures" in r.stdout, (r.stdout + r.stderr)[-3000:]
     for kernel in ("_lif_fwd", "_bn_lif_bwd", "_weighted_sum_dots"):
         assert f".{kernel}(" in r.stdout
+    assert "_lif_bwd(T=3, HAS_GV=True, HARD=True, DETACH=True, SURROGATE=0, LEARN=True" in r.stdout  # PLIF's
     assert not re.search(r"(stack|local) [1-9]", r.stdout), r.stdout  # register spills

@@ -2,7 +2,7 @@
 
 Triton's interpreter (tools/lif_triton_check.py with ``TRITON_INTERPRET=1``) runs the kernels' Python on CPU
 tensors: it checks their arithmetic, not that Triton's compiler accepts them. This tool runs that check's quick
-cases in the interpreter, records each distinct launch (argument types, constexpr values, ``num_warps``), then
+cases (and PLIF's default) in the interpreter, records each distinct launch (argument types, constexpr values, ``num_warps``), then
 compiles each for ``--arch`` (default 90: the H100 / H200) down to a cubin, with the ptxas Triton ships, and reads
 its registers and spill stores (``cuobjdump --dump-resource-usage``). A kernel that fails here would fall back to
 torch ops on the GPU: the lever it carries would go unmeasured.
@@ -74,7 +74,7 @@ def record(out: Path) -> None:
 
     InterpretedFunction.run = recording
     cpu = torch.device("cpu")
-    failures = lif_triton_check.run(cpu, lif_triton_check.CASES[:1])
+    failures = lif_triton_check.run(cpu, lif_triton_check.CASES[:1] + lif_triton_check.PLIF_CASES[:1])
     failures += lif_triton_check.run_bn_neuron(cpu, lif_triton_check.CASES[:1])
     failures += lif_triton_check.run_da(cpu, quick=True)
     out.write_text(json.dumps({"launches": list(launches.values()), "failures": failures}))
