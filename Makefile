@@ -10,7 +10,7 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR := cpu
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test test-fast lint slurm-up slurm-down bench clean
+.PHONY: setup demo test test-fast triton-check lint slurm-up slurm-down bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,16 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" tests
+
+# The GPU kernels (models/_lif_triton.py, _bn_neuron_triton.py, _da_triton.py) without a GPU: Triton's interpreter
+# runs them on CPU tensors against the torch paths, then each launch is compiled for sm_90 (H100 / H200). Triton
+# goes into a folder of its own (~1 GB), not the venv: the CPU stack does not need it, and every import of
+# DeepSpeed would load it. tests/test_models.py runs the same two checks when that folder exists.
+TRITON_SITE := .cache/triton_site
+triton-check: setup
+	@test -d $(TRITON_SITE)/triton || $(PIP) install --quiet --no-deps --target $(TRITON_SITE) triton==3.9.0
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_SITE) $(PY) tools/lif_triton_check.py
+	PYTHONPATH=$(TRITON_SITE) $(PY) tools/triton_compile_check.py
 
 lint: setup
 	$(VENV)/bin/ruff check orchestrator models launch tests

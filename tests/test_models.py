@@ -398,36 +398,46 @@ def test_models_import_with_torch_alone_and_without_circles():
     assert "neuron_spec" in edges["lif_fused"] and "neurons" not in edges["lif_fused"]
 
 
+def _triton_env(**extra: str) -> dict:
+    """The environment the Triton tools run in: ``make triton-check``'s folder on PYTHONPATH where it exists
+    (triton is not part of the CPU stack), else this interpreter's own triton; skipped where neither has one."""
+    import os
+    from pathlib import Path
+
+    site = Path(__file__).resolve().parents[1] / ".cache" / "triton_site"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | extra
+    if (site / "triton").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
+    else:
+        pytest.importorskip("triton", reason="no triton here: `make triton-check` installs one for these checks")
+    return env
+
+
 @pytest.mark.slow
 def test_triton_lif_kernels_in_the_interpreter():
-    """The Triton kernels against the vectorised path for every layout (tools/lif_triton_check.py), run on CPU
-    by Triton's interpreter where triton is installed (it is not part of the CPU stack; the GPU script runs the
-    same check on the real kernels)."""
-    import os
+    """The Triton kernels against the torch paths for every layout (tools/lif_triton_check.py), run on CPU by
+    Triton's interpreter (the GPU script runs the same check on the real kernels)."""
     import subprocess
     import sys
     from pathlib import Path
 
-    pytest.importorskip("triton")
+    env = _triton_env(TRITON_INTERPRET="1")
     tool = Path(__file__).resolve().parents[1] / "tools" / "lif_triton_check.py"
-    r = subprocess.run([sys.executable, str(tool)], env={**os.environ, "TRITON_INTERPRET": "1"},
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(tool)], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "0 failures" in r.stdout, (r.stdout + r.stderr)[-3000:]
 
 
 @pytest.mark.slow
 def test_triton_kernels_compile_for_the_h200():
     """Every Triton kernel, at the launches the interpreter check makes, compiles for sm_90 with the ptxas Triton
-    ships (tools/triton_compile_check.py; no GPU needed) and spills nothing, where triton is installed."""
-    import os
+    ships (tools/triton_compile_check.py; no GPU needed) and spills nothing."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    pytest.importorskip("triton")
+    env = _triton_env()
     tool = Path(__file__).resolve().parents[1] / "tools" / "triton_compile_check.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, str(tool)], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and ", 0 failures" in r.stdout, (r.stdout + r.stderr)[-3000:]
     for kernel in ("_lif_fwd", "_bn_lif_bwd", "_weighted_sum_dots"):
