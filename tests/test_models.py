@@ -399,17 +399,19 @@ def test_models_import_with_torch_alone_and_without_circles():
 
 
 def _triton_env(**extra: str) -> dict:
-    """The environment the Triton tools run in: ``make triton-check``'s folder on PYTHONPATH where it exists
-    (triton is not part of the CPU stack), else this interpreter's own triton; skipped where neither has one."""
+    """The environment the Triton tools run in: this interpreter's own triton where it has one (the GPU
+    machine's, in tools/gpu_stack_check.sh), else ``make triton-check``'s folder (triton is not part of the CPU
+    stack); skipped where neither exists."""
+    import importlib.util
     import os
     from pathlib import Path
 
     site = Path(__file__).resolve().parents[1] / ".cache" / "triton_site"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | extra
-    if (site / "triton").is_dir():
+    if importlib.util.find_spec("triton") is None:
+        if not (site / "triton").is_dir():
+            pytest.skip("no triton here: `make triton-check` installs one for these checks")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
-    else:
-        pytest.importorskip("triton", reason="no triton here: `make triton-check` installs one for these checks")
     return env
 
 
