@@ -446,3 +446,21 @@ def test_triton_kernels_compile_for_the_h200():
         assert f".{kernel}(" in r.stdout
     assert "_lif_bwd(T=3, HAS_GV=True, HARD=True, DETACH=True, SURROGATE=0, LEARN=True" in r.stdout  # PLIF's
     assert not re.search(r"(stack|local) [1-9]", r.stdout), r.stdout  # register spills
+
+
+def test_plif_trains_on_the_fused_op():
+    """A PLIF network keeps for backward what the LIF one does (one h per neuron, not the reference loop's graph of
+    every step) plus its scalar rates, and its learnable rates get gradients."""
+    from models.checkpointing import saved_activation_bytes
+
+    kw = dict(T=2, num_classes=10, width=8, input_size=32)
+    saved = {t: saved_activation_bytes(create_model("danet18", neuron={"type": t}, **kw), "none", res=32)
+             for t in ("lif", "plif")}  # fmt: skip
+    reference = saved_activation_bytes(
+        create_model("danet18", neuron={"type": "plif", "backend": "reference"}, **kw), "none", res=32)
+    model = create_model("danet18", neuron={"type": "plif"}, **kw)
+    neurons = sum(isinstance(m, MultiStepNeuron) for m in model.modules())
+    assert saved["lif"] <= saved["plif"] <= saved["lif"] + 8 * neurons < 0.8 * reference, (saved, reference)
+    model(torch.randn(2, 3, 32, 32)).mean(0).logsumexp(1).sum().backward()
+    rates = [m.w for m in model.modules() if isinstance(m, MultiStepNeuron)]
+    assert rates and all(w.grad is not None and w.grad.abs() > 0 for w in rates)
