@@ -6,8 +6,10 @@ process that starts a job takes the lock before any rank exists:
 
 * ``orchestrator launch`` (local) takes it and hands its descriptor to every rank (``ENV_FD``): the lock is held
   while the launcher *or any of its ranks* lives, so ranks outliving a killed launcher still hold it;
-* the Slurm batch script takes it with ``flock`` in the batch shell (launch/slurm.py, BODY), for the allocation;
-* ``orchestrator train`` started by hand (or by torchrun) takes it on rank 0;
+* the Slurm batch script takes it with ``flock`` in the batch shell (launch/slurm.py, BODY), for the allocation,
+  and says so to its tasks (``ENV_SLURM_JOB``);
+* ``orchestrator train`` started by hand, by torchrun, or by an ``srun`` of a batch script of the user's own
+  (whose shell holds nothing) takes it on rank 0;
 * ``orchestrator sweep`` holds its folder's own lock (``.sweep.lock``) while its runs train locally.
 
 It is ``flock(2)``: the kernel drops it when the last process holding it ends, SIGKILL included, so a crashed job
@@ -30,6 +32,7 @@ from launch.env import RankInfo
 
 LOCK_NAME = ".run.lock"
 ENV_FD = "DANET_RUN_LOCK_FD"  # the descriptor number a launcher passed down, holding its lock
+ENV_SLURM_JOB = "DANET_RUN_LOCK_JOB"  # the Slurm job whose batch shell holds the lock (BODY exports it to srun)
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
@@ -110,9 +113,13 @@ def inherited(run_dir: str | os.PathLike, environ: dict[str, str] | None = None)
 
 
 def taken_by_rank(run_dir: str | os.PathLike, info: RankInfo, environ: dict[str, str] | None = None) -> bool:
-    """Whether a training rank takes the lock itself: rank 0 started by hand or by torchrun. Not a rank of
-    ``orchestrator launch`` (it inherited its launcher's lock) nor a Slurm task (the batch shell holds it)."""
-    return info.source != "slurm" and info.rank == 0 and not inherited(run_dir, environ)
+    """Whether a training rank takes the lock itself: rank 0 started by hand, by torchrun or by a bare ``srun``.
+    Not a rank of ``orchestrator launch`` (it inherited its launcher's lock) nor a task of the project's batch
+    script (its shell holds the lock for this job: ``ENV_SLURM_JOB``)."""
+    env = os.environ if environ is None else environ
+    if info.rank != 0 or inherited(run_dir, env):
+        return False
+    return not (info.source == "slurm" and env.get(ENV_SLURM_JOB, "") == env.get("SLURM_JOB_ID", "-"))
 
 
 def holder(run_dir: str | os.PathLike, name: str = LOCK_NAME) -> str | None:

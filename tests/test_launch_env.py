@@ -84,7 +84,12 @@ def test_run_lock_names_its_holder_refuses_others_and_passes_to_ranks(tmp_path):
         out = _in_child(ranked, {"RANK": "0", "WORLD_SIZE": "2"})
         assert out.startswith("False True ['--run-dir ") and "is in use by a running job" in out, out
     assert _in_child(probe) == "None"  # released with its descriptor
-    assert not runlock.taken_by_rank(run_dir, RankInfo(source="slurm"))  # the batch shell holds it
+    slurm_task = RankInfo(source="slurm")
+    batch = {"SLURM_JOB_ID": "42", runlock.ENV_SLURM_JOB: "42"}
+    assert not runlock.taken_by_rank(run_dir, slurm_task, batch)  # the project's batch shell holds it
+    assert runlock.taken_by_rank(run_dir, slurm_task, {"SLURM_JOB_ID": "42"})  # a bare srun: rank 0 takes it
+    assert runlock.taken_by_rank(run_dir, slurm_task, {**batch, "SLURM_JOB_ID": "43"})  # another job's mark
+    assert not runlock.taken_by_rank(run_dir, RankInfo(rank=1, world_size=2, source="slurm"), {"SLURM_JOB_ID": "42"})
     assert not runlock.taken_by_rank(run_dir, RankInfo(rank=1, world_size=2, source="env"))
     assert runlock.taken_by_rank(run_dir, RankInfo())
 

@@ -143,6 +143,7 @@ def test_launch_dry_run_prints_the_script(tmp_path):
 # --- the batch shell's decisions, with stub srun / scontrol (runs everywhere) -----------------------------------
 STUB_SRUN = r"""#!/bin/bash
 while [ $# -gt 0 ]; do [ "$1" = --run-dir ] && rd=$2; shift; done
+printf '%s' "${DANET_RUN_LOCK_JOB:-}" > "$rd/.lock-job"  # what the tasks are told of the run lock
 case $STUB in
   ok) exit 0 ;;
   requeue) echo 5 > "$rd/REQUEUE"; exit 3 ;;
@@ -213,6 +214,7 @@ def test_batch_shell_refuses_a_run_dir_in_use_and_a_requeued_start_waits(tmp_pat
     rc, out, _ = _batch_shell(tmp_path, "ok")  # free again: it runs, and names itself as the holder
     assert rc == 0 and "training finished" in out, out
     assert json.loads((run_dir / runlock.LOCK_NAME).read_text())["slurm_job"] == "42"
+    assert (run_dir / ".lock-job").read_text() == "42"  # so the tasks' rank 0 does not take it a second time
     lock = runlock.acquire(run_dir)
     threading.Timer(2.0, lock.release).start()  # the previous start's lock, gone 2 s into the requeued start
     t0 = time.monotonic()
@@ -389,6 +391,26 @@ def test_status_logs_and_cancel(cluster, tmp_path):
     assert _wait(job, 60)["JobState"] == "CANCELLED"
     with pytest.raises(UserError, match="not a Slurm job id"):
         slurm.cancel("12; rm -rf /")
+
+
+@pytest.mark.slurm
+def test_a_bare_srun_job_takes_the_run_lock(cluster, tmp_path):
+    """A batch script of the user's own (`srun orchestrator train`; no batch shell holds the lock): its rank 0
+    takes the run directory's lock itself, so a run directory in use is refused there too, exit 2, the holder
+    named, nothing trained."""
+    from launch import runlock
+
+    run_dir = tmp_path / "run"
+    train = [sys.executable, "-m", "orchestrator", "train", "--config", "digits", "--run-dir", str(run_dir),
+             f"data.root={DIGITS_ROOT}", *TINY, "tracking.backend=none"]
+    with runlock.acquire(run_dir):  # another job: this process
+        job = _sbatch(["--nodes=1", "--ntasks=1", f"--output={tmp_path}/%j.out", "--wrap",
+                       "srun " + " ".join(train)], tmp_path)
+        info = _wait(job, 180)
+    text = (tmp_path / f"{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text[-3000:]
+    assert f"is in use by a running job (pid {os.getpid()} on " in text, text[-3000:]
+    assert not (run_dir / "summary.json").exists()
 
 
 @pytest.mark.slurm

@@ -89,6 +89,7 @@ print(r.busy_line(d, r.describe_holder(r.lock_path(d))))' "$run_dir")"
   }
   printf '{"pid": %d, "host": "%s", "slurm_job": "%s", "started": "%s"}\n' "$$" "$(hostname)" "$SLURM_JOB_ID" \
     "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$run_dir/.run.lock"
+  export DANET_RUN_LOCK_JOB=$SLURM_JOB_ID  # the tasks: this shell holds it (a bare srun's rank 0 takes it itself)
 else
   say "warning: no flock(1) here: a second job started in $run_dir would not be refused"
 fi
