@@ -1,4 +1,4 @@
-"""Triton kernels for BatchNorm-apply + LIF / IF (``models.bn_neuron``), imported only when triton is importable.
+"""Triton kernels for BatchNorm-apply + LIF / IF / PLIF (``models.bn_neuron``), imported only when triton is importable.
 
 Addressing: one time step of ``x`` is a dense block in some physical order (NCHW, channels_last, ...). With C at
 its place in that order, the step is a ``[OUTER, C, INNER]`` array (INNER: the dims inside C, 1 for
@@ -10,7 +10,7 @@ layout. The tile shape follows the layout so that the contiguous dim is the tile
 - ``_bn_lif_bwd``: per step from the last, recomputes the membrane from x (at most T steps of registers work, the loads
   of x hit the cache), walks the gradient back as ``_lif_triton._lif_bwd`` does, writes ``g_y`` and each tile's
   per-channel sums of ``g_y`` and ``g_y * xhat`` to its own row of a partial buffer (summed by torch afterwards:
-  deterministic, no atomics);
+  deterministic, no atomics), and PLIF's rate gradient to its own slot of another;
 - ``_bn_lif_elemt``: ``g_x = scale * (g_y - sum_gy / M - xhat * sum_gy_xhat / M)`` (or ``scale * g_y`` with running
   statistics).
 
@@ -48,10 +48,13 @@ def _tile(R, C, INNER, BR: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def _bn_lif_fwd(
-    x_ptr, s_ptr, scale_ptr, shift_ptr, R, C, INNER, x_st, k, vr, thr,
-    T: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+    x_ptr, s_ptr, scale_ptr, shift_ptr, k_ptr, R, C, INNER, x_st, k, vr, thr,
+    T: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, LEARN: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr,
 ):  # fmt: skip
     offs, mask, c, cm = _tile(R, C, INNER, BR, BC)
+    if LEARN:  # PLIF: the rate from device memory
+        k = tl.load(k_ptr).to(tl.float32)
     scale = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     shift = tl.load(shift_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     x_step = tl.cast(x_st, tl.int64)
@@ -69,12 +72,18 @@ def _bn_lif_fwd(
 
 @triton.jit
 def _bn_lif_bwd(
-    gs_ptr, x_ptr, gy_ptr, part_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, R, C, INNER, gs_st, x_st,
-    k, a, b, vr, thr, alpha,
+    gs_ptr, x_ptr, gy_ptr, part_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, k_ptr, kpart_ptr, R, C, INNER,
+    gs_st, x_st, k, a, b, vr, thr, alpha,
     T: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr, DETACH: tl.constexpr, SURROGATE: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr,
+    LEARN: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     offs, mask, c, cm = _tile(R, C, INNER, BR, BC)
+    if LEARN:  # PLIF: a and b from the rate in device memory; g_k summed per program
+        k = tl.load(k_ptr).to(tl.float32)
+        a = 1.0 - k
+        if CHARGE == 0:
+            b = k
+        g_k = tl.zeros([BR, BC], dtype=tl.float32)
     scale = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     shift = tl.load(shift_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     mean = tl.load(mean_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
@@ -89,18 +98,25 @@ def _bn_lif_bwd(
     for i in tl.static_range(T):
         # the membrane of step t = T - 1 - i, recomputed from step 0 (x is the last step loaded)
         v = tl.zeros([BR, BC], dtype=tl.float32)
+        v_prev = v  # the membrane step t charged from (PLIF's dh/dk)
         xp = x_ptr
         x = tl.zeros([BR, BC], dtype=tl.float32)
         h = tl.zeros([BR, BC], dtype=tl.float32)
         for _u in tl.static_range(T - i):
             x = tl.load(xp + offs, mask=mask, other=0.0).to(tl.float32)
             y = (x * scale + shift).to(dtype).to(tl.float32)
+            v_prev = v
             h, s, v = _neuron_step(v, y, k, vr, thr, dtype, CHARGE, HARD)
             xp += x_step
         gs = tl.load(gs_ptr + (T - 1 - i) * g_step + offs, mask=mask, other=0.0).to(tl.float32)
         sg, dvdh = _surrogate_and_reset(h, thr, vr, alpha, HARD, DETACH, SURROGATE)
         gh = gs * sg + carry * dvdh
         carry = gh * a
+        if LEARN:
+            if CHARGE == 0:
+                g_k += tl.where(mask, gh * ((h - v_prev) / k), 0.0)
+            else:
+                g_k += tl.where(mask, gh * (vr - v_prev), 0.0)
         gy = (gh * b).to(dtype)
         tl.store(gy_ptr + (T - 1 - i) * o_step + offs, gy, mask=mask)
         gyf = tl.where(mask, gy.to(tl.float32), 0.0)
@@ -109,6 +125,8 @@ def _bn_lif_bwd(
     rows = tl.num_programs(0)
     tl.store(part_ptr + tl.program_id(0) * C + c, tl.sum(sum_g, axis=0), mask=cm)
     tl.store(part_ptr + (rows + tl.program_id(0)) * C + c, tl.sum(sum_gx, axis=0), mask=cm)
+    if LEARN:
+        tl.store(kpart_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g_k, axis=1)))
 
 
 @triton.jit
@@ -152,22 +170,26 @@ def _grid(rows: int, channels: int, br: int, bc: int) -> tuple[int, int]:
     return (triton.cdiv(rows, br), triton.cdiv(channels, bc))
 
 
-def forward(x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spec: NeuronSpec) -> torch.Tensor:
-    """Spikes, in ``x_seq``'s step layout."""
+def forward(
+    x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spec: NeuronSpec, k: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Spikes, in ``x_seq``'s step layout (``k``: PLIF's rate, a 0-dim tensor on the device)."""
     s_seq = empty_seq_like(x_seq)
     rows, channels, inner, br, bc = _geometry(s_seq[0])
     x, x_st = seq_operand(x_seq, s_seq[0])
     hard = spec.v_reset is not None
     _bn_lif_fwd[_grid(rows, channels, br, bc)](
-        x, s_seq, scale, shift, rows, channels, inner, x_st,
+        x, s_seq, scale, shift, k if k is not None else scale, rows, channels, inner, x_st,
         1.0 / spec.tau, spec.v_reset if hard else 0.0, spec.v_threshold,
-        T=x_seq.shape[0], CHARGE=_charge(spec), HARD=hard, BR=br, BC=bc, num_warps=NUM_WARPS,
+        T=x_seq.shape[0], CHARGE=_charge(spec), HARD=hard, LEARN=k is not None, BR=br, BC=bc,
+        num_warps=NUM_WARPS,
     )  # fmt: skip
     return s_seq
 
 
-def backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: NeuronSpec):
-    """(g_x in ``x_seq``'s step layout, sum g_y, sum g_y * xhat)."""
+def backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: NeuronSpec, k=None):
+    """(g_x in ``x_seq``'s step layout, sum g_y, sum g_y * xhat, PLIF's g_k or None: one fp32 partial sum per
+    program, added up by torch)."""
     steps = x_seq.shape[0]
     g_y = empty_seq_like(x_seq)
     ref = g_y[0]
@@ -176,15 +198,18 @@ def backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: Ne
     gs, gs_st = seq_operand(g_s, ref)
     grid = _grid(rows, channels, br, bc)
     part = torch.empty((2, grid[0], channels), dtype=torch.float32, device=x_seq.device)
-    k = 1.0 / spec.tau
-    a = 1.0 if spec.type == "if" else 1.0 - k
-    b = k if (spec.type != "if" and spec.decay_input) else 1.0
+    learn = k is not None
+    k_part = torch.empty(grid, dtype=torch.float32, device=x_seq.device) if learn else None
+    rate = 1.0 / spec.tau  # (PLIF: the kernel reads k and sets a and b itself)
+    a = 1.0 if spec.type == "if" else 1.0 - rate
+    b = rate if (spec.type != "if" and spec.decay_input) else 1.0
     hard = spec.v_reset is not None
     _bn_lif_bwd[grid](
-        gs, x, g_y, part, scale, shift, mean, invstd, rows, channels, inner, gs_st, x_st,
-        k, a, b, spec.v_reset if hard else 0.0, spec.v_threshold, spec.surrogate_alpha,
+        gs, x, g_y, part, scale, shift, mean, invstd, k if learn else scale, k_part if learn else part, rows,
+        channels, inner, gs_st, x_st, rate, a, b, spec.v_reset if hard else 0.0, spec.v_threshold,
+        spec.surrogate_alpha,
         T=steps, CHARGE=_charge(spec), HARD=hard, DETACH=spec.detach_reset, SURROGATE=_SURROGATE[spec.surrogate],
-        BR=br, BC=bc, num_warps=NUM_WARPS,
+        LEARN=learn, BR=br, BC=bc, num_warps=NUM_WARPS,
     )  # fmt: skip
     sums = part.sum(1)
     sum_gy, sum_gy_xhat = sums[0].to(scale.dtype), sums[1].to(scale.dtype)
@@ -196,4 +221,4 @@ def backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: Ne
         g_y, x, g_x, scale, mean, invstd, ca, cb, rows, channels, inner, x_st,
         T=steps, BATCH=batch_stats, BR=br, BC=bc, num_warps=NUM_WARPS,
     )  # fmt: skip
-    return g_x, sum_gy, sum_gy_xhat
+    return g_x, sum_gy, sum_gy_xhat, (k_part.sum().to(k.dtype) if learn else None)

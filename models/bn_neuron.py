@@ -23,8 +23,9 @@ block is being recomputed. The normalisation is computed as one multiply-add rat
 fire on one path and not the other.
 
 Two implementations: Triton kernels on CUDA (``_bn_neuron_triton``), and torch ops anywhere (the reference the
-kernels are checked against; on CPU it is not faster than the pair). PLIF (its learnable rate is not in these
-kernels), the reference neuron backend and ``torch.compile`` (which fuses by itself) run the unfused pair.
+kernels are checked against; on CPU it is not faster than the pair). PLIF's learnable rate is an input like the
+BatchNorm's parameters, and gets its gradient (as ``lif_fused`` sums it). The reference neuron backend and
+``torch.compile`` (which fuses by itself) run the unfused pair.
 """
 
 from __future__ import annotations
@@ -43,11 +44,9 @@ _STATE: dict[str, object] = {}
 
 
 def applies(bn: nn.BatchNorm2d, neuron: nn.Module) -> bool:
-    """Whether ``bn`` then ``neuron`` can run fused (an LIF / IF on a fused backend, not while compiling; PLIF's
-    learnable rate is not in these kernels: it runs the pair, its neuron still fused)."""
+    """Whether ``bn`` then ``neuron`` can run fused (a neuron on a fused backend, not while compiling)."""
     uses_fused = getattr(neuron, "uses_fused", None)
-    return (bool(uses_fused and uses_fused()) and neuron.spec.type in ("lif", "if")
-            and not torch.compiler.is_compiling())
+    return bool(uses_fused and uses_fused()) and not torch.compiler.is_compiling()
 
 
 def bn_neuron(x_seq: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module) -> torch.Tensor:
@@ -57,7 +56,8 @@ def bn_neuron(x_seq: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module) -> tor
         return neuron(bn(flat_seq(x_seq)).unflatten(0, x_seq.shape[:2]))
     batch_stats = bn.training or bn.running_mean is None
     mean, invstd = _statistics(x_seq, bn, batch_stats)
-    return _BNNeuron.apply(x_seq, bn.weight, bn.bias, mean, invstd, batch_stats, neuron.spec)
+    k = lif_fused.plif_rate(neuron.w, x_seq.dtype) if neuron.spec.type == "plif" else None
+    return _BNNeuron.apply(x_seq, bn.weight, bn.bias, mean, invstd, k, batch_stats, neuron.spec)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -97,20 +97,21 @@ def _affine(weight, bias, mean, invstd) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _BNNeuron(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_seq, weight, bias, mean, invstd, batch_stats, spec):  # type: ignore[override]
+    def forward(ctx, x_seq, weight, bias, mean, invstd, k, batch_stats, spec):  # type: ignore[override]
         scale, shift = _affine(weight, bias, mean, invstd)
-        spikes = _forward(x_seq, scale, shift, spec)
-        ctx.save_for_backward(x_seq, weight, mean, invstd, scale, shift)
+        spikes = _forward(x_seq, scale, shift, spec, k)
+        ctx.save_for_backward(x_seq, weight, mean, invstd, scale, shift, k)
         ctx.batch_stats, ctx.spec, ctx.has_bias = batch_stats, spec, bias is not None
         return spikes
 
     @staticmethod
     def backward(ctx, g_s):  # type: ignore[override]
-        x_seq, weight, mean, invstd, scale, shift = ctx.saved_tensors
-        g_x, sum_gy, sum_gy_xhat = _backward(g_s, x_seq, scale, shift, mean, invstd, ctx.batch_stats, ctx.spec)
+        x_seq, weight, mean, invstd, scale, shift, k = ctx.saved_tensors
+        g_x, sum_gy, sum_gy_xhat, g_k = _backward(g_s, x_seq, scale, shift, mean, invstd, ctx.batch_stats, ctx.spec,
+                                                  k)
         g_w = sum_gy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         g_b = sum_gy.to(weight.dtype if weight is not None else x_seq.dtype) if ctx.has_bias else None
-        return g_x, g_w, g_b, None, None, None, None
+        return g_x, g_w, g_b, None, None, g_k, None, None
 
 
 # --------------------------------------------------------------------------------------------- dispatch
@@ -137,26 +138,26 @@ def _fallback(what: str, exc: Exception) -> None:
     warnings.warn(f"Triton BatchNorm + neuron {what} failed ({exc!r}); using torch ops", stacklevel=3)
 
 
-def _forward(x_seq, scale, shift, spec: NeuronSpec) -> torch.Tensor:
+def _forward(x_seq, scale, shift, spec: NeuronSpec, k=None) -> torch.Tensor:
     if _triton_ok(x_seq):
         from . import _bn_neuron_triton
 
         try:
-            return _bn_neuron_triton.forward(x_seq, scale, shift, spec)
+            return _bn_neuron_triton.forward(x_seq, scale, shift, spec, k)
         except Exception as exc:
             _fallback("forward", exc)
-    return forward_torch(x_seq, scale, shift, spec)
+    return forward_torch(x_seq, scale, shift, spec, k)
 
 
-def _backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: NeuronSpec):
+def _backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: NeuronSpec, k=None):
     if _triton_ok(x_seq):
         from . import _bn_neuron_triton
 
         try:
-            return _bn_neuron_triton.backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats, spec)
+            return _bn_neuron_triton.backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats, spec, k)
         except Exception as exc:
             _fallback("backward", exc)
-    return backward_torch(g_s, x_seq, scale, shift, mean, invstd, batch_stats, spec)
+    return backward_torch(g_s, x_seq, scale, shift, mean, invstd, batch_stats, spec, k)
 
 
 # --------------------------------------------------------------------------------------------- torch ops
@@ -172,16 +173,18 @@ def normalise(x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     return y.copy_(torch.addcmul(_per_channel(shift), x_seq.to(scale.dtype), _per_channel(scale)))
 
 
-def forward_torch(x_seq, scale, shift, spec: NeuronSpec) -> torch.Tensor:
-    """Spikes with torch ops (and the neuron's own kernels): any device and dtype."""
-    return lif_fused._forward(normalise(x_seq, scale, shift), None, spec)[0]
+def forward_torch(x_seq, scale, shift, spec: NeuronSpec, k=None) -> torch.Tensor:
+    """Spikes with torch ops (and the neuron's own kernels): any device and dtype (``k``: PLIF's rate)."""
+    return lif_fused._forward(normalise(x_seq, scale, shift), None, spec, k)[0]
 
 
-def backward_torch(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: NeuronSpec):
-    """(g_x, sum g_y, sum g_y * xhat) with torch ops; sums per channel in the statistics' dtype."""
+def backward_torch(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: NeuronSpec, k=None):
+    """(g_x, sum g_y, sum g_y * xhat, PLIF's g_k or None) with torch ops; sums per channel in the statistics'
+    dtype."""
     y = normalise(x_seq, scale, shift)
-    h_seq = lif_fused._forward(y, None, spec)[2]
-    g_y = lif_fused._backward(g_s, None, h_seq, spec)[0].to(scale.dtype)
+    h_seq = lif_fused._forward(y, None, spec, k)[2]
+    g_y, _, g_k = lif_fused._backward(g_s, None, h_seq, spec, k)
+    g_y = g_y.to(scale.dtype)
     xhat = (x_seq.to(scale.dtype) - _per_channel(mean)) * _per_channel(invstd)
     dims = (0, 1, 3, 4)
     sum_gy, sum_gy_xhat = g_y.sum(dims), (g_y * xhat).sum(dims)
@@ -189,4 +192,4 @@ def backward_torch(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, sp
         count = x_seq.numel() // x_seq.shape[2]
         g_y = g_y - _per_channel(sum_gy / count) - xhat * _per_channel(sum_gy_xhat / count)
     g_x = empty_seq_like(x_seq).copy_(g_y * _per_channel(scale))
-    return g_x, sum_gy, sum_gy_xhat
+    return g_x, sum_gy, sum_gy_xhat, g_k

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers.neurons import FUSED_NEURON_CASES, case_id
+from helpers.neurons import FUSED_NEURON_CASES, PLIF_CASES, case_id
 
 from models import bn_neuron as bn_module
 from models import create_model
@@ -31,20 +31,24 @@ def _pair(momentum: float | None = 0.1, affine: bool = True) -> tuple[BatchNorm,
 
 
 def _both(x: torch.Tensor, g: torch.Tensor, bn_ref: BatchNorm, bn_fused: BatchNorm, spec: dict, steps: int = 1):
-    """(reference, fused) results after ``steps`` forward/backward passes: spikes, x grad, param grads."""
+    """(reference, fused) results after ``steps`` forward/backward passes: spikes, x grad, param grads (PLIF's
+    rate's last)."""
     out = []
     for bn, fused in ((bn_ref, False), (bn_fused, True)):
         sn = make_neuron(spec)
+        if sn.w is not None:
+            sn.w.data.fill_(0.4)  # a rate other than the initial 1/tau
         for _ in range(steps):
             xi = x.clone().requires_grad_()
             bn.zero_grad(set_to_none=True)
+            sn.zero_grad(set_to_none=True)
             s = bn_neuron(xi, bn, sn) if fused else sn(bn(xi.flatten(0, 1)).unflatten(0, (T, N)))
             (s * g).sum().backward()
-        out.append((s.detach(), xi.grad, [p.grad for p in bn.parameters()]))
+        out.append((s.detach(), xi.grad, [p.grad for p in [*bn.parameters(), *sn.parameters()]]))
     return out
 
 
-@pytest.mark.parametrize("case", FUSED_NEURON_CASES, ids=case_id)
+@pytest.mark.parametrize("case", FUSED_NEURON_CASES + PLIF_CASES, ids=case_id)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_the_op_equals_batchnorm_then_the_neuron(case, mode):
     torch.manual_seed(0)
@@ -99,8 +103,12 @@ def test_one_value_per_channel_is_refused_in_training():
         bn_neuron(torch.randn(1, 1, C, 1, 1, dtype=torch.float64), bn, make_neuron(None))
 
 
-def test_plif_and_the_reference_backend_run_unfused():
-    """Neurons the op does not cover take BatchNorm then the neuron, with the same result as calling them."""
+def test_the_reference_backend_runs_unfused(monkeypatch):
+    """The reference neuron (the autograd loop, for checking) takes BatchNorm then the neuron, with the same result
+    as calling them; PLIF runs the op."""
+    calls = []
+    real = bn_module._forward
+    monkeypatch.setattr(bn_module, "_forward", lambda *a: calls.append(a[3].type) or real(*a))
     torch.manual_seed(3)
     x = torch.randn(T, N, C, H, W, dtype=torch.float64) + 0.8
     for spec in (dict(type="plif"), dict(backend="reference")):
@@ -108,18 +116,20 @@ def test_plif_and_the_reference_backend_run_unfused():
         sn = make_neuron(spec).double()
         want = sn(bn_a(x.flatten(0, 1)).unflatten(0, (T, N)))
         torch.testing.assert_close(bn_neuron(x, bn_b, sn), want)
+    assert calls == ["plif"]
 
 
-@pytest.mark.parametrize("name,da", [("danet18", None), ("danet18", {"domain": "spike", "span": "stage"}),
-                                     ("sew_resnet18", None)])  # fmt: skip
-def test_network_fused_and_unfused(name, da, monkeypatch):
+@pytest.mark.parametrize("name,da,neuron", [("danet18", None, None), ("danet18", {"domain": "spike", "span": "stage"}, None),
+                                            ("sew_resnet18", None, None), ("danet18", None, {"type": "plif"})])  # fmt: skip
+def test_network_fused_and_unfused(name, da, neuron, monkeypatch):
     """Outputs, every gradient and every buffer after two steps agree to rounding (float64), under each
     checkpointing policy; with ``fuse_bn_neuron`` off the network is the one it always was, on every BatchNorm
     that feeds a neuron runs fused."""
     calls = []
     real = bn_module._forward
     monkeypatch.setattr(bn_module, "_forward", lambda *a: calls.append(1) or real(*a))
-    kw = dict(T=2, num_classes=10, width=8, input_size=32) | ({"da": da} if da else {})
+    kw = dict(T=2, num_classes=10, width=8, input_size=32) | ({"da": da} if da else {}) | (
+        {"neuron": neuron} if neuron else {})
     x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
     for policy in ("none", "time", "block", "block_time"):
         torch.manual_seed(0)

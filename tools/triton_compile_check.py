@@ -75,7 +75,7 @@ def record(out: Path) -> None:
     InterpretedFunction.run = recording
     cpu = torch.device("cpu")
     failures = lif_triton_check.run(cpu, lif_triton_check.CASES[:1] + lif_triton_check.PLIF_CASES[:1])
-    failures += lif_triton_check.run_bn_neuron(cpu, lif_triton_check.CASES[:1])
+    failures += lif_triton_check.run_bn_neuron(cpu, lif_triton_check.CASES[:1] + lif_triton_check.PLIF_CASES[:1])
     failures += lif_triton_check.run_da(cpu, quick=True)
     out.write_text(json.dumps({"launches": list(launches.values()), "failures": failures}))
 

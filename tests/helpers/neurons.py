@@ -16,7 +16,7 @@ FUSED_NEURON_CASES = [
     dict(type="if", v_reset=None, surrogate="sigmoid"),
 ]
 
-# PLIF: the same fused op with a learnable rate k = sigmoid(w) (and g_k); not in the BatchNorm + neuron op
+# PLIF: the same fused ops with a learnable rate k = sigmoid(w), and its gradient g_k
 PLIF_CASES = [
     dict(type="plif"),
     dict(type="plif", v_reset=None, detach_reset=False, surrogate="sigmoid", surrogate_alpha=4.0),
