@@ -1,4 +1,4 @@
-"""BatchNorm followed by an LIF / IF neuron as one op (``model.fuse_bn_neuron``; off by default).
+"""BatchNorm followed by an LIF / IF / PLIF neuron as one op (``model.fuse_bn_neuron``; off by default).
 
 In a spiking ResNet most BatchNorms feed a neuron. Run apart, the pair writes the normalised ``y`` and the
 neuron's charged potential ``h`` to memory and reads them back, and keeps ``h`` for backward. Fused:
