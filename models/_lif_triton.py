@@ -31,6 +31,15 @@ _SURROGATE = {"atan": 0, "sigmoid": 1, "rect": 2}
 
 
 @triton.jit
+def _reset(h, s, vr, thr, HARD: tl.constexpr):
+    """The membrane after the reset, from the stored h and its spike s: forward's, and PLIF backward's
+    recomputation of it."""
+    if HARD:
+        return h - h * s + vr * s
+    return h - thr * s
+
+
+@triton.jit
 def _neuron_step(v, y, k, vr, thr, dtype: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr):
     """One step from membrane v and input y: (h as stored, spike, next membrane)."""
     if CHARGE == 0:
@@ -41,11 +50,7 @@ def _neuron_step(v, y, k, vr, thr, dtype: tl.constexpr, CHARGE: tl.constexpr, HA
         h = v + y
     h = h.to(dtype).to(tl.float32)
     s = (h >= thr).to(tl.float32)
-    if HARD:
-        v = h - h * s + vr * s
-    else:
-        v = h - thr * s
-    return h, s, v
+    return h, s, _reset(h, s, vr, thr, HARD)
 
 
 @triton.jit
@@ -138,11 +143,7 @@ def _lif_bwd(
             h_prev = tl.load(hp + offs, mask=mask, other=0.0).to(tl.float32)
         if LEARN:
             if _i < T - 1:
-                s_prev = (h_prev >= thr).to(tl.float32)
-                if HARD:
-                    v_prev = h_prev - h_prev * s_prev + vr * s_prev
-                else:
-                    v_prev = h_prev - thr * s_prev
+                v_prev = _reset(h_prev, (h_prev >= thr).to(tl.float32), vr, thr, HARD)
             elif HAS_V0:
                 v_prev = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             else:

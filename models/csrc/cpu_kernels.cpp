@@ -7,8 +7,9 @@
 // sequences (time stride M); an input may have any time stride, 0 included (a sequence broadcast over T).
 //
 // Forward reads x once and writes the spikes and the charged potential h once; backward reads g_s and h once
-// and writes g_x once (PLIF's backward also reads the previous step's h, from cache, for the rate's gradient). The membrane (forward) and the gradient reaching it (backward) stay in a small block
-// buffer across the T steps, so the inner loops run over consecutive elements and vectorise.
+// and writes g_x once (PLIF's backward also reads the previous step's h, from cache, for the rate's gradient).
+// The membrane (forward) and the gradient reaching it (backward) stay in a small block buffer across the T
+// steps, so the inner loops run over consecutive elements and vectorise.
 //
 // Rounding follows the vectorised torch path the Python side falls back to (torch.lerp's and torch.add(alpha=)'s
 // fused multiply-adds, written as std::fma; -ffp-contract=off keeps everything else as written), so the spikes
@@ -63,6 +64,14 @@ inline T surrogate(T d, T alpha, T c2, T half_width) {
     }
 }
 
+// The membrane after the reset, from the stored h and its spike s (0 or 1): forward's, and PLIF backward's
+// recomputation of it.
+template <bool Hard, typename T>
+inline T reset_membrane(T h, T s, T vr, T thr) {
+    if constexpr (Hard) return s != T(0) ? vr : h;
+    else return h - s * thr;
+}
+
 template <typename T>
 struct Forward {
     const T* x;
@@ -113,13 +122,13 @@ struct Forward {
                     for (int64_t j = 0; j < n; ++j) {
                         const T s = hs[j] >= thr ? T(1) : T(0);
                         ss[j] = s;
-                        v[j] = s != T(0) ? vr : hs[j];
+                        v[j] = reset_membrane<true>(hs[j], s, vr, thr);
                     }
                 } else {
                     for (int64_t j = 0; j < n; ++j) {
                         const T s = hs[j] >= thr ? T(1) : T(0);
                         ss[j] = s;
-                        v[j] = hs[j] - s * thr;
+                        v[j] = reset_membrane<false>(hs[j], s, vr, thr);
                     }
                 }
                 have_v = true;
@@ -187,8 +196,9 @@ struct Backward {
         for (int64_t j = 0; j < n; ++j) {
             T vp = T(0);
             if (hp != nullptr) {
-                const bool s = hp[j] >= thr;
-                vp = spec.hard_reset ? (s ? vr : hp[j]) : (s ? hp[j] - thr : hp[j]);
+                const T s = hp[j] >= thr ? T(1) : T(0);
+                vp = spec.hard_reset ? reset_membrane<true>(hp[j], s, vr, thr)
+                                     : reset_membrane<false>(hp[j], s, vr, thr);
             } else if (v0 != nullptr) {
                 vp = v0[b0 + j];
             }
