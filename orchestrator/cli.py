@@ -301,10 +301,10 @@ def cmd_train(args, overrides: list[str]) -> int:
     except UserError as e:  # bad input met after the checks: the launcher reports the line(s)
         report_bad_input(run_dir, str(e))
         raise
-    _exit_rank(code)
+    exit_rank(code)
 
 
-def _exit_rank(code: int) -> NoReturn:
+def exit_rank(code: int) -> NoReturn:
     """End a rank whose work is done: run() has flushed and ended the tracker run, written its files and left the
     process group, so what is left is the interpreter's teardown of native objects (DALI pipelines, torch, gloo),
     measured at 2-3 s per rank on CPU, on every launch, requeue and sweep task. Flush and leave without it."""

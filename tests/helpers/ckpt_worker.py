@@ -27,6 +27,7 @@ import torch
 import torch._dynamo  # noqa: F401  (the optimizer's constructor imports it: ~3 s, also paid once here)
 
 from launch.env import RankInfo
+from orchestrator.cli import exit_rank
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
 from orchestrator.train import dist
@@ -124,7 +125,8 @@ if __name__ == "__main__":
     try:
         code = main()
     finally:
-        # leave the process group before the interpreter tears gloo down, as the worker does: without it a probe
-        # aborted once at exit, after printing its results ("terminate called without an active exception", rc -6)
         dist.shutdown(sync=False)
-    sys.exit(code)
+    # end as a rank does (orchestrator train): the interpreter's teardown of gloo's threads aborted a probe now and
+    # then after it had printed its results ("terminate called without an active exception", rc -6), even after
+    # leaving the process group
+    exit_rank(code)

@@ -17,6 +17,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from launch.env import RankInfo  # noqa: E402
+from orchestrator.cli import exit_rank  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.train import dist  # noqa: E402
 from orchestrator.train.engine import batch_plan, build_engine, init_distributed, resolve_precision  # noqa: E402
@@ -56,7 +57,8 @@ if __name__ == "__main__":
     try:
         code = main()
     finally:
-        # leave the process group before the interpreter tears gloo down, as the worker does: without it a probe
-        # aborted once at exit, after printing its results ("terminate called without an active exception", rc -6)
         dist.shutdown(sync=False)
-    sys.exit(code)
+    # end as a rank does (orchestrator train): the interpreter's teardown of gloo's threads aborted a probe now and
+    # then after it had printed its results ("terminate called without an active exception", rc -6), even after
+    # leaving the process group
+    exit_rank(code)
