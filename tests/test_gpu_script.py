@@ -332,6 +332,34 @@ def test_compare_gradients_sees_a_nan_and_a_missing_gradient():
 
 
 @pytest.mark.parametrize(
+    "name, group",
+    [  # kernel names of the forms torch.profiler reports on Hopper GPUs (public traces; none captured here yet), CPU ops
+        ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+        ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false, true>", "layout"),
+        ("void cudnn::bn_fw_tr_1C11_singleread<__nv_bfloat16, 512, true, 1, 2, 0>", "batch_norm"),
+        ("void at::native::batch_norm_collect_statistics_channels_last_kernel<at::native::Var, c10::BFloat16>",
+         "batch_norm"),
+        ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "communication"),
+        ("Memcpy HtoD (Pageable -> Device)", "memcpy"),
+        ("Memset (Device)", "memcpy"),
+        ("_lif_fwd", "lif"), ("_lif_bwd", "lif"), ("_bn_lif_elemt", "bn_neuron"), ("_weighted_sum_dots", "da_sums"),
+        ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)",
+         "casts_copies"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+         "elementwise"),
+        ("void multi_tensor_apply_kernel<TensorListMetadata<2>, SGDFunctor<float>>", "optimizer"),
+        ("aten::mkldnn_convolution", "convolution"), ("c10d::allreduce_", "communication"),
+        ("cunn_SoftMaxForward", "other"),
+    ],
+)
+def test_profile_groups_name_real_kernels(name, group):
+    """The profile summary's groups (convolutions, BatchNorm, LIF, DA sums, casts, layout conversions, ...)
+    hold the kernels a reader expects there: NCCL's '..._Sum_...' is not element-wise work, nor cuDNN's layout
+    transform a convolution."""
+    assert gtc._group(name) == group
+
+
+@pytest.mark.parametrize(
     "script, env, says",
     [
         # DRY_RUN rehearses the train step only: any other STEPS is refused before anything runs

@@ -523,13 +523,17 @@ class StepProcess:
 
 
 GROUPS = (  # (group, substrings of aten op / kernel names, lower case); the first match wins
+    # NCCL's kernels name their reduction ("..._sum_bf16_ring_ll"), and cuDNN its layout transforms
+    # ("cudnn::...::nchwToNhwcKernel"): both are matched before the groups those words would fall into
+    ("communication", ("nccl", "all_reduce", "allreduce")),
+    ("layout", ("nchwtonhwc", "nhwctonchw")),  # memory-format conversions, inside cuDNN or not
+    ("memcpy", ("memcpy", "memset")),  # the profiler's copy/fill events: host <-> device transfers among them
     ("bn_neuron", ("_bn_lif_",)),  # the fused BatchNorm + neuron kernels (model.fuse_bn_neuron)
     ("lif", ("lif_forward", "lif_backward", "_lif_fwd", "_lif_bwd", "fusedlif")),
     ("batch_norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
     ("convolution", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass")),
     ("da_sums", ("addcmul", "aten::dot", "dot_kernel", "_weighted_sum")),  # torch ops, or models._da_triton
-    ("casts_copies", ("copy", "_to_copy", "aten::to", "clone", "contiguous", "nchwtonhwc", "nhwctonchw",
-                      "transpose", "cast", "convert")),  # fmt: skip
+    ("casts_copies", ("copy", "_to_copy", "aten::to", "clone", "contiguous", "transpose", "cast", "convert")),
     ("optimizer", ("foreach", "multi_tensor", "sgd", "_fused_")),
     ("elementwise", ("elementwise", "aten::add", "aten::mul", "aten::sub", "aten::div", "reduce", "sum", "mean")),
 )
