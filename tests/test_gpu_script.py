@@ -359,6 +359,16 @@ def test_profile_groups_name_real_kernels(name, group):
     assert gtc._group(name) == group
 
 
+def test_profile_summary_groups_a_step_and_names_what_other_holds():
+    import torch
+
+    x, w = torch.randn(2, 3, 16, 16), torch.randn(4, 3, 3, 3)
+    prof = gtc.profile_steps(lambda: torch.softmax(torch.nn.functional.conv2d(x, w), 1), lambda: None, 2, cuda=False)
+    assert prof["steps"] == 2 and prof["groups_ms_per_step"]["convolution"] > 0
+    assert prof["other_top"] and all(gtc._group(o["name"]) == "other" for o in prof["other_top"])
+    assert any("softmax" in o["name"] for o in prof["other_top"])
+
+
 @pytest.mark.parametrize(
     "script, env, says",
     [
@@ -666,7 +676,8 @@ GPU_RESULT = {  # the shape tools/gpu_train_check.py writes on a GPU (figures in
     "profile": {"steps": 3, "timing": "device (CUDA) self time", "wall_ms_per_step": 110.0,
                 "device_ms_per_step": 100.0, "host_gap_ms_per_step": 10.0,
                 "groups_ms_per_step": {"convolution": 75.0, "bn_neuron": 25.0},
-                "top_ops": [{"op": "aten::cudnn_convolution", "ms_per_step": 40.0, "calls_per_step": 155}]},
+                "top_ops": [{"op": "aten::cudnn_convolution", "ms_per_step": 40.0, "calls_per_step": 155}],
+                "other_top": [{"name": "cunn_SoftMaxForward", "ms_per_step": 0.25}]},
     "memory_by_policy": {"micro_batch": 32, "card_gb": 139.8, "auto_policy": "none", "fastest_fitting_policy": "none",
                          "policies": {"none": {"plan_gb": 40.0, "peak_gb": 44.0, "measured_over_plan": 1.1,
                                                "img_per_s": 300.0}}},
@@ -689,6 +700,7 @@ def test_report_gives_each_lever_as_a_ratio_and_each_verdict(tmp_path):
     assert "| 250.0 |" not in md  # the preset's job once, in bold (not again as "fusions off" or "micro-batch 32")
     assert "250.0 img/s: meets the floor (5.00x the model step alone" in md
     assert "| convolution | 75.00 | 75% |" in md and "host gaps 10.0 ms" in md
+    assert "In `other` (no group names them yet): `cunn_SoftMaxForward` 0.25 ms." in md
     assert "| none | 40.00 | 44.00 | 1.10 | 300.0 |" in md and "`fused_bn_neuron` ran on triton" in md
     assert "- precision job: skipped" in md
     slow = rep.report({**GPU_RESULT, "end_to_end_img_per_s": 150.0}, "x.json")

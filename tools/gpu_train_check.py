@@ -574,6 +574,7 @@ def profile_steps(step, sync, steps: int, cuda: bool) -> dict:
     wall_ms = (time.perf_counter() - t) * 1e3
     groups: dict[str, float] = {}
     ops = []
+    unnamed: list[tuple[float, str]] = []  # what "other" holds, largest first: where GROUPS needs a name next
     for ev in prof.key_averages():
         if cuda:
             # device events (kernels) carry the device time once; CPU ops are listed for the reader only
@@ -588,6 +589,8 @@ def profile_steps(step, sync, steps: int, cuda: bool) -> dict:
                 ops.append((dev_us / 1e3, ev.key, ev.count))
         if dev_us > 0:
             groups[_group(ev.key)] = groups.get(_group(ev.key), 0.0) + dev_us / 1e3
+            if _group(ev.key) == "other":
+                unnamed.append((dev_us / 1e3, ev.key))
     busy = sum(groups.values())
     ops.sort(reverse=True)
     del torch
@@ -598,6 +601,7 @@ def profile_steps(step, sync, steps: int, cuda: bool) -> dict:
         # CUDA: ops by the device time of everything they launched (nested ops overlap); CPU: self time
         "top_ops": [{"op": k[:120], "ms_per_step": round(v / steps, 3), "calls_per_step": c / steps}
                     for v, k, c in ops[:15]],  # fmt: skip
+        "other_top": [{"name": k[:120], "ms_per_step": round(v / steps, 3)} for v, k in sorted(unnamed, reverse=True)[:8]],
         "timing": "device (CUDA) self time" if cuda else "CPU self time (dry run)",
     }
 

@@ -98,6 +98,9 @@ def _profile(r: dict) -> list[str]:
         out += ["", "Top ops (" + ("device time of what each launched; nested ops overlap" if p.get(
             "host_gap_ms_per_step") is not None else "CPU self time") + "):", ""]  # fmt: skip
         out += [f"- `{t['op']}`: {t['ms_per_step']:.2f} ms/step, {t['calls_per_step']:g} calls" for t in tops[:8]]
+    if p.get("other_top"):
+        out += ["", "In `other` (no group names them yet): " + ", ".join(
+            f"`{o['name']}` {o['ms_per_step']:.2f} ms" for o in p["other_top"][:5]) + "."]  # fmt: skip
     return out
 
 
