@@ -23,7 +23,7 @@
 # host of the job's nodelist into MASTER_ADDR).
 set -euo pipefail
 
-BASE=${DANET_SLURM_BASE:-/tmp/danet-slurm}
+BASE=$(realpath -m "${DANET_SLURM_BASE:-/tmp/danet-slurm}")  # absolute: the daemons start from inside it
 NODES=${DANET_SLURM_NODES:-4}
 CPUS=${DANET_SLURM_CPUS:-64}
 GPUS=${DANET_SLURM_GPUS:-8}
@@ -65,6 +65,14 @@ pid_alive() {
   ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null || return 1
   [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
+# cwd_gone PIDFILE: the daemon's working directory was deleted (a cluster started from a checkout since removed,
+# by an earlier slurm-up that did not cd). Every job step's slurmstepd inherits it and writes "Unable to get
+# current working directory" into the job's own output, so such a cluster counts as half-dead.
+cwd_gone() {
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ "$(readlink "/proc/$pid/cwd" 2>/dev/null)" == *" (deleted)" ]]
+}
 idle_nodes() { { sinfo -h -N -t idle -o '%N' 2>/dev/null || true; } | sort -u | grep -c . || true; }
 export SLURM_CONF=$CONF
 
@@ -72,7 +80,13 @@ export SLURM_CONF=$CONF
 up=1
 pid_alive "$RUN/munged.pid" munged || up=0
 pid_alive "$RUN/slurmctld.pid" slurmctld || up=0
-for i in $(seq 1 "$NODES"); do pid_alive "$RUN/slurmd-node$i.pid" slurmd || up=0; done
+for i in $(seq 1 "$NODES"); do
+  pid_alive "$RUN/slurmd-node$i.pid" slurmd || up=0
+  if [ "$up" = 1 ] && cwd_gone "$RUN/slurmd-node$i.pid"; then
+    say "node$i's slurmd runs in a deleted directory (its jobs' output would carry slurmstepd errors): restarting"
+    up=0
+  fi
+done
 if [ "$up" = 1 ] && [ -f "$CONF" ]; then
   say "already running ($BASE): $(idle_nodes)/$NODES nodes idle"
   echo "export SLURM_CONF=$CONF"
@@ -184,6 +198,9 @@ start() {  # start PIDFILE OUTFILE COMMAND...
   die "$(basename "$1" .pid) did not start (output: $out)"
 }
 
+# The daemons run in the state directory, not the caller's: each job step's slurmstepd inherits slurmd's working
+# directory, and a caller's folder (a checkout, a test's tmp) may be deleted while the cluster lives on.
+cd "$BASE"
 start "$RUN/munged.pid" "$LOG/munged.out" munged -F --socket="$MSOCK" --key-file="$BASE/munge/munge.key" \
   --pid-file="$RUN/munged.pid" --seed-file="$BASE/munge/munged.seed" --log-file="$LOG/munged.log"
 for _ in $(seq 1 100); do [ -S "$MSOCK" ] && break; sleep 0.05; done

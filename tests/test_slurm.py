@@ -364,6 +364,25 @@ def test_cluster_runs_a_4_node_job(cluster, tmp_path):
 
 
 @pytest.mark.slurm
+def test_a_cluster_started_from_a_deleted_folder_writes_clean_job_output(cluster, tmp_path):
+    """slurm-up.sh started from a folder that is then deleted (a removed checkout, a test's tmp): the daemons run
+    in the state directory, so no job step's slurmstepd inherits the deleted folder and writes 'Unable to get
+    current working directory' into the job's output (seen in a job's output before)."""
+    doomed = tmp_path / "checkout"
+    doomed.mkdir()
+    assert _run(["bash", str(REPO / "scripts" / "slurm-down.sh")], timeout=120).returncode == 0
+    up = _run(["bash", str(REPO / "scripts" / "slurm-up.sh")], cwd=doomed, timeout=300)
+    assert up.returncode == 0, up.stderr
+    shutil.rmtree(doomed)
+    assert _nodes_up() >= 4
+    out = tmp_path / "out"
+    out.mkdir()
+    job = _sbatch([*SHAPE, "--wrap", "srun printenv SLURMD_NODENAME", f"--output={out}/%j.out"], out)
+    assert _wait(job, 60)["JobState"] == "COMPLETED"
+    assert sorted((out / f"{job}.out").read_text().split()) == ["node1", "node2", "node3", "node4"]
+
+
+@pytest.mark.slurm
 def test_sbatch_accepts_both_scripts(cluster, tmp_path):
     """--test-only: the paper defaults (4 x 8 GPUs) and a rendered script schedule on this cluster."""
     p = _run(["sbatch", "--test-only", str(REPO / "slurm" / "danet152.sh")], cwd=tmp_path)
