@@ -588,8 +588,9 @@ def profile_steps(step, sync, steps: int, cuda: bool) -> dict:
             if dev_us > 0:
                 ops.append((dev_us / 1e3, ev.key, ev.count))
         if dev_us > 0:
-            groups[_group(ev.key)] = groups.get(_group(ev.key), 0.0) + dev_us / 1e3
-            if _group(ev.key) == "other":
+            group = _group(ev.key)
+            groups[group] = groups.get(group, 0.0) + dev_us / 1e3
+            if group == "other":
                 unnamed.append((dev_us / 1e3, ev.key))
     busy = sum(groups.values())
     ops.sort(reverse=True)
