@@ -25,12 +25,11 @@ import time
 import deepspeed  # noqa: F401  (imported before the fork: each child would otherwise spend ~4 s importing it)
 import torch
 import torch._dynamo  # noqa: F401  (the optimizer's constructor imports it: ~3 s, also paid once here)
+from probe_exit import run_probe  # (this folder: the script's own)
 
 from launch.env import RankInfo
-from orchestrator.cli import exit_rank
 from orchestrator.config import load_config
 from orchestrator.errors import UserError
-from orchestrator.train import dist
 from orchestrator.train.checkpoint import CheckpointManager
 from orchestrator.train.engine import batch_plan, build_engine, init_distributed
 from orchestrator.train.worker import build_model
@@ -122,11 +121,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    finally:
-        dist.shutdown(sync=False)
-    # end as a rank does (orchestrator train): the interpreter's teardown of gloo's threads aborted a probe now and
-    # then after it had printed its results ("terminate called without an active exception", rc -6), even after
-    # leaving the process group
-    exit_rank(code)
+    run_probe(main)

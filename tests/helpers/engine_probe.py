@@ -15,11 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
+from probe_exit import run_probe  # noqa: E402  (this folder: the script's own)
 
 from launch.env import RankInfo  # noqa: E402
-from orchestrator.cli import exit_rank  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
-from orchestrator.train import dist  # noqa: E402
 from orchestrator.train.engine import batch_plan, build_engine, init_distributed, resolve_precision  # noqa: E402
 from orchestrator.train.precision import Precision  # noqa: E402
 
@@ -54,11 +53,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        code = main()
-    finally:
-        dist.shutdown(sync=False)
-    # end as a rank does (orchestrator train): the interpreter's teardown of gloo's threads aborted a probe now and
-    # then after it had printed its results ("terminate called without an active exception", rc -6), even after
-    # leaving the process group
-    exit_rank(code)
+    run_probe(main)

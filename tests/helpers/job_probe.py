@@ -33,11 +33,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as tdist  # noqa: E402
+from probe_exit import run_probe  # noqa: E402  (this folder: the script's own)
 from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from launch.env import rank_info  # noqa: E402
-from orchestrator.cli import exit_rank  # noqa: E402
 from orchestrator.config import load_config  # noqa: E402
 from orchestrator.train import dist  # noqa: E402
 from orchestrator.train.checkpoint import CheckpointManager  # noqa: E402
@@ -297,4 +297,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    exit_rank(main())  # as a rank ends: no interpreter teardown of gloo (see engine_probe.py)
+    run_probe(main)
