@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._lif_triton import _SURROGATE, _charge, _neuron_step, _surrogate_and_reset
+from ._lif_triton import _SURROGATE, _charge, _dh_dk, _learned_rate, _neuron_step, _surrogate_and_reset
 from .layout import empty_seq_like, physical_order, seq_operand
 from .neuron_spec import NeuronSpec
 
@@ -79,10 +79,7 @@ def _bn_lif_bwd(
 ):  # fmt: skip
     offs, mask, c, cm = _tile(R, C, INNER, BR, BC)
     if LEARN:  # PLIF: a and b from the rate in device memory; g_k summed per program
-        k = tl.load(k_ptr).to(tl.float32)
-        a = 1.0 - k
-        if CHARGE == 0:
-            b = k
+        k, a, b = _learned_rate(k_ptr, b, CHARGE == 0)
         g_k = tl.zeros([BR, BC], dtype=tl.float32)
     scale = tl.load(scale_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
     shift = tl.load(shift_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
@@ -113,10 +110,7 @@ def _bn_lif_bwd(
         gh = gs * sg + carry * dvdh
         carry = gh * a
         if LEARN:
-            if CHARGE == 0:
-                g_k += tl.where(mask, gh * ((h - v_prev) / k), 0.0)
-            else:
-                g_k += tl.where(mask, gh * (vr - v_prev), 0.0)
+            g_k += tl.where(mask, gh * _dh_dk(h, v_prev, k, vr, CHARGE == 0), 0.0)
         gy = (gh * b).to(dtype)
         tl.store(gy_ptr + (T - 1 - i) * o_step + offs, gy, mask=mask)
         gyf = tl.where(mask, gy.to(tl.float32), 0.0)

@@ -40,6 +40,24 @@ def _reset(h, s, vr, thr, HARD: tl.constexpr):
 
 
 @triton.jit
+def _learned_rate(k_ptr, b, DECAY: tl.constexpr):
+    """PLIF: the rate k from device memory and backward's coefficients from it: (k, a = 1 - k, b = k with
+    decay_input, else the b given)."""
+    k = tl.load(k_ptr).to(tl.float32)
+    if DECAY:
+        b = k
+    return k, 1.0 - k, b
+
+
+@triton.jit
+def _dh_dk(h, v_prev, k, vr, DECAY: tl.constexpr):
+    """PLIF: how the charged potential h moves with the rate k, from the membrane v_prev it charged from."""
+    if DECAY:
+        return (h - v_prev) / k
+    return vr - v_prev
+
+
+@triton.jit
 def _neuron_step(v, y, k, vr, thr, dtype: tl.constexpr, CHARGE: tl.constexpr, HARD: tl.constexpr):
     """One step from membrane v and input y: (h as stored, spike, next membrane)."""
     if CHARGE == 0:
@@ -116,10 +134,7 @@ def _lif_bwd(
     g_step = tl.cast(gs_st, tl.int64)
     o_step = tl.cast(M, tl.int64)  # h and g_x are dense sequences: time stride M
     if LEARN:  # PLIF: a and b from the rate in device memory; g_k summed per program
-        k = tl.load(k_ptr).to(tl.float32)
-        a = 1.0 - k
-        if DECAY:
-            b = k
+        k, a, b = _learned_rate(k_ptr, b, DECAY)
         g_k = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GV:
         carry = tl.load(gvt_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -148,10 +163,7 @@ def _lif_bwd(
                 v_prev = tl.load(v0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             else:
                 v_prev = tl.zeros([BLOCK], dtype=tl.float32)
-            if DECAY:
-                g_k += gh * ((h - v_prev) / k)
-            else:
-                g_k += gh * (vr - v_prev)
+            g_k += gh * _dh_dk(h, v_prev, k, vr, DECAY)
         if _i < T - 1:
             h = h_prev
     tl.store(gv0_ptr + offs, carry.to(gv0_ptr.dtype.element_ty), mask=mask)
