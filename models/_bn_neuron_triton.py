@@ -174,7 +174,7 @@ def forward(
     hard = spec.v_reset is not None
     _bn_lif_fwd[_grid(rows, channels, br, bc)](
         x, s_seq, scale, shift, k if k is not None else scale, rows, channels, inner, x_st,
-        1.0 / spec.tau, spec.v_reset if hard else 0.0, spec.v_threshold,
+        spec.rate(), spec.v_reset if hard else 0.0, spec.v_threshold,
         T=x_seq.shape[0], CHARGE=_charge(spec), HARD=hard, LEARN=k is not None, BR=br, BC=bc,
         num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -194,9 +194,8 @@ def backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: Ne
     part = torch.empty((2, grid[0], channels), dtype=torch.float32, device=x_seq.device)
     learn = k is not None
     k_part = torch.empty(grid, dtype=torch.float32, device=x_seq.device) if learn else None
-    rate = 1.0 / spec.tau  # (PLIF: the kernel reads k and sets a and b itself)
-    a = 1.0 if spec.type == "if" else 1.0 - rate
-    b = rate if (spec.type != "if" and spec.decay_input) else 1.0
+    rate = spec.rate()
+    a, b = spec.coefficients()  # (PLIF: the kernel reads k and sets a and b itself)
     hard = spec.v_reset is not None
     _bn_lif_bwd[grid](
         gs, x, g_y, part, scale, shift, mean, invstd, k if learn else scale, k_part if learn else part, rows,

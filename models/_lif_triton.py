@@ -196,7 +196,7 @@ def forward(x_seq: torch.Tensor, v0: torch.Tensor | None, spec: NeuronSpec, k: t
     hard = spec.v_reset is not None
     _lif_fwd[_grid(m)](
         x, v0c, s_seq, h_seq, v_last, k if k is not None else v_last, m, x_st,
-        1.0 / spec.tau, spec.v_reset if hard else 0.0, spec.v_threshold,
+        spec.rate(), spec.v_reset if hard else 0.0, spec.v_threshold,
         T=steps, HAS_V0=v0 is not None, CHARGE=_charge(spec), HARD=hard, LEARN=k is not None, BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -218,9 +218,7 @@ def backward(
     g_v0 = empty_step_like(h_seq)
     gs, gs_st = seq_operand(g_s, ref)
     gv = step_operand(g_v, ref) if g_v is not None else g_v0  # dummy pointer when absent (never read)
-    rate = 1.0 / spec.tau  # (PLIF: the kernel reads k and sets a and b itself)
-    a = 1.0 if spec.type == "if" else 1.0 - rate
-    b = rate if (spec.type != "if" and spec.decay_input) else 1.0
+    a, b = spec.coefficients()  # (PLIF: the kernel reads k and sets a and b itself)
     hard = spec.v_reset is not None
     learn = k is not None
     grid = _grid(m)

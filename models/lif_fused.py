@@ -68,19 +68,6 @@ def plif_rate(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.sigmoid(w).to(torch.promote_types(dtype, torch.float32))
 
 
-def _rate(spec: NeuronSpec, k: torch.Tensor | None) -> float | torch.Tensor:
-    """The charge's rate: PLIF's tensor ``k``, else ``1 / tau`` (unused by IF)."""
-    return k if k is not None else 1.0 / spec.tau
-
-
-def _coefficients(spec: NeuronSpec, k: torch.Tensor | None = None) -> tuple:
-    """(a, b): h = a * v + b * x (+ constant), for the backward pass (tensors for PLIF)."""
-    if spec.type == "if":
-        return 1.0, 1.0
-    k = _rate(spec, k)
-    return 1.0 - k, (k if spec.decay_input else 1.0)
-
-
 def _check_rate(spec: NeuronSpec, k: torch.Tensor | None) -> None:
     if (spec.type == "plif") != (k is not None):
         raise ValueError(f"a {spec.type} neuron takes {'its rate k' if k is None else 'no rate k'}: PLIF's "
@@ -95,7 +82,7 @@ def forward_vectorised(
     thr = spec.v_threshold
     vr = 0.0 if spec.v_reset is None else spec.v_reset
     learnable = k is not None
-    k = _rate(spec, k)
+    k = spec.rate(k)
     keep = 1.0 - k if learnable else None
     h_seq = empty_seq_like(x_seq)
     s_seq = empty_seq_like(x_seq)
@@ -166,7 +153,7 @@ def backward_vectorised(
     scaled by b at the end (``k``, ``v0``: PLIF's rate and forward's initial membrane, for g_k)."""
     _check_rate(spec, k)
     thr, alpha = spec.v_threshold, spec.surrogate_alpha
-    a, b = _coefficients(spec, k)
+    a, b = spec.coefficients(k)
     steps = h_seq.shape[0]
     g_x = empty_seq_like(h_seq)
     d = empty_step_like(h_seq)

@@ -65,6 +65,18 @@ class NeuronSpec:
         self.v_reset = None if self.v_reset is None else float(self.v_reset)
         self.surrogate_alpha = float(self.surrogate_alpha)
 
+    def rate(self, k: Any = None) -> Any:
+        """The charge's rate: PLIF's learned ``k`` when given, else ``1 / tau`` (unused by IF)."""
+        return k if k is not None else 1.0 / self.tau
+
+    def coefficients(self, k: Any = None) -> tuple:
+        """(a, b) with h = a * v + b * x (+ a constant): the backward pass's coefficients (tensors for PLIF's k).
+        Here, not beside the fused op, so that its CUDA kernels' wrappers take them without an import circle."""
+        if self.type == "if":
+            return 1.0, 1.0
+        k = self.rate(k)
+        return 1.0 - k, (k if self.decay_input else 1.0)
+
     @classmethod
     def from_any(cls, value: Any) -> NeuronSpec:
         """Build from a NeuronSpec, a dataclass with the same fields (the config's), a dict or None."""
