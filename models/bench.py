@@ -3,8 +3,9 @@
 ``run_models_bench(json_path)``: in one process, on the same inputs and thread count, forward + backward of our
 ``sew_resnet50`` and ``danet50`` and SpikingJelly's multi-step ``sew_resnet50`` (LIFNode tau 2, ATan(2), hard reset
 0, detach_reset, the same neuron as ours; its CPU LIF op is its only and fastest CPU backend), T=4, batch 4,
-112x112, 2 threads. The models are timed round-robin, one step each per round, so load from other processes on a
-shared machine hits all of them alike; the median over the rounds after warm-up is reported. Our sew_resnet50 is
+112x112, 2 threads. The models are timed round-robin, one step each per round (``ROUNDS`` by default, each
+announced on stderr), so load from other processes on a shared machine hits all of them alike; the median over
+the rounds after warm-up is reported. Our sew_resnet50 is
 also timed in the same rounds with its C++ CPU kernels switched off ("ours, torch ops": the fused LIF's
 vectorised torch path and torch's BatchNorm), which is what those kernels give.
 
@@ -39,6 +40,9 @@ from .neurons import MultiStepNeuron, NeuronSpec
 from .resnet import create_model
 
 T, BATCH, RES, THREADS, CLASSES = 4, 4, 112, 2, 1000
+# Timed rounds: on a shared 2-core box single steps vary by 2x, and with 7 rounds three runs back to back gave
+# 1.19, 1.71 and 1.56x on one machine; with 21 they gave 1.24-1.33x (BENCHMARKS.md)
+ROUNDS = 15
 
 
 @contextlib.contextmanager
@@ -102,9 +106,13 @@ def _machine() -> str:
     )
 
 
-def _rounds(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, list[float]]:
+def _rounds(
+    what: str, steps: dict[str, Callable[[], None]], warmup: int, repeats: int
+) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(warmup + repeats):
+        label = f"warm-up {r + 1}/{warmup}" if r < warmup else f"round {r + 1 - warmup}/{repeats}"
+        print(f"bench models, {what}: {label} ({len(steps)} steps)", file=sys.stderr, flush=True)
         for key, step in steps.items():
             t0 = time.perf_counter()
             step()
@@ -114,8 +122,9 @@ def _rounds(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> 
     return times
 
 
-def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int = 7) -> dict:
-    """Benchmark ours vs SpikingJelly's sew_resnet50 (see the module docstring); write JSON when a path is given."""
+def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int = ROUNDS) -> dict:
+    """Benchmark ours vs SpikingJelly's sew_resnet50 (see the module docstring) over ``repeats`` timed rounds;
+    write JSON when a path is given."""
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     images = torch.randn(BATCH, 3, RES, RES)
@@ -150,7 +159,7 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
 
     steps[("ours, torch ops", "sew_resnet50")] = torch_ops_step
     steps[("spikingjelly", "sew_resnet50")] = sj_step
-    times = _rounds(steps, warmup, repeats)  # type: ignore[arg-type]
+    times = _rounds("networks", steps, warmup, repeats)  # type: ignore[arg-type]
 
     results = []
     for (impl, model), ts in times.items():  # type: ignore[misc]
@@ -230,6 +239,7 @@ def run_lif_bench(
             run(fused)()
 
     times = _rounds(
+        "LIF layer",
         {"fused": run(fused), "fused, torch ops": fused_torch_ops, "reference": run(reference),
          "spikingjelly": run(sj, functional.reset_net), "plif fused": run(plif_fused),
          "plif reference": run(plif_reference), "plif spikingjelly": run(sj_plif, functional.reset_net)},

@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (JSON results)")
     bsub = p.add_subparsers(dest="sub", metavar="SUB", parser_class=_Parser)
     s = bsub.add_parser("models", help="ours vs SpikingJelly: sew_resnet50 / danet50 throughput, LIF kernels")
+    s.add_argument("--rounds", type=int, default=None, help="timed rounds, one step of each model per round "
+                                                            "(median reported; default models.bench.ROUNDS)")
     s.add_argument("--json", default=None)
     s = bsub.add_parser("memory", help="peak memory and step time per checkpointing policy")
     s.add_argument("--model", default="danet152")
@@ -386,6 +388,8 @@ def cmd_bench(args, overrides) -> int:
     from orchestrator import preflight as pf
 
     problems = pf.check_output_file(getattr(args, "json", None), "--json")  # checked before the work, not after
+    if args.sub == "models" and args.rounds is not None and args.rounds <= 0:
+        problems.append(f"--rounds {args.rounds}: must be > 0")
     if args.sub == "memory":
         from models import REGISTRY
         from orchestrator.bench_memory import parse_configs
@@ -400,9 +404,9 @@ def cmd_bench(args, overrides) -> int:
             problems += e.problems
     pf.raise_if(problems)
     if args.sub == "models":
-        from models.bench import run_models_bench
+        from models.bench import ROUNDS, run_models_bench
 
-        _write_json(run_models_bench(args.json), args.json)
+        _write_json(run_models_bench(args.json, repeats=args.rounds or ROUNDS), args.json)
     elif args.sub == "memory":
         from orchestrator.bench_memory import parse_configs, run_memory_bench
 

@@ -185,6 +185,8 @@ CASES: dict[str, Case] = {
                                ("sweep runs with model.T=abc", "int")]),
     "sweep_run_dir_not_creatable": Case(["sweep", "--run-dir", "/proc/x/sw", "model.T=1,2"],
                                         [("--run-dir /proc/x/sw", "not writable")]),
+    "bench_models": Case(["bench", "models", "--rounds", "0", "--json", "/proc/x/a.json"],
+                         [("--rounds 0", "> 0"), ("--json /proc/x/a.json", "does not exist")]),
     "bench_data_json_is_a_folder": Case(["bench", "data", "--json", "."], [("--json .", "is a folder")]),
 }
 
