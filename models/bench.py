@@ -5,9 +5,9 @@
 0, detach_reset, the same neuron as ours; its CPU LIF op is its only and fastest CPU backend), T=4, batch 4,
 112x112, 2 threads. The models are timed round-robin, one step each per round (``ROUNDS`` by default, each
 announced on stderr), so load from other processes on a shared machine hits all of them alike; the median over
-the rounds after warm-up is reported. Our sew_resnet50 is
-also timed in the same rounds with its C++ CPU kernels switched off ("ours, torch ops": the fused LIF's
-vectorised torch path and torch's BatchNorm), which is what those kernels give.
+the rounds after warm-up is reported. Our sew_resnet50 is also timed in the same rounds with its C++ CPU kernels
+switched off ("ours, torch ops": the fused LIF's vectorised torch path and torch's BatchNorm), which is what those
+kernels give.
 
 ``run_lif_bench()``: one LIF layer ``[T=4, N=4, 256, 28, 28]`` forward + backward: our fused op (C++ kernel, and
 its torch path), our reference loop (autograd through every step) and SpikingJelly's LIFNode; then PLIF the
