@@ -173,6 +173,12 @@ def _load() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     lib.danet_bn_forward.argtypes = [ctypes.c_int, *[ptr] * 8, i64, i64, i64, ctypes.c_double, ctypes.c_double]
     lib.danet_bn_forward.restype = ctypes.c_int
+    lib.danet_bn_stats.argtypes = [ctypes.c_int, *[ptr] * 4, i64, i64, i64, ctypes.c_double]
+    lib.danet_bn_lif_forward.argtypes = [ctypes.c_int, *[ptr] * 4, i64, i64, i64, i64, ctypes.POINTER(_Spec)]
+    lib.danet_bn_lif_backward.argtypes = [ctypes.c_int, *[ptr] * 10, i64, i64, i64, i64, ctypes.c_int32,
+                                          ctypes.POINTER(_Spec)]
+    for fn in (lib.danet_bn_stats, lib.danet_bn_lif_forward, lib.danet_bn_lif_backward):
+        fn.restype = ctypes.c_int
     _STATE["path"] = str(path)
     return lib
 
@@ -299,3 +305,57 @@ def batch_norm_train(
     """``F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)`` through the kernel (the
     running statistics updated in place); the caller checked ``batch_norm_applies``."""
     return _BatchNormTrain.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+# --------------------------------------------------------------------------------------------- BatchNorm + neuron
+
+
+def bn_neuron_applies(x_seq: torch.Tensor) -> bool:
+    """Whether the BatchNorm + neuron kernels take this ``[T, N, C, H, W]`` sequence: contiguous (NCHW steps, the
+    CPU's layout; channels_last and broadcast sequences take the torch path) and taken by the kernels."""
+    return x_seq.dim() == 5 and x_seq.is_contiguous() and applies(x_seq)
+
+
+def _dims(x_seq: torch.Tensor) -> tuple[int, int, int, int]:
+    steps, n, c = x_seq.shape[:3]
+    return steps, n, c, x_seq[0, 0, 0].numel()
+
+
+def batch_stats(x_seq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, 1 / sqrt(var + eps)) per channel over all but dim 2, in x's dtype (summed in
+    double); the caller checked ``bn_neuron_applies``."""
+    steps, n, c, hw = _dims(x_seq)
+    mean, var, invstd = (x_seq.new_empty(c) for _ in range(3))
+    _call("danet_bn_stats", _DTYPES[x_seq.dtype], x_seq.data_ptr(), mean.data_ptr(), var.data_ptr(),
+          invstd.data_ptr(), steps * n, c, hw, eps)
+    return mean, var, invstd
+
+
+def bn_neuron_forward(x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spec: NeuronSpec,
+                      k: torch.Tensor | None = None) -> torch.Tensor:
+    """The spikes of the neuron on ``x * scale + shift`` (per channel, in x's dtype); the caller checked
+    ``bn_neuron_applies``."""
+    spikes = torch.empty_like(x_seq)
+    _call("danet_bn_lif_forward", _DTYPES[x_seq.dtype], x_seq.data_ptr(), scale.to(x_seq.dtype).contiguous().data_ptr(),
+          shift.to(x_seq.dtype).contiguous().data_ptr(), spikes.data_ptr(), *_dims(x_seq),
+          ctypes.byref(_c_spec(spec, k)))
+    return spikes
+
+
+def bn_neuron_backward(
+    g_s: torch.Tensor, x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, mean: torch.Tensor,
+    invstd: torch.Tensor, batch_stats: bool, spec: NeuronSpec, k: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(g_x, sum g_y, sum g_y * xhat, PLIF's g_k or None) as ``bn_neuron.backward_torch`` returns them, the sums
+    in scale's dtype (accumulated in double); the caller checked ``bn_neuron_applies(x_seq)``."""
+    dtype, c = x_seq.dtype, x_seq.shape[2]
+    per_channel = [v.to(dtype).contiguous() for v in (scale, shift, mean, invstd)]
+    gs = g_s.to(dtype).contiguous()
+    g_x = torch.empty_like(x_seq)
+    sums = torch.empty(3 if k is not None else 2, c, dtype=torch.float64)
+    _call("danet_bn_lif_backward", _DTYPES[dtype], gs.data_ptr(), x_seq.data_ptr(),
+          *(v.data_ptr() for v in per_channel), g_x.data_ptr(), sums[0].data_ptr(), sums[1].data_ptr(),
+          sums[2].data_ptr() if k is not None else None, *_dims(x_seq), int(batch_stats),
+          ctypes.byref(_c_spec(spec, k)))
+    g_k = sums[2].sum().to(k.dtype).reshape(k.shape) if k is not None else None
+    return g_x, sums[0].to(scale.dtype), sums[1].to(scale.dtype), g_k

@@ -35,7 +35,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import lif_fused
+from . import _cpu_kernels, lif_fused
 from .checkpointing import recomputing
 from .layout import empty_seq_like, flat_seq
 from .neuron_spec import NeuronSpec
@@ -49,10 +49,16 @@ def applies(bn: nn.BatchNorm2d, neuron: nn.Module) -> bool:
     return bool(uses_fused and uses_fused()) and not torch.compiler.is_compiling()
 
 
-def bn_neuron(x_seq: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module) -> torch.Tensor:
+def faster_here(x_seq: torch.Tensor) -> bool:
+    """Whether the op is measured faster than the pair for this input (``fuse_bn_neuron: auto``): where the C++
+    CPU kernels take it (BENCHMARKS.md). Not yet on CUDA: the Triton kernels await the GPU measurement."""
+    return _cpu_kernels.bn_neuron_applies(x_seq)
+
+
+def bn_neuron(x_seq: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module, only_where_faster: bool = False) -> torch.Tensor:
     """Spikes of ``neuron(bn(x))`` for a ``[T, N, C, H, W]`` sequence, BatchNorm over all T steps (as ``bn`` sees
-    the ``[T * N, C, H, W]`` view)."""
-    if not applies(bn, neuron):
+    the ``[T * N, C, H, W]`` view); with ``only_where_faster`` the pair runs unless ``faster_here(x_seq)``."""
+    if not applies(bn, neuron) or (only_where_faster and not faster_here(x_seq)):
         return neuron(bn(flat_seq(x_seq)).unflatten(0, x_seq.shape[:2]))
     batch_stats = bn.training or bn.running_mean is None
     mean, invstd = _statistics(x_seq, bn, batch_stats)
@@ -77,6 +83,8 @@ def _statistics(x_seq: torch.Tensor, bn: nn.BatchNorm2d, batch_stats: bool) -> t
     if x_seq.is_cuda and acc == torch.float32:
         mean, invstd = torch.batch_norm_stats(x_seq.flatten(0, 1), bn.eps)  # fp32 for bf16/fp16 input, any layout
         var = invstd.pow(-2).sub_(bn.eps)
+    elif _cpu_kernels.bn_neuron_applies(x_seq):
+        mean, var, invstd = _cpu_kernels.batch_stats(x_seq, bn.eps)
     else:
         var, mean = torch.var_mean(x_seq.to(acc), dim=(0, 1, 3, 4), correction=0)
         invstd = torch.rsqrt(var + bn.eps)
@@ -146,6 +154,8 @@ def _forward(x_seq, scale, shift, spec: NeuronSpec, k=None) -> torch.Tensor:
             return _bn_neuron_triton.forward(x_seq, scale, shift, spec, k)
         except Exception as exc:
             _fallback("forward", exc)
+    if _cpu_kernels.bn_neuron_applies(x_seq):
+        return _cpu_kernels.bn_neuron_forward(x_seq, scale, shift, spec, k)
     return forward_torch(x_seq, scale, shift, spec, k)
 
 
@@ -157,6 +167,8 @@ def _backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats: bool, spec: N
             return _bn_neuron_triton.backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats, spec, k)
         except Exception as exc:
             _fallback("backward", exc)
+    if _cpu_kernels.bn_neuron_applies(x_seq):
+        return _cpu_kernels.bn_neuron_backward(g_s, x_seq, scale, shift, mean, invstd, batch_stats, spec, k)
     return backward_torch(g_s, x_seq, scale, shift, mean, invstd, batch_stats, spec, k)
 
 

@@ -57,9 +57,14 @@ DEFAULTS: dict[str, Any] = {
     "checkpointing": "none",
     "spike_storage": "float",
     "memory_budget_gb": 0.0,
-    "fuse_bn_neuron": False,
+    "fuse_bn_neuron": "auto",
     "fuse_da": False,
 }
+
+
+def _fuse_mode_ok(mode: object) -> bool:
+    """``fuse_bn_neuron``'s values: True, False or "auto"."""
+    return isinstance(mode, bool) or mode == "auto"
 
 
 def _seq(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +113,7 @@ class Branch(nn.Module):
         n_neurons = len(specs) - 1 if style == "post" else len(specs)
         self.neurons = nn.ModuleList(make_neuron(neuron) for _ in range(n_neurons))
         self.policy = "none"
-        self.fuse_bn_neuron = False
+        self.fuse_bn_neuron: bool | str = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ops in order; a BatchNorm followed by a neuron (and a leading neuron) is one segment for `time`
@@ -132,8 +137,9 @@ class Branch(nn.Module):
 
     def _bn_neuron(self, unit: int, neuron: int):
         bn, bn_seq, sn = self.units[unit].bn, self.units[unit].bn_seq, self.neurons[neuron]
-        if self.fuse_bn_neuron:  # (bn_neuron runs the pair itself where the fusion does not apply)
-            return lambda y: fused_bn.bn_neuron(y, bn, sn)
+        mode = self.fuse_bn_neuron
+        if mode:  # (bn_neuron runs the pair itself where the fusion does not apply, or for auto is not faster)
+            return lambda y: fused_bn.bn_neuron(y, bn, sn, only_where_faster=mode == "auto")
         return lambda y: sn(bn_seq(y))
 
 
@@ -146,7 +152,7 @@ class Projection(nn.Module):
         self.conv = nn.Conv2d(cin, cout, 1, stride, bias=False)
         self.bn = BatchNorm(cout)
         self.neuron = make_neuron(neuron) if neuron is not None else None
-        self.fuse_bn_neuron = False
+        self.fuse_bn_neuron: bool | str = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:2]
@@ -157,7 +163,8 @@ class Projection(nn.Module):
         if self.neuron is None:
             return self.bn(x).unflatten(0, shape)
         if self.fuse_bn_neuron:
-            return fused_bn.bn_neuron(x.unflatten(0, shape), self.bn, self.neuron)
+            return fused_bn.bn_neuron(x.unflatten(0, shape), self.bn, self.neuron,
+                                      only_where_faster=self.fuse_bn_neuron == "auto")
         return self.neuron(self.bn(x).unflatten(0, shape))
 
 
@@ -286,7 +293,7 @@ class SpikingResNet(nn.Module):
         checkpointing: str = "none",
         spike_storage: str = "float",
         memory_budget_gb: float = 0.0,
-        fuse_bn_neuron: bool = False,
+        fuse_bn_neuron: bool | str = "auto",
         fuse_da: bool = False,
     ) -> None:
         super().__init__()
@@ -337,13 +344,16 @@ class SpikingResNet(nn.Module):
                 m.fused = self._fuse_da
 
     @property
-    def fuse_bn_neuron(self) -> bool:
-        """Whether each BatchNorm that feeds an LIF / IF neuron runs with it as one op (``models.bn_neuron``)."""
+    def fuse_bn_neuron(self) -> bool | str:
+        """Whether each BatchNorm that feeds an LIF / IF neuron runs with it as one op (``models.bn_neuron``):
+        True, False, or "auto" (only where the op is measured faster than the pair: ``bn_neuron.faster_here``)."""
         return self._fuse_bn_neuron
 
     @fuse_bn_neuron.setter
-    def fuse_bn_neuron(self, on: bool) -> None:
-        self._fuse_bn_neuron = bool(on)
+    def fuse_bn_neuron(self, mode: bool | str) -> None:
+        if not _fuse_mode_ok(mode):
+            raise ValueError(f"fuse_bn_neuron={mode!r}: expected true, false or 'auto'")
+        self._fuse_bn_neuron = mode
         for m in self.modules():
             if isinstance(m, (Branch, Projection)):
                 m.fuse_bn_neuron = self._fuse_bn_neuron
@@ -466,9 +476,10 @@ def create_model(name: str, **overrides: Any) -> SpikingResNet:
         problems.append(
             f"spike_storage={cfg['spike_storage']!r}: expected one of {', '.join(checkpointing.SPIKE_STORAGE)}"
         )
-    for key in ("fuse_bn_neuron", "fuse_da"):
-        if not isinstance(cfg[key], bool):
-            problems.append(f"{key}={cfg[key]!r}: expected true or false")
+    if not _fuse_mode_ok(cfg["fuse_bn_neuron"]):
+        problems.append(f"fuse_bn_neuron={cfg['fuse_bn_neuron']!r}: expected true, false or 'auto'")
+    if not isinstance(cfg["fuse_da"], bool):
+        problems.append(f"fuse_da={cfg['fuse_da']!r}: expected true or false")
     connection = FAMILIES[family]
     try:
         if cfg["connection"] not in (None, "default"):

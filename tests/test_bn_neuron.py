@@ -5,14 +5,15 @@ this op's torch path by tools/lif_triton_check.py (on a GPU, or in Triton's inte
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 from helpers.neurons import FUSED_NEURON_CASES, PLIF_CASES, case_id
 
+from models import _cpu_kernels, create_model
 from models import bn_neuron as bn_module
-from models import create_model
 from models.bn_neuron import bn_neuron
 from models.checkpointing import BatchNorm
 from models.neurons import make_neuron
@@ -155,6 +156,46 @@ def test_network_fused_and_unfused(name, da, neuron, monkeypatch):
 
 def test_the_option_is_validated_and_reaches_the_blocks():
     model = create_model("danet18", T=2, num_classes=4, width=4, input_size=16, fuse_bn_neuron=True)
-    assert model.fuse_bn_neuron and all(b.fuse_bn_neuron for s in model.stages for b in s.branches)
-    with pytest.raises(ValueError, match="fuse_bn_neuron='yes': expected true or false"):
-        create_model("danet18", fuse_bn_neuron="yes")
+    assert model.fuse_bn_neuron is True and all(b.fuse_bn_neuron is True for s in model.stages for b in s.branches)
+    model.fuse_bn_neuron = "auto"
+    assert all(b.fuse_bn_neuron == "auto" for s in model.stages for b in s.branches)
+    assert create_model("danet18").fuse_bn_neuron == "auto"  # the default
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match=f"fuse_bn_neuron={bad!r}: expected true, false or 'auto'"):
+            create_model("danet18", fuse_bn_neuron=bad)
+    with pytest.raises(ValueError, match="expected true, false or 'auto'"):
+        model.fuse_bn_neuron = "on"
+
+
+@pytest.mark.skipif(_cpu_kernels.library() is None, reason="no C++ CPU kernels here")
+def test_auto_fuses_where_the_kernels_take_the_input(monkeypatch):
+    """``fuse_bn_neuron: auto`` runs the op where it is measured faster, the CPU kernels (NCHW float32 / float64),
+    and the pair elsewhere: with the kernels switched off, and for channels_last activations. Each way the
+    network computes what the pair computes."""
+    calls = []
+    real = bn_module._forward
+    monkeypatch.setattr(bn_module, "_forward", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    base = create_model("sew_resnet18", T=2, num_classes=10, width=8, input_size=32).double()
+    x, y = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 7])
+
+    def step(mode, channels_last=False, kernels=True):
+        model = copy.deepcopy(base)
+        model.fuse_bn_neuron = mode
+        xi = x
+        if channels_last:
+            model, xi = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        calls.clear()
+        with contextlib.nullcontext() if kernels else _cpu_kernels.disabled():
+            out = model(xi)
+            torch.nn.functional.cross_entropy(out.mean(0), y).backward()
+        return len(calls), out.detach(), [p.grad for p in model.parameters()]
+
+    n_pair, out_pair, g_pair = step(False)
+    assert n_pair == 0
+    for kw, fused in (({}, True), ({"kernels": False}, False), ({"channels_last": True}, False)):
+        n, out, grads = step("auto", **kw)
+        assert (n > 0) == fused, kw
+        torch.testing.assert_close(out, out_pair, rtol=1e-9, atol=1e-11, msg=str(kw))
+        for a, b in zip(grads, g_pair, strict=True):
+            assert ((a - b).norm() / b.norm().clamp_min(1e-300)).item() <= 1e-8, kw

@@ -54,6 +54,7 @@ def test_default_is_digits_and_overrides_apply():
     ("data.loader=ffcv", "expected one of [dali, torch]"),
     ("model.neuron.surrogate=atann", "Did you mean 'atan'?"),
     ("model.T=0", "'model.T' must be > 0"),
+    ("model.fuse_bn_neuron=maybe", "'model.fuse_bn_neuron' must be true, false or auto, got 'maybe'"),
     ("train.epochs", "is not of the form key=value"),
 ])
 def test_bad_input_names_key_and_valid_values(override, expect):

@@ -17,6 +17,7 @@ from helpers.layouts import sequence_layouts
 from helpers.neurons import FUSED_NEURON_CASES, PLIF_CASES, case_id
 
 from models import _cpu_kernels, create_model
+from models import bn_neuron as bn_module
 from models.checkpointing import BatchNorm
 from models.layout import empty_seq_like
 from models.lif_fused import backward_vectorised, forward_vectorised, plif_rate
@@ -134,9 +135,53 @@ def test_batchnorm_kernel_equals_torch_batchnorm(dtype, momentum, monkeypatch):
     assert len(calls) == 9
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", FUSED_NEURON_CASES + PLIF_CASES, ids=case_id)
+def test_bn_neuron_kernels_equal_the_torch_path(case, dtype):
+    """BatchNorm + neuron as one op (models/bn_neuron.py) through the kernels against the op's torch path, on the
+    same per-channel numbers: statistics (against float64's), spikes equal, and g_x, the sums that are
+    BatchNorm's weight and bias gradients and PLIF's g_k to rounding of the torch path in float64, with batch
+    and with running statistics. Rows shorter than a block and
+    rows across blocks (hw 25), rows of several blocks (hw 576), a step split across threads."""
+    spec = NeuronSpec(**case)
+    k = plif_rate(torch.tensor(0.4), dtype) if spec.type == "plif" else None
+    g = torch.Generator().manual_seed(0)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for shape in [(3, 4, 6, 5, 5), (2, 2, 3, 24, 24), (4, 4, 64, 16, 16)]:
+        x = (torch.randn(shape, generator=g) * 1.5 + 0.6).to(dtype)
+        grad = torch.randn(shape, generator=g).to(dtype)
+        weight = (torch.rand(shape[2], generator=g) + 1.0).to(dtype)
+        bias = (torch.rand(shape[2], generator=g) + 0.6).to(dtype)
+        assert _cpu_kernels.bn_neuron_applies(x)
+        mean, var, invstd = _cpu_kernels.batch_stats(x, 1e-5)
+        var_t, mean_t = torch.var_mean(x.double(), dim=(0, 1, 3, 4), correction=0)
+        torch.testing.assert_close(mean, mean_t.to(dtype), **tol)
+        torch.testing.assert_close(var, var_t.to(dtype), **tol)
+        torch.testing.assert_close(invstd, torch.rsqrt(var_t + 1e-5).to(dtype), **tol)
+        scale, shift = bn_module._affine(weight, bias, mean, invstd)
+        s_k = _cpu_kernels.bn_neuron_forward(x, scale, shift, spec, k)
+        with _cpu_kernels.disabled():
+            s_t = bn_module.forward_torch(x, scale, shift, spec, k)
+        assert 0.05 < s_t.mean() < 0.95  # both branches exercised
+        assert torch.equal(s_k, s_t)
+        for batch_stats in (True, False):
+            got = _cpu_kernels.bn_neuron_backward(grad, x, scale, shift, mean, invstd, batch_stats, spec, k)
+            with _cpu_kernels.disabled():  # the torch path in float64: float32's sums differ from it by rounding
+                want = bn_module.backward_torch(
+                    *(v.double() for v in (grad, x, scale, shift, mean, invstd)), batch_stats, spec,
+                    k.double() if k is not None else None)
+            for name, a, b in zip(("g_x", "sum g_y", "sum g_y xhat", "g_k"), got, want, strict=True):
+                if b is None:
+                    assert a is None, name
+                    continue
+                assert a.dtype == scale.dtype and a.shape == b.shape, name
+                err = ((a.double() - b).abs().max() / b.abs().max()).item()
+                assert err <= (1e-5 if dtype == torch.float32 else 1e-12), (name, batch_stats, err)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     """Each neuron and each channel is computed whole by one thread, in a fixed order, and PLIF's rate gradient
-    is summed from per-block partial sums in a fixed order: 1 thread or 2, the same bits (a deterministic run
+    is summed from per-block (per-channel, for BatchNorm + neuron) partial sums in a fixed order: 1 thread or 2, the same bits (a deterministic run
     stays deterministic on another core count)."""
     x = torch.randn(4, 4, 64, 28, 28) * 1.5 + 0.6
     g = torch.randn_like(x)
@@ -151,7 +196,11 @@ def test_results_do_not_depend_on_the_thread_count():
             plif, k = NeuronSpec(type="plif"), torch.tensor(0.4)
             _, _, gk = _cpu_kernels.backward(g, None, _cpu_kernels.forward(x, None, plif, k)[2], plif, k)
             bn = BatchNorm(64)
-            results.append((s, v, h, gx, gk, bn(bn_in), bn.running_mean.clone(), bn.running_var.clone()))
+            mean, _, invstd = _cpu_kernels.batch_stats(x, 1e-5)  # BatchNorm + neuron as one op, PLIF's g_k too
+            scale, shift = invstd * 0.9, -mean * invstd * 0.9 + 0.1
+            results.append((s, v, h, gx, gk, bn(bn_in), bn.running_mean.clone(), bn.running_var.clone(), mean, invstd,
+                            _cpu_kernels.bn_neuron_forward(x, scale, shift, NeuronSpec()),
+                            *_cpu_kernels.bn_neuron_backward(g, x, scale, shift, mean, invstd, True, plif, k)))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
@@ -160,7 +209,9 @@ def test_results_do_not_depend_on_the_thread_count():
 
 def test_network_with_and_without_the_kernels():
     """danet18 (membrane DA, channels NCHW) in float64: the kernels change outputs, gradients and running
-    statistics only by rounding; under block checkpointing too (the recomputed BatchNorm updates nothing)."""
+    statistics only by rounding; under block checkpointing too (the recomputed BatchNorm updates nothing). With
+    the kernels each BatchNorm that feeds a neuron runs with it as one op (``fuse_bn_neuron: auto``), without
+    them as the pair on torch ops."""
     for policy in ("none", "block"):
         torch.manual_seed(0)
         model = create_model("danet18", T=3, num_classes=10, width=8, input_size=32, checkpointing=policy)

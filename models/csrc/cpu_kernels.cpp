@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include <ATen/Parallel.h>
 
@@ -72,6 +73,64 @@ inline T reset_membrane(T h, T s, T vr, T thr) {
     else return h - s * thr;
 }
 
+// The neuron's numbers in T: LIF's torch.add alpha and v_reset / tau rounded as torch rounds the numbers it is
+// given; PLIF's the tensor rate's arithmetic, in T as torch does it.
+template <typename T>
+struct LifConsts {
+    int charge;
+    bool hard, learnable, shifted;
+    T k, keep, vr, thr, vr_k;
+
+    explicit LifConsts(const LifSpec& spec)
+        : charge(spec.charge),
+          hard(spec.hard_reset != 0),
+          learnable(spec.learnable != 0),
+          shifted(spec.v_reset != 0.0 && spec.hard_reset),
+          k(learnable ? T(spec.rate) : T(1.0 / spec.tau)),
+          keep(learnable ? T(1) - k : T(1.0 - 1.0 / spec.tau)),
+          vr(T(spec.v_reset)),
+          thr(T(spec.v_threshold)),
+          vr_k(learnable ? vr * k : T(spec.v_reset * (1.0 / spec.tau))) {}
+};
+
+// Charge one block of one step: hs = the potential charged by xs from v (from rest where !have_v). The branches
+// are the same for the whole block, so each case is its own loop and vectorises.
+template <typename T>
+inline void charge_block(const LifConsts<T>& c, const T* xs, const T* v, bool have_v, T* hs, int64_t n) {
+    if (c.charge == 2) {
+        if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = xs[j] + v[j];
+        else std::copy(xs, xs + n, hs);
+    } else if (c.charge == 0) {
+        if (have_v && c.shifted) for (int64_t j = 0; j < n; ++j) hs[j] = lerp(v[j], xs[j] + c.vr, c.k);
+        else if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = lerp(v[j], xs[j], c.k);
+        else if (c.shifted) for (int64_t j = 0; j < n; ++j) hs[j] = (xs[j] + c.vr) * c.k;
+        else for (int64_t j = 0; j < n; ++j) hs[j] = xs[j] * c.k;
+    } else {
+        if (have_v && c.learnable) for (int64_t j = 0; j < n; ++j) hs[j] = v[j] * c.keep + xs[j];
+        else if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = std::fma(v[j], c.keep, xs[j]);
+        else std::copy(xs, xs + n, hs);
+        if (c.shifted) for (int64_t j = 0; j < n; ++j) hs[j] = hs[j] + c.vr_k;
+    }
+}
+
+// Fire and reset one block of one step: ss = the spikes of hs, v = the membrane after the reset.
+template <typename T>
+inline void fire_block(const LifConsts<T>& c, const T* hs, T* ss, T* v, int64_t n) {
+    if (c.hard) {
+        for (int64_t j = 0; j < n; ++j) {
+            const T s = hs[j] >= c.thr ? T(1) : T(0);
+            ss[j] = s;
+            v[j] = reset_membrane<true>(hs[j], s, c.vr, c.thr);
+        }
+    } else {
+        for (int64_t j = 0; j < n; ++j) {
+            const T s = hs[j] >= c.thr ? T(1) : T(0);
+            ss[j] = s;
+            v[j] = reset_membrane<false>(hs[j], s, c.vr, c.thr);
+        }
+    }
+}
+
 template <typename T>
 struct Forward {
     const T* x;
@@ -85,52 +144,16 @@ struct Forward {
     LifSpec spec;
 
     void operator()(int64_t lo, int64_t hi) const {
-        const bool learnable = spec.learnable;
-        // LIF: torch.add's alpha and v_reset / tau, rounded as torch rounds the numbers it is given; PLIF: the
-        // tensor rate's arithmetic, in T as torch does it
-        const T k = learnable ? T(spec.rate) : T(1.0 / spec.tau);
-        const T keep = learnable ? T(1) - k : T(1.0 - 1.0 / spec.tau);
-        const T vr = T(spec.v_reset), thr = T(spec.v_threshold);
-        const T vr_k = learnable ? vr * k : T(spec.v_reset * (1.0 / spec.tau));
-        const bool shifted = spec.v_reset != 0.0 && spec.hard_reset;
+        const LifConsts<T> c(spec);
         T v[kBlock];
         for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
             const int64_t n = std::min(kBlock, hi - b0);
             bool have_v = v0 != nullptr;
             if (have_v) std::copy(v0 + b0, v0 + b0 + n, v);
             for (int64_t t = 0; t < steps; ++t) {
-                const T* xs = x + t * x_step + b0;
                 T* hs = h + t * m + b0;
-                T* ss = spikes + t * m + b0;
-                // charge (the branch is the same for the whole block: the compiler unswitches it)
-                if (spec.charge == 2) {
-                    if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = xs[j] + v[j];
-                    else std::copy(xs, xs + n, hs);
-                } else if (spec.charge == 0) {
-                    if (have_v && shifted) for (int64_t j = 0; j < n; ++j) hs[j] = lerp(v[j], xs[j] + vr, k);
-                    else if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = lerp(v[j], xs[j], k);
-                    else if (shifted) for (int64_t j = 0; j < n; ++j) hs[j] = (xs[j] + vr) * k;
-                    else for (int64_t j = 0; j < n; ++j) hs[j] = xs[j] * k;
-                } else {
-                    if (have_v && learnable) for (int64_t j = 0; j < n; ++j) hs[j] = v[j] * keep + xs[j];
-                    else if (have_v) for (int64_t j = 0; j < n; ++j) hs[j] = std::fma(v[j], keep, xs[j]);
-                    else std::copy(xs, xs + n, hs);
-                    if (shifted) for (int64_t j = 0; j < n; ++j) hs[j] = hs[j] + vr_k;
-                }
-                // fire and reset
-                if (spec.hard_reset) {
-                    for (int64_t j = 0; j < n; ++j) {
-                        const T s = hs[j] >= thr ? T(1) : T(0);
-                        ss[j] = s;
-                        v[j] = reset_membrane<true>(hs[j], s, vr, thr);
-                    }
-                } else {
-                    for (int64_t j = 0; j < n; ++j) {
-                        const T s = hs[j] >= thr ? T(1) : T(0);
-                        ss[j] = s;
-                        v[j] = reset_membrane<false>(hs[j], s, vr, thr);
-                    }
-                }
+                charge_block(c, x + t * x_step + b0, v, have_v, hs, n);
+                fire_block(c, hs, spikes + t * m + b0, v, n);
                 have_v = true;
             }
             std::copy(v, v + n, v_last + b0);
@@ -173,6 +196,44 @@ StepFn<T> pick_step(const LifSpec& spec) {
     return pick_step<T, 2>(hard, detach);
 }
 
+// PLIF: sum_j g_h * dh/dk over one step of a block, in double. dh/dk = (h - v_prev) / k with decay_input, else
+// v_reset - v_prev, v_prev the membrane the step charged from: the previous step's reset of its h (hp), as forward
+// computed it, or at step 0 the initial membrane (v0; nullptr with hp: zeros).
+template <typename T>
+double rate_term(const LifConsts<T>& c, const T* hs, const T* hp, const T* v0, const T* gh, int64_t n) {
+    double acc = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        T vp = T(0);
+        if (hp != nullptr) {
+            const T s = hp[j] >= c.thr ? T(1) : T(0);
+            vp = c.hard ? reset_membrane<true>(hp[j], s, c.vr, c.thr) : reset_membrane<false>(hp[j], s, c.vr, c.thr);
+        } else if (v0 != nullptr) {
+            vp = v0[j];
+        }
+        const T dh_dk = c.charge == 0 ? (hs[j] - vp) / c.k : c.vr - vp;
+        acc += double(gh[j]) * double(dh_dk);
+    }
+    return acc;
+}
+
+// The backward's numbers: the carry's factor a, x's factor b, and the surrogate's.
+template <typename T>
+struct BackConsts {
+    T a, b, thr, vr, alpha, c2, half_width;
+
+    explicit BackConsts(const LifSpec& spec) {
+        const LifConsts<T> c(spec);
+        a = c.charge == 2 ? T(1) : c.keep;
+        b = c.charge == 0 ? c.k : T(1);
+        thr = c.thr;
+        vr = c.vr;
+        alpha = T(spec.alpha);
+        const double cc = M_PI / 2 * spec.alpha;
+        c2 = T(cc * cc);
+        half_width = T(0.5 / spec.alpha);
+    }
+};
+
 template <typename T>
 struct Backward {
     const T* g_s;
@@ -187,36 +248,10 @@ struct Backward {
     const T* v0;         // PLIF: forward's initial membrane (nullptr: zeros)
     double* g_rate;      // PLIF: one partial sum of the rate's gradient per block (m / kBlock, rounded up)
 
-    // sum_j g_h * dh/dk over one step of a block: dh/dk = (h - v_prev) / k with decay_input, else v_reset - v_prev,
-    // v_prev the membrane step t charged from (step t - 1's reset of its h, as forward computed it)
-    double rate_term(int64_t t, int64_t b0, int64_t n, const T* gh, T k, T thr, T vr) const {
-        const T* hs = h + t * m + b0;
-        const T* hp = t > 0 ? h + (t - 1) * m + b0 : nullptr;
-        double acc = 0;
-        for (int64_t j = 0; j < n; ++j) {
-            T vp = T(0);
-            if (hp != nullptr) {
-                const T s = hp[j] >= thr ? T(1) : T(0);
-                vp = spec.hard_reset ? reset_membrane<true>(hp[j], s, vr, thr)
-                                     : reset_membrane<false>(hp[j], s, vr, thr);
-            } else if (v0 != nullptr) {
-                vp = v0[b0 + j];
-            }
-            const T dh_dk = spec.charge == 0 ? (hs[j] - vp) / k : vr - vp;
-            acc += double(gh[j]) * double(dh_dk);
-        }
-        return acc;
-    }
-
     void operator()(int64_t lo, int64_t hi) const {
         const StepFn<T> step = pick_step<T>(spec);
-        const bool is_if = spec.charge == 2, learnable = spec.learnable;
-        const T k = learnable ? T(spec.rate) : T(1.0 / spec.tau);
-        const T a = is_if ? T(1) : (learnable ? T(1) - k : T(1.0 - 1.0 / spec.tau));
-        const T b = spec.charge == 0 ? k : T(1);
-        const T thr = T(spec.v_threshold), vr = T(spec.v_reset), alpha = T(spec.alpha);
-        const double c = M_PI / 2 * spec.alpha;
-        const T c2 = T(c * c), half_width = T(0.5 / spec.alpha);
+        const LifConsts<T> c(spec);
+        const BackConsts<T> bc(spec);
         T g[kBlock];  // the gradient reaching the membrane after step t, times a
         T gh[kBlock];  // PLIF: step t's g_h
         for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
@@ -225,12 +260,14 @@ struct Backward {
             else std::fill(g, g + n, T(0));
             double rate_acc = 0;
             for (int64_t t = steps - 1; t >= 0; --t) {
-                step(h + t * m + b0, g_s + t * gs_step + b0, g_x + t * m + b0, g, learnable ? gh : nullptr, n, a,
-                     b, thr, vr, alpha, c2, half_width);
-                if (learnable) rate_acc += rate_term(t, b0, n, gh, k, thr, vr);
+                const T* hs = h + t * m + b0;
+                step(hs, g_s + t * gs_step + b0, g_x + t * m + b0, g, c.learnable ? gh : nullptr, n, bc.a, bc.b, bc.thr,
+                     bc.vr, bc.alpha, bc.c2, bc.half_width);
+                if (c.learnable)
+                    rate_acc += rate_term(c, hs, t > 0 ? hs - m : nullptr, v0 != nullptr ? v0 + b0 : nullptr, gh, n);
             }
             std::copy(g, g + n, g_v0 + b0);
-            if (learnable) g_rate[b0 / kBlock] = rate_acc;
+            if (c.learnable) g_rate[b0 / kBlock] = rate_acc;
         }
     }
 };
@@ -255,11 +292,12 @@ struct BatchNormForward {
     const T* bias;    // nullptr: 0
     T* running_mean;  // nullptr: not tracked
     T* running_var;
-    T* y;
+    T* y;  // nullptr: statistics only
     T* save_mean;
     T* save_invstd;
     int64_t n, c, hw;
     double eps, momentum;
+    T* save_var = nullptr;  // the biased variance, where not null
 
     // sum over the channel of x (or of (x - shift)^2), in kLanes independent double accumulators: a single
     // accumulator is one serial chain of dependent adds (floating-point sums are not reordered unless written so)
@@ -299,6 +337,8 @@ struct BatchNormForward {
             }
             save_mean[ch] = T(mean);
             save_invstd[ch] = T(invstd);
+            if (save_var != nullptr) save_var[ch] = T(var);
+            if (y == nullptr) continue;
             const double w = weight != nullptr ? double(weight[ch]) : 1.0;
             const double b = bias != nullptr ? double(bias[ch]) : 0.0;
             const T alpha = T(invstd * w), beta = T(b - mean * invstd * w);
@@ -310,6 +350,136 @@ struct BatchNormForward {
         }
     }
 };
+
+// BatchNorm (y = x * scale + shift per channel) and then the neuron, as one op, on a contiguous [steps, m]
+// sequence whose step is [N, C, hw]: only the spikes are written (y and h live in block buffers). Blocks run over
+// the flat step as the LIF's do; each block's normalisation goes row by row (a row: hw elements of one channel).
+template <typename T>
+struct BnLifForward {
+    const T* x;
+    const T* scale;
+    const T* shift;
+    T* spikes;
+    int64_t steps, m, c, hw;
+    LifSpec spec;
+
+    void operator()(int64_t lo, int64_t hi) const {
+        const LifConsts<T> lc(spec);
+        T y[kBlock], h[kBlock], v[kBlock];
+        for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+            const int64_t n = std::min(kBlock, hi - b0);
+            for (int64_t t = 0; t < steps; ++t) {
+                const T* xs = x + t * m + b0;
+                for (int64_t j = 0; j < n;) {
+                    const int64_t row = (b0 + j) / hw, end = std::min(n, (row + 1) * hw - b0);
+                    const T a = scale[row % c], b = shift[row % c];
+                    for (int64_t i = j; i < end; ++i) y[i] = xs[i] * a + b;
+                    j = end;
+                }
+                charge_block(lc, y, v, t > 0, h, n);
+                fire_block(lc, h, spikes + t * m + b0, v, n);
+            }
+        }
+    }
+};
+
+// Sums of g and of g * (x - mean) * invstd over n elements, into kLanes double accumulators each.
+template <typename T>
+inline void grad_sums(const T* g, const T* x, T mean, T invstd, int64_t n, double* sg, double* sgx) {
+    constexpr int kLanes = 8;
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+            const T xhat = (x[j + k] - mean) * invstd;
+            sg[k] += double(g[j + k]);
+            sgx[k] += double(g[j + k]) * double(xhat);
+        }
+    }
+    for (; j < n; ++j) {
+        sg[0] += double(g[j]);
+        sgx[0] += double(g[j]) * double((x[j] - mean) * invstd);
+    }
+}
+
+// Backward of BnLifForward, per channel (BatchNorm's gradient needs the channel's sums): for each block of a
+// row, the membrane of every step is recomputed from x into a [steps, kBlock] buffer, then the steps are walked
+// back as the LIF's backward does, writing g_y into g_x and summing g_y and g_y * xhat; then, over the channel's
+// rows still in cache, g_x = scale * (g_y - mean(g_y) - xhat * mean(g_y * xhat)) (batch statistics) or
+// scale * g_y (running ones). g_s is dense like x.
+template <typename T>
+struct BnLifBackward {
+    const T* g_s;
+    const T* x;
+    const T* scale;
+    const T* shift;
+    const T* mean;
+    const T* invstd;
+    T* g_x;
+    double* sum_gy;       // per channel
+    double* sum_gy_xhat;  // per channel
+    double* g_rate;       // PLIF: per channel, the rate's gradient
+    int64_t steps, batch, c, hw;
+    int32_t batch_stats;
+    LifSpec spec;
+
+    void operator()(int64_t c_lo, int64_t c_hi) const {
+        const StepFn<T> step = pick_step<T>(spec);
+        const LifConsts<T> lc(spec);
+        const BackConsts<T> bc(spec);
+        const int64_t m = batch * c * hw;
+        std::vector<T> hbuf(steps * kBlock);
+        T y[kBlock], v[kBlock], s[kBlock], g[kBlock], gh[kBlock];
+        for (int64_t ch = c_lo; ch < c_hi; ++ch) {
+            const T sc = scale[ch], sh = shift[ch], mu = mean[ch], is = invstd[ch];
+            double sg[8] = {}, sgx[8] = {}, rate_acc = 0;
+            for (int64_t i = 0; i < batch; ++i) {
+                const int64_t row = (i * c + ch) * hw;
+                for (int64_t b0 = 0; b0 < hw; b0 += kBlock) {
+                    const int64_t n = std::min(kBlock, hw - b0), at = row + b0;
+                    for (int64_t t = 0; t < steps; ++t) {
+                        const T* xs = x + t * m + at;
+                        for (int64_t j = 0; j < n; ++j) y[j] = xs[j] * sc + sh;
+                        charge_block(lc, y, v, t > 0, &hbuf[t * kBlock], n);
+                        fire_block(lc, &hbuf[t * kBlock], s, v, n);
+                    }
+                    std::fill(g, g + n, T(0));
+                    for (int64_t t = steps - 1; t >= 0; --t) {
+                        const T* hs = &hbuf[t * kBlock];
+                        T* gy = g_x + t * m + at;
+                        step(hs, g_s + t * m + at, gy, g, lc.learnable ? gh : nullptr, n, bc.a, bc.b, bc.thr, bc.vr,
+                             bc.alpha, bc.c2, bc.half_width);
+                        if (lc.learnable) rate_acc += rate_term(lc, hs, t > 0 ? hs - kBlock : nullptr, (const T*)nullptr, gh, n);
+                        grad_sums(gy, x + t * m + at, mu, is, n, sg, sgx);
+                    }
+                }
+            }
+            double total_g = 0, total_gx = 0;
+            for (int k = 0; k < 8; ++k) total_g += sg[k], total_gx += sgx[k];
+            sum_gy[ch] = total_g;
+            sum_gy_xhat[ch] = total_gx;
+            if (g_rate != nullptr) g_rate[ch] = rate_acc;
+            const double count = double(steps * batch * hw);
+            const T mg = batch_stats ? T(total_g / count) : T(0), mgx = batch_stats ? T(total_gx / count) : T(0);
+            for (int64_t t = 0; t < steps; ++t) {
+                for (int64_t i = 0; i < batch; ++i) {
+                    const int64_t at = t * m + (i * c + ch) * hw;
+                    const T* xs = x + at;
+                    T* gx = g_x + at;
+                    if (batch_stats) {
+                        for (int64_t j = 0; j < hw; ++j) gx[j] = (gx[j] - mg - (xs[j] - mu) * is * mgx) * sc;
+                    } else {
+                        for (int64_t j = 0; j < hw; ++j) gx[j] = gx[j] * sc;
+                    }
+                }
+            }
+        }
+    }
+};
+
+// Channels per task: enough work (~64k elements) per task to be worth a thread.
+inline int64_t channel_grain(int64_t per_channel) {
+    return std::max<int64_t>(1, kPerThread * 2 / std::max<int64_t>(1, per_channel));
+}
 
 }  // namespace
 
@@ -362,8 +532,7 @@ extern "C" {
 int danet_bn_forward(int dtype, const void* x, const void* weight, const void* bias, void* running_mean,
                      void* running_var, void* y, void* save_mean, void* save_invstd, int64_t n, int64_t c,
                      int64_t hw, double eps, double momentum) {
-    // channels per task: enough work (~64k elements) per task to be worth a thread
-    const int64_t grain = std::max<int64_t>(1, kPerThread * 2 / std::max<int64_t>(1, n * hw));
+    const int64_t grain = channel_grain(n * hw);
     if (dtype == 0) {
         BatchNormForward<float> f{(const float*)x, (const float*)weight, (const float*)bias, (float*)running_mean,
                                   (float*)running_var, (float*)y, (float*)save_mean, (float*)save_invstd, n, c, hw,
@@ -373,6 +542,69 @@ int danet_bn_forward(int dtype, const void* x, const void* weight, const void* b
         BatchNormForward<double> f{(const double*)x, (const double*)weight, (const double*)bias,
                                    (double*)running_mean, (double*)running_var, (double*)y, (double*)save_mean,
                                    (double*)save_invstd, n, c, hw, eps, momentum};
+        at::parallel_for(0, c, grain, f);
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
+}  // extern "C"
+
+extern "C" {
+
+// Batch statistics of a contiguous [n, c, hw] x per channel: mean, biased variance and 1 / sqrt(var + eps), as
+// danet_bn_forward computes them, nothing else written.
+int danet_bn_stats(int dtype, const void* x, void* mean, void* var, void* invstd, int64_t n, int64_t c, int64_t hw,
+                   double eps) {
+    if (dtype == 0) {
+        BatchNormForward<float> f{(const float*)x, nullptr, nullptr, nullptr, nullptr, nullptr, (float*)mean,
+                                  (float*)invstd, n, c, hw, eps, 0.0, (float*)var};
+        at::parallel_for(0, c, channel_grain(n * hw), f);
+    } else if (dtype == 1) {
+        BatchNormForward<double> f{(const double*)x, nullptr, nullptr, nullptr, nullptr, nullptr, (double*)mean,
+                                   (double*)invstd, n, c, hw, eps, 0.0, (double*)var};
+        at::parallel_for(0, c, channel_grain(n * hw), f);
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
+// BatchNorm then the neuron on a contiguous [steps, batch, c, hw] x (BnLifForward): spikes only.
+int danet_bn_lif_forward(int dtype, const void* x, const void* scale, const void* shift, void* spikes,
+                         int64_t steps, int64_t batch, int64_t c, int64_t hw, const LifSpec* spec) {
+    const int64_t m = batch * c * hw;
+    if (dtype == 0) {
+        BnLifForward<float> f{(const float*)x, (const float*)scale, (const float*)shift, (float*)spikes, steps, m, c,
+                              hw, *spec};
+        parallel(f, m);
+    } else if (dtype == 1) {
+        BnLifForward<double> f{(const double*)x, (const double*)scale, (const double*)shift, (double*)spikes, steps,
+                               m, c, hw, *spec};
+        parallel(f, m);
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
+// Its backward (BnLifBackward): g_x, and per channel in double the sums of g_y and g_y * xhat (BatchNorm's
+// weight and bias gradients) and, for PLIF (g_rate not null), the rate's gradient.
+int danet_bn_lif_backward(int dtype, const void* g_s, const void* x, const void* scale, const void* shift,
+                          const void* mean, const void* invstd, void* g_x, double* sum_gy, double* sum_gy_xhat,
+                          double* g_rate, int64_t steps, int64_t batch, int64_t c, int64_t hw, int32_t batch_stats,
+                          const LifSpec* spec) {
+    const int64_t grain = channel_grain(steps * batch * hw);
+    if (dtype == 0) {
+        BnLifBackward<float> f{(const float*)g_s, (const float*)x, (const float*)scale, (const float*)shift,
+                               (const float*)mean, (const float*)invstd, (float*)g_x, sum_gy, sum_gy_xhat, g_rate,
+                               steps, batch, c, hw, batch_stats, *spec};
+        at::parallel_for(0, c, grain, f);
+    } else if (dtype == 1) {
+        BnLifBackward<double> f{(const double*)g_s, (const double*)x, (const double*)scale, (const double*)shift,
+                                (const double*)mean, (const double*)invstd, (double*)g_x, sum_gy, sum_gy_xhat,
+                                g_rate, steps, batch, c, hw, batch_stats, *spec};
         at::parallel_for(0, c, grain, f);
     } else {
         return 1;

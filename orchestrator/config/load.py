@@ -232,6 +232,8 @@ def _problems(cfg: Config) -> list[tuple[str, str]]:
           "increasing positive epochs")
     check("train.label_smoothing", 0 <= cfg.train.label_smoothing < 1, "in [0, 1)")
     check("train.ema_decay", 0 <= cfg.train.ema_decay < 1, "in [0, 1) (0 = off)")
+    fuse = cfg.model.fuse_bn_neuron
+    check("model.fuse_bn_neuron", isinstance(fuse, bool) or fuse == "auto", "true, false or auto")
     n = cfg.model.neuron
     check("model.neuron.tau", n.type not in ("lif", "plif") or n.tau > 1, "> 1 for a LIF/PLIF neuron")
     check("model.neuron.v_threshold", n.v_threshold > 0, "> 0")

@@ -8,6 +8,7 @@ problems are reported at once, each naming its full key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Valid values of the enumerated fields: validation and error messages read them from here.
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -75,7 +76,9 @@ class ModelConfig:
     checkpointing: str = "none"  # none | block | time | block_time | auto
     spike_storage: str = "float"  # float | byte | bit
     memory_budget_gb: float = 0.0  # per device, for checkpointing=auto (0 = the device's memory)
-    fuse_bn_neuron: bool = False  # BatchNorm + LIF/IF as one op (Triton on CUDA); off until measured faster
+    # BatchNorm + LIF/IF/PLIF as one op: true | false | auto (where measured faster than the pair: the CPU
+    # kernels; not yet on CUDA, whose Triton kernels true selects)
+    fuse_bn_neuron: Any = "auto"
     fuse_da: bool = False  # learnable DA's weighted sums as Triton kernels on CUDA; off until measured faster
 
 
