@@ -352,7 +352,7 @@ def bn_neuron_backward(
     per_channel = [v.to(dtype).contiguous() for v in (scale, shift, mean, invstd)]
     gs = g_s.to(dtype).contiguous()
     g_x = torch.empty_like(x_seq)
-    sums = torch.empty(3 if k is not None else 2, c, dtype=torch.float64)
+    sums = torch.zeros(3 if k is not None else 2, c, dtype=torch.float64)  # PLIF's: one per group, <= c
     _call("danet_bn_lif_backward", _DTYPES[dtype], gs.data_ptr(), x_seq.data_ptr(),
           *(v.data_ptr() for v in per_channel), g_x.data_ptr(), sums[0].data_ptr(), sums[1].data_ptr(),
           sums[2].data_ptr() if k is not None else None, *_dims(x_seq), int(batch_stats),

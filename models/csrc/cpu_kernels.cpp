@@ -1,6 +1,7 @@
 // The models' CPU kernels (models/_cpu_kernels.py builds and loads this file): the fused multi-step LIF / IF, one
-// pass over the data per direction (models/lif_fused.py documents the equations), and BatchNorm's training
-// forward on contiguous NCHW batches (BatchNormForward, at the end).
+// pass over the data per direction (models/lif_fused.py documents the equations), BatchNorm's training forward on
+// contiguous NCHW batches (BatchNormForward), and BatchNorm followed by the neuron as one op (BnLifForward and
+// BnLifBackward; models/bn_neuron.py documents the equations).
 //
 // LIF: every operand is addressed as base + t * t_stride + i, i in [0, M): each time step is one dense block of M
 // elements in the same physical order in every operand (the Python side guarantees it). Outputs are dense
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -282,6 +284,75 @@ void parallel(const Body& body, int64_t m) {
     });
 }
 
+template <typename T>
+struct Vec32;  // 32 bytes of T as one GCC / Clang vector
+template <>
+struct Vec32<float> {
+    typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec32<double> {
+    typedef double type __attribute__((vector_size(32)));
+};
+
+// A sum of many values (Squares: of (value - shift)^2) in double, added span by span. Summed in four independent
+// vector accumulators of T, flushed to double every kFlush vectors per accumulator (so each lane sums a few dozen
+// terms in T), and the few values past the last whole vector of a span in double. One accumulator is a serial
+// chain of dependent adds, converting each value to double halves the vector width, and the compilers vectorised
+// a plain lane-array loop poorly (shuffles on every step), hence the vector types.
+template <bool Squares, typename T>
+struct SpanSum {
+    using V = typename Vec32<T>::type;
+    static constexpr int64_t kW = 32 / sizeof(T);
+    static constexpr int64_t kFlush = 32;
+    V acc[4] = {};
+    int64_t pending = 0;  // vectors added to acc[0] since the last flush
+    double total = 0;
+    T shift;
+
+    explicit SpanSum(T s) : shift(s) {}
+
+    inline V load(const T* p) const {
+        V v;
+        std::memcpy(&v, p, sizeof(V));
+        if constexpr (Squares) {
+            v -= shift;
+            return v * v;
+        }
+        return v;
+    }
+
+    inline void add(const T* p, int64_t n) {
+        int64_t j = 0;
+        for (; j + 4 * kW <= n; j += 4 * kW) {
+            for (int u = 0; u < 4; ++u) acc[u] += load(p + j + u * kW);
+            if (++pending == kFlush) flush();
+        }
+        for (; j + kW <= n; j += kW) {
+            acc[0] += load(p + j);
+            if (++pending == kFlush) flush();
+        }
+        for (; j < n; ++j) {
+            const T d = Squares ? p[j] - shift : p[j];
+            total += double(Squares ? d * d : d);
+        }
+    }
+
+    inline void flush() {
+        const V a = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        T lanes[kW];
+        std::memcpy(lanes, &a, sizeof(V));
+        for (int64_t k = 0; k < kW; ++k) total += double(lanes[k]);
+        for (auto& v : acc) v = V{};
+        pending = 0;
+    }
+
+    inline double result() {
+        flush();
+        return total;
+    }
+};
+
 // BatchNorm's training forward on a contiguous NCHW batch, per channel: mean and biased variance in double (two
 // passes, the second over data the first left in cache; torch's CPU kernel takes ~4x as long for these), the running statistics' update, then y = x * alpha +
 // beta with alpha = invstd * weight, beta = bias - mean * alpha (torch's CPU kernel's formulas).
@@ -299,35 +370,19 @@ struct BatchNormForward {
     double eps, momentum;
     T* save_var = nullptr;  // the biased variance, where not null
 
-    // sum over the channel of x (or of (x - shift)^2), in kLanes independent double accumulators: a single
-    // accumulator is one serial chain of dependent adds (floating-point sums are not reordered unless written so)
-    double channel_sum(int64_t ch, double shift, bool squares) const {
-        constexpr int kLanes = 8;
-        double acc[kLanes] = {};
-        for (int64_t i = 0; i < n; ++i) {
-            const T* p = x + (i * c + ch) * hw;
-            int64_t j = 0;
-            for (; j + kLanes <= hw; j += kLanes) {
-                for (int k = 0; k < kLanes; ++k) {
-                    const double d = double(p[j + k]) - shift;
-                    acc[k] += squares ? d * d : d;
-                }
-            }
-            for (; j < hw; ++j) {
-                const double d = double(p[j]) - shift;
-                acc[0] += squares ? d * d : d;
-            }
-        }
-        double total = 0;
-        for (int k = 0; k < kLanes; ++k) total += acc[k];
-        return total;
+    // sum over the channel of x (Squares: of (x - shift)^2) in double (SpanSum)
+    template <bool Squares>
+    double channel_sum(int64_t ch, double shift) const {
+        SpanSum<Squares, T> sum{T(shift)};
+        for (int64_t i = 0; i < n; ++i) sum.add(x + (i * c + ch) * hw, hw);
+        return sum.result();
     }
 
     void operator()(int64_t c_lo, int64_t c_hi) const {
         const int64_t count = n * hw;
         for (int64_t ch = c_lo; ch < c_hi; ++ch) {
-            const double mean = channel_sum(ch, 0.0, false) / double(count);
-            const double sq = channel_sum(ch, mean, true);
+            const double mean = channel_sum<false>(ch, 0.0) / double(count);
+            const double sq = channel_sum<true>(ch, mean);
             const double var = sq / double(count);
             const double invstd = 1.0 / std::sqrt(var + eps);
             if (running_mean != nullptr) {
@@ -383,29 +438,19 @@ struct BnLifForward {
     }
 };
 
-// Sums of g and of g * (x - mean) * invstd over n elements, into kLanes double accumulators each.
-template <typename T>
-inline void grad_sums(const T* g, const T* x, T mean, T invstd, int64_t n, double* sg, double* sgx) {
-    constexpr int kLanes = 8;
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes) {
-        for (int k = 0; k < kLanes; ++k) {
-            const T xhat = (x[j + k] - mean) * invstd;
-            sg[k] += double(g[j + k]);
-            sgx[k] += double(g[j + k]) * double(xhat);
-        }
-    }
-    for (; j < n; ++j) {
-        sg[0] += double(g[j]);
-        sgx[0] += double(g[j]) * double((x[j] - mean) * invstd);
-    }
-}
+// Elements of x per channel group in BnLifBackward: a group's x and g_x (128 KiB each in float32) stay in L2
+// between the first pass over them and the last.
+constexpr int64_t kGroup = 1 << 15;
 
-// Backward of BnLifForward, per channel (BatchNorm's gradient needs the channel's sums): for each block of a
-// row, the membrane of every step is recomputed from x into a [steps, kBlock] buffer, then the steps are walked
-// back as the LIF's backward does, writing g_y into g_x and summing g_y and g_y * xhat; then, over the channel's
-// rows still in cache, g_x = scale * (g_y - mean(g_y) - xhat * mean(g_y * xhat)) (batch statistics) or
-// scale * g_y (running ones). g_s is dense like x.
+// Backward of BnLifForward, by groups of consecutive channels (BatchNorm's gradient needs each channel's sums). A
+// group's rows at one (step, image) are one contiguous span of its channels' hw elements each, walked in blocks
+// with the per-channel numbers laid out along the span, so no loop is as short as a row (16 elements at 4x4).
+// For each block the membrane of every step is recomputed from x into a [steps, kBlock] buffer, then the steps
+// are walked back as the LIF's backward does, writing g_y into g_x and adding g_y and g_y * xhat to per-position
+// sums over the steps and images; the channels' sums come from those, in double. Then, over the group still in
+// cache, g_x = scale * (g_y - mean(g_y) - xhat * mean(g_y * xhat)) (batch statistics) or scale * g_y (running
+// ones). Groups start at fixed channels and each runs whole on one thread, so the results do not depend on the
+// thread count. g_s is dense like x.
 template <typename T>
 struct BnLifBackward {
     const T* g_s;
@@ -417,64 +462,94 @@ struct BnLifBackward {
     T* g_x;
     double* sum_gy;       // per channel
     double* sum_gy_xhat;  // per channel
-    double* g_rate;       // PLIF: per channel, the rate's gradient
-    int64_t steps, batch, c, hw;
+    double* g_rate;       // PLIF: per group, a partial sum of the rate's gradient
+    int64_t steps, batch, c, hw, group;
     int32_t batch_stats;
     LifSpec spec;
 
-    void operator()(int64_t c_lo, int64_t c_hi) const {
+    void operator()(int64_t g_lo, int64_t g_hi) const {
         const StepFn<T> step = pick_step<T>(spec);
         const LifConsts<T> lc(spec);
         const BackConsts<T> bc(spec);
-        const int64_t m = batch * c * hw;
+        const int64_t m = batch * c * hw, cap = group * hw;
         std::vector<T> hbuf(steps * kBlock);
+        // along the span: scale, shift, mean, invstd, then the sums of g_y and g_y * xhat, then for the last pass
+        // mean(g_y) and mean(g_y * xhat)
+        std::vector<T> lanes(8 * cap);
+        T *sc = &lanes[0], *sh = sc + cap, *mu = sh + cap, *is = mu + cap, *ag = is + cap, *agx = ag + cap,
+          *mg = agx + cap, *mgx = mg + cap;
         T y[kBlock], v[kBlock], s[kBlock], g[kBlock], gh[kBlock];
-        for (int64_t ch = c_lo; ch < c_hi; ++ch) {
-            const T sc = scale[ch], sh = shift[ch], mu = mean[ch], is = invstd[ch];
-            double sg[8] = {}, sgx[8] = {}, rate_acc = 0;
+        for (int64_t gi = g_lo; gi < g_hi; ++gi) {
+            const int64_t c0 = gi * group, nc = std::min(group, c - c0), span = nc * hw;
+            for (int64_t k = 0; k < nc; ++k) {
+                std::fill(sc + k * hw, sc + (k + 1) * hw, scale[c0 + k]);
+                std::fill(sh + k * hw, sh + (k + 1) * hw, shift[c0 + k]);
+                std::fill(mu + k * hw, mu + (k + 1) * hw, mean[c0 + k]);
+                std::fill(is + k * hw, is + (k + 1) * hw, invstd[c0 + k]);
+            }
+            std::fill(ag, ag + span, T(0));
+            std::fill(agx, agx + span, T(0));
+            double rate_acc = 0;
             for (int64_t i = 0; i < batch; ++i) {
-                const int64_t row = (i * c + ch) * hw;
-                for (int64_t b0 = 0; b0 < hw; b0 += kBlock) {
-                    const int64_t n = std::min(kBlock, hw - b0), at = row + b0;
+                const int64_t base = (i * c + c0) * hw;
+                for (int64_t b0 = 0; b0 < span; b0 += kBlock) {
+                    const int64_t n = std::min(kBlock, span - b0), at = base + b0;
+                    const T *bsc = sc + b0, *bsh = sh + b0, *bmu = mu + b0, *bis = is + b0;
+                    T *bag = ag + b0, *bagx = agx + b0;
                     for (int64_t t = 0; t < steps; ++t) {
                         const T* xs = x + t * m + at;
-                        for (int64_t j = 0; j < n; ++j) y[j] = xs[j] * sc + sh;
+                        for (int64_t j = 0; j < n; ++j) y[j] = xs[j] * bsc[j] + bsh[j];
                         charge_block(lc, y, v, t > 0, &hbuf[t * kBlock], n);
                         fire_block(lc, &hbuf[t * kBlock], s, v, n);
                     }
                     std::fill(g, g + n, T(0));
                     for (int64_t t = steps - 1; t >= 0; --t) {
                         const T* hs = &hbuf[t * kBlock];
+                        const T* xs = x + t * m + at;
                         T* gy = g_x + t * m + at;
                         step(hs, g_s + t * m + at, gy, g, lc.learnable ? gh : nullptr, n, bc.a, bc.b, bc.thr, bc.vr,
                              bc.alpha, bc.c2, bc.half_width);
-                        if (lc.learnable) rate_acc += rate_term(lc, hs, t > 0 ? hs - kBlock : nullptr, (const T*)nullptr, gh, n);
-                        grad_sums(gy, x + t * m + at, mu, is, n, sg, sgx);
+                        if (lc.learnable)
+                            rate_acc += rate_term(lc, hs, t > 0 ? hs - kBlock : nullptr, (const T*)nullptr, gh, n);
+                        for (int64_t j = 0; j < n; ++j) {
+                            bag[j] += gy[j];
+                            bagx[j] += gy[j] * ((xs[j] - bmu[j]) * bis[j]);
+                        }
                     }
                 }
             }
-            double total_g = 0, total_gx = 0;
-            for (int k = 0; k < 8; ++k) total_g += sg[k], total_gx += sgx[k];
-            sum_gy[ch] = total_g;
-            sum_gy_xhat[ch] = total_gx;
-            if (g_rate != nullptr) g_rate[ch] = rate_acc;
+            if (g_rate != nullptr) g_rate[gi] = rate_acc;
             const double count = double(steps * batch * hw);
-            const T mg = batch_stats ? T(total_g / count) : T(0), mgx = batch_stats ? T(total_gx / count) : T(0);
+            for (int64_t k = 0; k < nc; ++k) {
+                SpanSum<false, T> a{T(0)}, b{T(0)};
+                a.add(ag + k * hw, hw);
+                b.add(agx + k * hw, hw);
+                sum_gy[c0 + k] = a.result();
+                sum_gy_xhat[c0 + k] = b.result();
+                std::fill(mg + k * hw, mg + (k + 1) * hw, batch_stats ? T(sum_gy[c0 + k] / count) : T(0));
+                std::fill(mgx + k * hw, mgx + (k + 1) * hw, batch_stats ? T(sum_gy_xhat[c0 + k] / count) : T(0));
+            }
             for (int64_t t = 0; t < steps; ++t) {
                 for (int64_t i = 0; i < batch; ++i) {
-                    const int64_t at = t * m + (i * c + ch) * hw;
+                    const int64_t at = t * m + (i * c + c0) * hw;
                     const T* xs = x + at;
                     T* gx = g_x + at;
                     if (batch_stats) {
-                        for (int64_t j = 0; j < hw; ++j) gx[j] = (gx[j] - mg - (xs[j] - mu) * is * mgx) * sc;
+                        for (int64_t j = 0; j < span; ++j)
+                            gx[j] = (gx[j] - mg[j] - (xs[j] - mu[j]) * is[j] * mgx[j]) * sc[j];
                     } else {
-                        for (int64_t j = 0; j < hw; ++j) gx[j] = gx[j] * sc;
+                        for (int64_t j = 0; j < span; ++j) gx[j] = gx[j] * sc[j];
                     }
                 }
             }
         }
     }
 };
+
+// Channels per BnLifBackward group (see kGroup).
+inline int64_t channel_group(int64_t per_channel, int64_t c) {
+    return std::min(c, std::max<int64_t>(1, kGroup / std::max<int64_t>(1, per_channel)));
+}
 
 // Channels per task: enough work (~64k elements) per task to be worth a thread.
 inline int64_t channel_grain(int64_t per_channel) {
@@ -590,22 +665,23 @@ int danet_bn_lif_forward(int dtype, const void* x, const void* scale, const void
 }
 
 // Its backward (BnLifBackward): g_x, and per channel in double the sums of g_y and g_y * xhat (BatchNorm's
-// weight and bias gradients) and, for PLIF (g_rate not null), the rate's gradient.
+// weight and bias gradients) and, for PLIF (g_rate not null), partial sums of the rate's gradient, one per channel
+// group (at most c).
 int danet_bn_lif_backward(int dtype, const void* g_s, const void* x, const void* scale, const void* shift,
                           const void* mean, const void* invstd, void* g_x, double* sum_gy, double* sum_gy_xhat,
                           double* g_rate, int64_t steps, int64_t batch, int64_t c, int64_t hw, int32_t batch_stats,
                           const LifSpec* spec) {
-    const int64_t grain = channel_grain(steps * batch * hw);
+    const int64_t group = channel_group(steps * batch * hw, c), groups = (c + group - 1) / group;
     if (dtype == 0) {
         BnLifBackward<float> f{(const float*)g_s, (const float*)x, (const float*)scale, (const float*)shift,
                                (const float*)mean, (const float*)invstd, (float*)g_x, sum_gy, sum_gy_xhat, g_rate,
-                               steps, batch, c, hw, batch_stats, *spec};
-        at::parallel_for(0, c, grain, f);
+                               steps, batch, c, hw, group, batch_stats, *spec};
+        at::parallel_for(0, groups, 1, f);
     } else if (dtype == 1) {
         BnLifBackward<double> f{(const double*)g_s, (const double*)x, (const double*)scale, (const double*)shift,
                                 (const double*)mean, (const double*)invstd, (double*)g_x, sum_gy, sum_gy_xhat,
-                                g_rate, steps, batch, c, hw, batch_stats, *spec};
-        at::parallel_for(0, c, grain, f);
+                                g_rate, steps, batch, c, hw, group, batch_stats, *spec};
+        at::parallel_for(0, groups, 1, f);
     } else {
         return 1;
     }
