@@ -7,9 +7,13 @@
   differently).
 - BatchNorm's training forward on contiguous NCHW batches (statistics, running-statistics update and the
   normalisation, per channel), where torch's own CPU kernel gathers the statistics several times slower than
-  it normalises (its loop is one serial chain of dependent adds; this kernel keeps 8 independent double
-  accumulators); the backward is torch's (``native_batch_norm_backward`` with the saved mean and invstd: a
+  it normalises (its loop is one serial chain of dependent adds; this kernel keeps independent vector
+  accumulators, flushed to double every few dozen terms); the backward is torch's (``native_batch_norm_backward`` with the saved mean and invstd: a
   kernel written like the forward was slower than it). Statistics differ from torch's by summation order only.
+- BatchNorm followed by the neuron as one op (``models.bn_neuron``) on contiguous ``[T, N, C, H, W]``
+  sequences: the batch statistics (as above), a forward that normalises, charges, fires and resets per block
+  and writes only the spikes, and a backward by groups of channels that recomputes the membrane from x, walks
+  the steps back, sums BatchNorm's two per-channel terms and finishes g_x while the group is still in cache.
 BENCHMARKS.md has what each gives on a training step.
 
 Built with the system C++ compiler (``$CXX``, else ``g++`` / ``c++`` / ``clang++``) against the running torch's

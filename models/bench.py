@@ -7,11 +7,15 @@
 announced on stderr), so load from other processes on a shared machine hits all of them alike; the median over
 the rounds after warm-up is reported. Our sew_resnet50 is also timed in the same rounds with its C++ CPU kernels
 switched off ("ours, torch ops": the fused LIF's vectorised torch path and torch's BatchNorm), which is what those
-kernels give.
+kernels give, and with BatchNorm and the neuron as two ops ("ours, unfused": ``fuse_bn_neuron`` off, kernels on),
+which is what their fusion gives.
 
 ``run_lif_bench()``: one LIF layer ``[T=4, N=4, 256, 28, 28]`` forward + backward: our fused op (C++ kernel, and
 its torch path), our reference loop (autograd through every step) and SpikingJelly's LIFNode; then PLIF the
 same way against SpikingJelly's ParametricLIFNode.
+
+``run_bn_neuron_bench()``: BatchNorm + LIF on the same shape, forward + backward in training mode, as one op
+(``models.bn_neuron``) against BatchNorm then the neuron.
 
 SpikingJelly's model file imports one function from torchvision (``load_state_dict_from_url``, for pretrained
 weights), and torchvision does not work beside this torch build (``operator torchvision::nms does not exist``,
@@ -36,6 +40,8 @@ import torch
 from torch import nn
 
 from . import _cpu_kernels
+from .bn_neuron import bn_neuron
+from .checkpointing import BatchNorm
 from .neurons import MultiStepNeuron, NeuronSpec
 from .resnet import create_model
 
@@ -158,6 +164,16 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
             sew_step()
 
     steps[("ours, torch ops", "sew_resnet50")] = torch_ops_step
+
+    def unfused_step() -> None:  # the same model with BatchNorm and the neuron as two ops (fuse_bn_neuron off)
+        model = ours["sew_resnet50"]
+        mode, model.fuse_bn_neuron = model.fuse_bn_neuron, False
+        try:
+            sew_step()
+        finally:
+            model.fuse_bn_neuron = mode
+
+    steps[("ours, unfused", "sew_resnet50")] = unfused_step
     steps[("spikingjelly", "sew_resnet50")] = sj_step
     times = _rounds("networks", steps, warmup, repeats)  # type: ignore[arg-type]
 
@@ -195,7 +211,11 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
         "cpu_kernels": _cpu_kernels.library() is not None,
         "ratio_cpu_kernels_vs_torch_ops": by[("ours, torch ops", "sew_resnet50")]["step_s_median"]
         / by[("ours", "sew_resnet50")]["step_s_median"],
+        # what BatchNorm + neuron as one op (model.fuse_bn_neuron: auto) gives our step, the kernels on both sides
+        "ratio_fused_vs_unfused": by[("ours, unfused", "sew_resnet50")]["step_s_median"]
+        / by[("ours", "sew_resnet50")]["step_s_median"],
         "lif": run_lif_bench(),
+        "bn_neuron": run_bn_neuron_bench(),
     }
     if json_path:
         with open(json_path, "w") as f:
@@ -255,6 +275,29 @@ def run_lif_bench(
         "plif_speedup_fused_vs_reference": ms["plif reference"] / ms["plif fused"],
         "plif_speedup_fused_vs_spikingjelly": ms["plif spikingjelly"] / ms["plif fused"],
     }
+
+
+def run_bn_neuron_bench(shape: tuple[int, ...] = (T, BATCH, 256, 28, 28), warmup: int = 3, repeats: int = 21) -> dict:
+    """BatchNorm + LIF forward + backward in training mode: as one op (``models.bn_neuron``, the C++ kernels on
+    CPU) against BatchNorm then the neuron (each on its own kernel), median ms, round robin."""
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 1.5 + 0.5).requires_grad_()
+    grad = torch.randn(shape)
+    bn, neuron = BatchNorm(shape[2]), MultiStepNeuron(NeuronSpec())
+
+    def step(fused: bool) -> Callable[[], None]:
+        def run() -> None:
+            x.grad = None
+            out = bn_neuron(x, bn, neuron) if fused else neuron(bn(x.flatten(0, 1)).unflatten(0, shape[:2]))
+            out.backward(grad)
+
+        return run
+
+    times = _rounds("BatchNorm + LIF layer", {"fused": step(True), "pair": step(False)}, warmup, repeats)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"shape": list(shape), "median_ms": ms, "speedup_fused_vs_pair": ms["pair"] / ms["fused"],
+            "cpu_kernels": _cpu_kernels.bn_neuron_applies(x.detach())}
 
 
 if __name__ == "__main__":

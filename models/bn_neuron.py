@@ -1,4 +1,5 @@
-"""BatchNorm followed by an LIF / IF / PLIF neuron as one op (``model.fuse_bn_neuron``; off by default).
+"""BatchNorm followed by an LIF / IF / PLIF neuron as one op (``model.fuse_bn_neuron``: ``auto`` by default, which
+fuses where the op is measured faster than the pair: the C++ CPU kernels).
 
 In a spiking ResNet most BatchNorms feed a neuron. Run apart, the pair writes the normalised ``y`` and the
 neuron's charged potential ``h`` to memory and reads them back, and keeps ``h`` for backward. Fused:
@@ -22,8 +23,11 @@ block is being recomputed. The normalisation is computed as one multiply-add rat
 ``(x - mean) * invstd * w + b``, so values agree to rounding, and a value within rounding of the threshold may
 fire on one path and not the other.
 
-Two implementations: Triton kernels on CUDA (``_bn_neuron_triton``), and torch ops anywhere (the reference the
-kernels are checked against; on CPU it is not faster than the pair). PLIF's learnable rate is an input like the
+Three implementations: Triton kernels on CUDA (``_bn_neuron_triton``), C++ kernels on CPU for contiguous float32 /
+float64 sequences (``_cpu_kernels``: the statistics, then one pass that writes only the spikes; backward by
+groups of channels, the membrane recomputed per block of a group's span and g_x finished while the group is in
+cache; about 1.1x on a whole sew_resnet50 training step against the pair, BENCHMARKS.md), and torch ops anywhere
+(the reference the kernels are checked against; not faster than the pair). PLIF's learnable rate is an input like the
 BatchNorm's parameters, and gets its gradient (as ``lif_fused`` sums it). The reference neuron backend and
 ``torch.compile`` (which fuses by itself) run the unfused pair.
 """

@@ -207,10 +207,17 @@ def test_checkpointing_matches_none(policy):
 # ------------------------------------------------------------------------------------------------ telemetry
 
 
-def test_telemetry_measure():
+@pytest.mark.parametrize("fuse", [False, "auto", True])
+def test_telemetry_measure(fuse):
+    """Every neuron's spikes are counted whether BatchNorm + neuron run fused or not (the same rates), and the
+    model's setting is left as it was."""
     model = _small("sew_resnet18").train()
-    stats = measure(model, torch.randn(2, 3, 32, 32))
-    assert model.training
+    model.fuse_bn_neuron = fuse
+    stats = measure(model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert model.training and model.fuse_bn_neuron == fuse
+    model.fuse_bn_neuron = False
+    unfused = measure(model, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert stats == unfused
     for key in ("firing_rate/stage1", "firing_rate/stage4", "firing_rate/mean", "sops", "energy_mj"):
         assert isinstance(stats[key], float)
     assert 0.0 <= stats["firing_rate/mean"] <= 1.0
