@@ -53,9 +53,16 @@ def applies(bn: nn.BatchNorm2d, neuron: nn.Module) -> bool:
     return bool(uses_fused and uses_fused()) and not torch.compiler.is_compiling()
 
 
+# Whether ``fuse_bn_neuron: auto`` fuses on CUDA: not until the GPU check (tools/gpu_train_check.py) has measured
+# the Triton kernels faster than the pair end to end. ``orchestrator plan`` sizes GPU jobs by it.
+AUTO_ON_CUDA = False
+
+
 def faster_here(x_seq: torch.Tensor) -> bool:
     """Whether the op is measured faster than the pair for this input (``fuse_bn_neuron: auto``): where the C++
-    CPU kernels take it (BENCHMARKS.md). Not yet on CUDA: the Triton kernels await the GPU measurement."""
+    CPU kernels take it (BENCHMARKS.md); on CUDA as ``AUTO_ON_CUDA`` says."""
+    if x_seq.is_cuda:
+        return AUTO_ON_CUDA
     return _cpu_kernels.bn_neuron_applies(x_seq)
 
 

@@ -54,11 +54,14 @@ def activation_bytes(cfg: Config, res: int = PROBE_RES, batch: int = 1) -> tuple
     keep, parameters excluded, plus the backward transient measured on a GPU (``BACKWARD_TRANSIENT``).
     """
     from models import create_model
+    from models.bn_neuron import AUTO_ON_CUDA
     from models.checkpointing import activation_bytes as measure
     from orchestrator.train.worker import model_kwargs
 
     kw = model_kwargs(cfg)
     kw.update(input_size=cfg.model.input_size, checkpointing="none")
+    if kw.get("fuse_bn_neuron") == "auto":  # the probe runs here on CPU, where auto fuses: size what the GPU runs
+        kw["fuse_bn_neuron"] = AUTO_ON_CUDA
     model = create_model(cfg.model.name, **kw)
     acts = measure(model, POLICIES, batch, res, cfg.model.in_channels)
     return acts, sum(p.numel() for p in model.parameters())

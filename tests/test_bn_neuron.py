@@ -199,3 +199,19 @@ def test_auto_fuses_where_the_kernels_take_the_input(monkeypatch):
         torch.testing.assert_close(out, out_pair, rtol=1e-9, atol=1e-11, msg=str(kw))
         for a, b in zip(grads, g_pair, strict=True):
             assert ((a - b).norm() / b.norm().clamp_min(1e-300)).item() <= 1e-8, kw
+
+
+def test_the_plan_sizes_what_the_gpu_runs():
+    """``orchestrator plan`` probes the model on CPU, where ``auto`` fuses; it sizes the GPU's job, where ``auto``
+    runs the pair until measured (``AUTO_ON_CUDA``): the estimate for auto is the unfused one, and fusing saves
+    memory (the membrane is not kept), so the difference is visible."""
+    from orchestrator.config.load import load_config
+    from orchestrator.plan import activation_bytes
+
+    def acts(mode: str) -> dict[str, int]:
+        return activation_bytes(load_config("digits", [f"model.fuse_bn_neuron={mode}", "model.width=8"]))[0]
+
+    auto, off, on = acts("auto"), acts("false"), acts("true")
+    assert not bn_module.AUTO_ON_CUDA
+    assert auto == off
+    assert on["none"] < off["none"]
