@@ -118,18 +118,16 @@ inline void charge_block(const LifConsts<T>& c, const T* xs, const T* v, bool ha
 // Fire and reset one block of one step: ss = the spikes of hs, v = the membrane after the reset.
 template <typename T>
 inline void fire_block(const LifConsts<T>& c, const T* hs, T* ss, T* v, int64_t n) {
+    const T thr = c.thr, vr = c.vr;  // locals: a store through ss or v might otherwise alias c
     if (c.hard) {
         for (int64_t j = 0; j < n; ++j) {
-            const T s = hs[j] >= c.thr ? T(1) : T(0);
+            const T s = hs[j] >= thr ? T(1) : T(0);
             ss[j] = s;
-            v[j] = reset_membrane<true>(hs[j], s, c.vr, c.thr);
+            v[j] = reset_membrane<true>(hs[j], s, vr, thr);
         }
-    } else {
-        for (int64_t j = 0; j < n; ++j) {
-            const T s = hs[j] >= c.thr ? T(1) : T(0);
-            ss[j] = s;
-            v[j] = reset_membrane<false>(hs[j], s, c.vr, c.thr);
-        }
+    } else {  // two loops: GCC 12 did not vectorise the soft reset fused with the fire
+        for (int64_t j = 0; j < n; ++j) ss[j] = hs[j] >= thr ? T(1) : T(0);
+        for (int64_t j = 0; j < n; ++j) v[j] = reset_membrane<false>(hs[j], ss[j], vr, thr);
     }
 }
 
