@@ -8,8 +8,9 @@
 - BatchNorm's training forward on contiguous NCHW batches (statistics, running-statistics update and the
   normalisation, per channel), where torch's own CPU kernel gathers the statistics several times slower than
   it normalises (its loop is one serial chain of dependent adds; this kernel keeps independent vector
-  accumulators, flushed to double every few dozen terms); the backward is torch's (``native_batch_norm_backward`` with the saved mean and invstd: a
-  kernel written like the forward was slower than it). Statistics differ from torch's by summation order only.
+  accumulators, flushed to double every few dozen terms); the backward is torch's
+  (``native_batch_norm_backward`` with the saved mean and invstd: a kernel written like the forward was slower
+  than it). Statistics differ from torch's by summation order only.
 - BatchNorm followed by the neuron as one op (``models.bn_neuron``) on contiguous ``[T, N, C, H, W]``
   sequences: the batch statistics (as above), a forward that normalises, charges, fires and resets per block
   and writes only the spikes, and a backward by groups of channels that recomputes the membrane from x, walks
@@ -340,9 +341,9 @@ def bn_neuron_forward(x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Ten
     """The spikes of the neuron on ``x * scale + shift`` (per channel, in x's dtype); the caller checked
     ``bn_neuron_applies``."""
     spikes = torch.empty_like(x_seq)
-    _call("danet_bn_lif_forward", _DTYPES[x_seq.dtype], x_seq.data_ptr(), scale.to(x_seq.dtype).contiguous().data_ptr(),
-          shift.to(x_seq.dtype).contiguous().data_ptr(), spikes.data_ptr(), *_dims(x_seq),
-          ctypes.byref(_c_spec(spec, k)))
+    scale, shift = (v.to(x_seq.dtype).contiguous() for v in (scale, shift))
+    _call("danet_bn_lif_forward", _DTYPES[x_seq.dtype], x_seq.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+          spikes.data_ptr(), *_dims(x_seq), ctypes.byref(_c_spec(spec, k)))
     return spikes
 
 

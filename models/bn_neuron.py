@@ -23,12 +23,12 @@ block is being recomputed. The normalisation is computed as one multiply-add rat
 ``(x - mean) * invstd * w + b``, so values agree to rounding, and a value within rounding of the threshold may
 fire on one path and not the other.
 
-Three implementations: Triton kernels on CUDA (``_bn_neuron_triton``), C++ kernels on CPU for contiguous float32 /
-float64 sequences (``_cpu_kernels``: the statistics, then one pass that writes only the spikes; backward by
+Three implementations: Triton kernels on CUDA (``_bn_neuron_triton``), C++ kernels on CPU for contiguous float32
+/ float64 sequences (``_cpu_kernels``: the statistics, then one pass that writes only the spikes; backward by
 groups of channels, the membrane recomputed per block of a group's span and g_x finished while the group is in
-cache; about 1.1x on a whole sew_resnet50 training step against the pair, BENCHMARKS.md), and torch ops anywhere
-(the reference the kernels are checked against; not faster than the pair). PLIF's learnable rate is an input like the
-BatchNorm's parameters, and gets its gradient (as ``lif_fused`` sums it). The reference neuron backend and
+cache; 1.2-1.4x the pair on one layer, a few percent of a whole sew_resnet50 training step, BENCHMARKS.md), and
+torch ops anywhere (the reference the kernels are checked against; not faster than the pair). PLIF's learnable
+rate is an input like the BatchNorm's parameters, and gets its gradient (as ``lif_fused`` sums it). The reference neuron backend and
 ``torch.compile`` (which fuses by itself) run the unfused pair.
 """
 
@@ -66,7 +66,9 @@ def faster_here(x_seq: torch.Tensor) -> bool:
     return _cpu_kernels.bn_neuron_applies(x_seq)
 
 
-def bn_neuron(x_seq: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module, only_where_faster: bool = False) -> torch.Tensor:
+def bn_neuron(
+    x_seq: torch.Tensor, bn: nn.BatchNorm2d, neuron: nn.Module, only_where_faster: bool = False
+) -> torch.Tensor:
     """Spikes of ``neuron(bn(x))`` for a ``[T, N, C, H, W]`` sequence, BatchNorm over all T steps (as ``bn`` sees
     the ``[T * N, C, H, W]`` view); with ``only_where_faster`` the pair runs unless ``faster_here(x_seq)``."""
     if not applies(bn, neuron) or (only_where_faster and not faster_here(x_seq)):

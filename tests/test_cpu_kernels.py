@@ -181,7 +181,8 @@ def test_bn_neuron_kernels_equal_the_torch_path(case, dtype):
 
 def test_results_do_not_depend_on_the_thread_count():
     """Each neuron and each channel is computed whole by one thread, in a fixed order, and PLIF's rate gradient
-    is summed from per-block (per-channel, for BatchNorm + neuron) partial sums in a fixed order: 1 thread or 2, the same bits (a deterministic run
+    is summed from per-block (per-group, for BatchNorm + neuron) partial sums in a fixed order: 1 thread or 2,
+    the same bits (a deterministic run
     stays deterministic on another core count)."""
     x = torch.randn(4, 4, 64, 28, 28) * 1.5 + 0.6
     g = torch.randn_like(x)
