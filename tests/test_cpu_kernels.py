@@ -280,3 +280,19 @@ def test_a_failing_compiler_or_the_switch_falls_back_to_torch(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LIB False WHY None" in r.stdout and "unavailable" not in r.stderr, r.stdout + r.stderr[-2000:]
     assert not (tmp_path / "b").exists()
+
+
+def test_the_layer_bench_times_the_op_and_the_pair(capsys):
+    """``bench models``' BatchNorm + LIF layer entry (``run_bn_neuron_bench``) times both ways in the same rounds,
+    announces each round, and says whether the kernels ran."""
+    from models.bench import run_bn_neuron_bench
+
+    threads = torch.get_num_threads()
+    try:
+        out = run_bn_neuron_bench(shape=(2, 2, 8, 6, 6), warmup=1, repeats=3)
+    finally:
+        torch.set_num_threads(threads)  # the bench sets its own
+    assert out["shape"] == [2, 2, 8, 6, 6] and out["cpu_kernels"] is True
+    assert set(out["median_ms"]) == {"fused", "pair"} and all(v > 0 for v in out["median_ms"].values())
+    assert out["speedup_fused_vs_pair"] == pytest.approx(out["median_ms"]["pair"] / out["median_ms"]["fused"])
+    assert "BatchNorm + LIF layer: round 3/3" in capsys.readouterr().err
