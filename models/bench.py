@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import _cpu_kernels
-from .bn_neuron import bn_neuron
+from .bn_neuron import bn_neuron, unfused
 from .checkpointing import BatchNorm
 from .neurons import MultiStepNeuron, NeuronSpec
 from .resnet import create_model
@@ -166,12 +166,8 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
     steps[("ours, torch ops", "sew_resnet50")] = torch_ops_step
 
     def unfused_step() -> None:  # the same model with BatchNorm and the neuron as two ops (fuse_bn_neuron off)
-        model = ours["sew_resnet50"]
-        mode, model.fuse_bn_neuron = model.fuse_bn_neuron, False
-        try:
+        with unfused(ours["sew_resnet50"]):
             sew_step()
-        finally:
-            model.fuse_bn_neuron = mode
 
     steps[("ours, unfused", "sew_resnet50")] = unfused_step
     steps[("spikingjelly", "sew_resnet50")] = sj_step
@@ -277,7 +273,9 @@ def run_lif_bench(
     }
 
 
-def run_bn_neuron_bench(shape: tuple[int, ...] = (T, BATCH, 256, 28, 28), warmup: int = 3, repeats: int = 21) -> dict:
+def run_bn_neuron_bench(
+    shape: tuple[int, ...] = (T, BATCH, 256, 28, 28), warmup: int = 3, repeats: int = 21
+) -> dict:
     """BatchNorm + LIF forward + backward in training mode: as one op (``models.bn_neuron``, the C++ kernels on
     CPU) against BatchNorm then the neuron (each on its own kernel), median ms, round robin."""
     torch.set_num_threads(THREADS)

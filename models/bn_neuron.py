@@ -34,7 +34,9 @@ rate is an input like the BatchNorm's parameters, and gets its gradient (as ``li
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -64,6 +66,20 @@ def faster_here(x_seq: torch.Tensor) -> bool:
     if x_seq.is_cuda:
         return AUTO_ON_CUDA
     return _cpu_kernels.bn_neuron_applies(x_seq)
+
+
+@contextlib.contextmanager
+def unfused(model: nn.Module) -> Iterator[None]:
+    """Within the block ``model`` runs BatchNorm and each neuron as two ops (its ``fuse_bn_neuron`` off, where it
+    has one), as the pair's forward hooks and side-by-side timings need; the setting is put back after."""
+    mode = getattr(model, "fuse_bn_neuron", None)
+    if mode is not None:
+        model.fuse_bn_neuron = False
+    try:
+        yield
+    finally:
+        if mode is not None:
+            model.fuse_bn_neuron = mode
 
 
 def bn_neuron(

@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .bn_neuron import unfused
 from .neurons import MultiStepNeuron
 
 E_AC_PJ = 0.9
@@ -81,19 +82,14 @@ def measure(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             handles.append(m.register_forward_hook(on_synapse(m)))
     was_training = model.training
-    # BatchNorm + neuron as one op calls no neuron module, so the hooks above would not see its spikes: this one
-    # pass runs the pair, which computes the same spikes
-    fuse = getattr(model, "fuse_bn_neuron", None)
     try:
         model.eval()
-        if fuse is not None:
-            model.fuse_bn_neuron = False
-        with torch.no_grad():
+        # BatchNorm + neuron as one op calls no neuron module, so the hooks above would not see its spikes: this
+        # one pass runs the pair, which computes the same spikes
+        with torch.no_grad(), unfused(model):
             model(x)
     finally:
         model.train(was_training)
-        if fuse is not None:
-            model.fuse_bn_neuron = fuse
         for h in handles:
             h.remove()
 

@@ -623,10 +623,6 @@ int danet_bn_forward(int dtype, const void* x, const void* weight, const void* b
     return 0;
 }
 
-}  // extern "C"
-
-extern "C" {
-
 // Batch statistics of a contiguous [n, c, hw] x per channel: mean, biased variance and 1 / sqrt(var + eps), as
 // danet_bn_forward computes them, nothing else written.
 int danet_bn_stats(int dtype, const void* x, void* mean, void* var, void* invstd, int64_t n, int64_t c, int64_t hw,
