@@ -178,7 +178,7 @@ def _load() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     lib.danet_bn_forward.argtypes = [ctypes.c_int, *[ptr] * 8, i64, i64, i64, ctypes.c_double, ctypes.c_double]
     lib.danet_bn_forward.restype = ctypes.c_int
-    lib.danet_bn_stats.argtypes = [ctypes.c_int, *[ptr] * 4, i64, i64, i64, ctypes.c_double]
+    lib.danet_bn_stats.argtypes = [ctypes.c_int, *[ptr] * 10, i64, i64, i64, ctypes.c_double, ctypes.c_double]
     lib.danet_bn_lif_forward.argtypes = [ctypes.c_int, *[ptr] * 4, i64, i64, i64, i64, ctypes.POINTER(_Spec)]
     lib.danet_bn_lif_backward.argtypes = [ctypes.c_int, *[ptr] * 10, i64, i64, i64, i64, ctypes.c_int32,
                                           ctypes.POINTER(_Spec)]
@@ -322,18 +322,32 @@ def bn_neuron_applies(x_seq: torch.Tensor) -> bool:
 
 
 def _dims(x_seq: torch.Tensor) -> tuple[int, int, int, int]:
-    steps, n, c = x_seq.shape[:3]
-    return steps, n, c, x_seq[0, 0, 0].numel()
+    steps, n, c, h, w = x_seq.shape
+    return steps, n, c, h * w
 
 
-def batch_stats(x_seq: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, biased variance, 1 / sqrt(var + eps)) per channel over all but dim 2, in x's dtype (summed in
-    double); the caller checked ``bn_neuron_applies``."""
+def batch_stats_apply(x_seq: torch.Tensor, bn: torch.nn.BatchNorm2d) -> bool:
+    """Whether ``batch_stats`` takes ``bn``'s parameters and running statistics with this sequence: each present
+    one of x's dtype and contiguous (the kernel reads and updates them as x's type)."""
+    params = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    return all(p is None or (p.dtype == x_seq.dtype and p.is_contiguous()) for p in params)
+
+
+def batch_stats(
+    x_seq: torch.Tensor, bn: torch.nn.BatchNorm2d, momentum: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, biased variance, 1 / sqrt(var + eps), scale, shift) per channel over all but dim 2, in x's dtype
+    (summed in double), with ``bn``'s eps and affine (y = x * scale + shift); with ``momentum`` (a float) ``bn``'s
+    running statistics are updated as nn.BatchNorm2d does, in the same call. The caller checked
+    ``bn_neuron_applies`` and ``batch_stats_apply``."""
     steps, n, c, hw = _dims(x_seq)
-    mean, var, invstd = (x_seq.new_empty(c) for _ in range(3))
-    _call("danet_bn_stats", _DTYPES[x_seq.dtype], x_seq.data_ptr(), mean.data_ptr(), var.data_ptr(),
-          invstd.data_ptr(), steps * n, c, hw, eps)
-    return mean, var, invstd
+    mean, var, invstd, scale, shift = x_seq.new_empty(5, c)
+    update = momentum is not None
+    _call("danet_bn_stats", _DTYPES[x_seq.dtype], x_seq.data_ptr(), _ptr(bn.weight), _ptr(bn.bias),
+          _ptr(bn.running_mean) if update else None, _ptr(bn.running_var) if update else None, mean.data_ptr(),
+          var.data_ptr(), invstd.data_ptr(), scale.data_ptr(), shift.data_ptr(), steps * n, c, hw, bn.eps,
+          momentum or 0.0)
+    return mean, var, invstd, scale, shift
 
 
 def bn_neuron_forward(x_seq: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, spec: NeuronSpec,

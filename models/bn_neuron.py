@@ -90,9 +90,9 @@ def bn_neuron(
     if not applies(bn, neuron) or (only_where_faster and not faster_here(x_seq)):
         return neuron(bn(flat_seq(x_seq)).unflatten(0, x_seq.shape[:2]))
     batch_stats = bn.training or bn.running_mean is None
-    mean, invstd = _statistics(x_seq, bn, batch_stats)
+    mean, invstd, scale, shift = _statistics(x_seq, bn, batch_stats)
     k = lif_fused.plif_rate(neuron.w, x_seq.dtype) if neuron.spec.type == "plif" else None
-    return _BNNeuron.apply(x_seq, bn.weight, bn.bias, mean, invstd, k, batch_stats, neuron.spec)
+    return _BNNeuron.apply(x_seq, bn.weight, bn.bias, mean, invstd, scale, shift, k, batch_stats, neuron.spec)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -100,29 +100,36 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def _statistics(x_seq: torch.Tensor, bn: nn.BatchNorm2d, batch_stats: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, invstd) per channel in the accumulation dtype; batch statistics also update ``bn``'s running ones."""
+def _statistics(
+    x_seq: torch.Tensor, bn: nn.BatchNorm2d, batch_stats: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, invstd, scale, shift) per channel in the accumulation dtype (y = x * scale + shift); batch
+    statistics also update ``bn``'s running ones."""
     acc = _acc_dtype(x_seq)
     if not batch_stats:
         assert bn.running_mean is not None and bn.running_var is not None
-        return bn.running_mean.to(acc), torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        mean, invstd = bn.running_mean.to(acc), torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        return mean, invstd, *_affine(bn.weight, bn.bias, mean, invstd)
     count = x_seq.numel() // x_seq.shape[2]
     if count < 2 and bn.training:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x_seq.shape)}")
+    factor = None  # the running statistics' update, as nn.BatchNorm2d.forward does it
+    if bn.training and bn.track_running_stats and bn.running_mean is not None and not recomputing():
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+    if _cpu_kernels.bn_neuron_applies(x_seq) and _cpu_kernels.batch_stats_apply(x_seq, bn):
+        mean, _, invstd, scale, shift = _cpu_kernels.batch_stats(x_seq, bn, factor)  # all of it in one call
+        return mean, invstd, scale, shift
     if x_seq.is_cuda and acc == torch.float32:
         mean, invstd = torch.batch_norm_stats(x_seq.flatten(0, 1), bn.eps)  # fp32 for bf16/fp16 input, any layout
         var = invstd.pow(-2).sub_(bn.eps)
-    elif _cpu_kernels.bn_neuron_applies(x_seq):
-        mean, var, invstd = _cpu_kernels.batch_stats(x_seq, bn.eps)
     else:
         var, mean = torch.var_mean(x_seq.to(acc), dim=(0, 1, 3, 4), correction=0)
         invstd = torch.rsqrt(var + bn.eps)
-    if bn.training and bn.track_running_stats and bn.running_mean is not None and not recomputing():
-        bn.num_batches_tracked.add_(1)  # as nn.BatchNorm2d.forward does
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if factor is not None:
         bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), factor)
         bn.running_var.lerp_((var * (count / (count - 1))).to(bn.running_var.dtype), factor)
-    return mean, invstd
+    return mean, invstd, *_affine(bn.weight, bn.bias, mean, invstd)
 
 
 def _affine(weight, bias, mean, invstd) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,8 +141,10 @@ def _affine(weight, bias, mean, invstd) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _BNNeuron(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_seq, weight, bias, mean, invstd, k, batch_stats, spec):  # type: ignore[override]
-        scale, shift = _affine(weight, bias, mean, invstd)
+    def forward(  # type: ignore[override]
+        ctx, x_seq, weight, bias, mean, invstd, scale, shift, k, batch_stats, spec
+    ):
+        # weight and bias are inputs for their gradients: scale and shift (from _statistics) carry them forward
         spikes = _forward(x_seq, scale, shift, spec, k)
         ctx.save_for_backward(x_seq, weight, mean, invstd, scale, shift, k)
         ctx.batch_stats, ctx.spec, ctx.has_bias = batch_stats, spec, bias is not None
@@ -148,7 +157,7 @@ class _BNNeuron(torch.autograd.Function):
                                                   k)
         g_w = sum_gy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         g_b = sum_gy.to(weight.dtype if weight is not None else x_seq.dtype) if ctx.has_bias else None
-        return g_x, g_w, g_b, None, None, g_k, None, None
+        return g_x, g_w, g_b, None, None, None, None, g_k, None, None
 
 
 # --------------------------------------------------------------------------------------------- dispatch

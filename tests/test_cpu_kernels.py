@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers.layouts import sequence_layouts
 from helpers.neurons import FUSED_NEURON_CASES, PLIF_CASES, case_id
+from torch import nn
 
 from models import _cpu_kernels, create_model
 from models import bn_neuron as bn_module
@@ -152,13 +153,23 @@ def test_bn_neuron_kernels_equal_the_torch_path(case, dtype):
         grad = torch.randn(shape, generator=g).to(dtype)
         weight = (torch.rand(shape[2], generator=g) + 1.0).to(dtype)
         bias = (torch.rand(shape[2], generator=g) + 0.6).to(dtype)
-        assert _cpu_kernels.bn_neuron_applies(x)
-        mean, var, invstd = _cpu_kernels.batch_stats(x, 1e-5)
+        bn = nn.BatchNorm2d(shape[2], momentum=0.3, dtype=dtype)
+        with torch.no_grad():
+            bn.weight.copy_(weight), bn.bias.copy_(bias), bn.running_mean.uniform_(), bn.running_var.uniform_(1, 2)
+        assert _cpu_kernels.bn_neuron_applies(x) and _cpu_kernels.batch_stats_apply(x, bn)
+        ref = copy.deepcopy(bn)
+        mean, var, invstd, scale, shift = _cpu_kernels.batch_stats(x, bn, 0.3)  # the running statistics updated
         var_t, mean_t = torch.var_mean(x.double(), dim=(0, 1, 3, 4), correction=0)
         torch.testing.assert_close(mean, mean_t.to(dtype), **tol)
         torch.testing.assert_close(var, var_t.to(dtype), **tol)
         torch.testing.assert_close(invstd, torch.rsqrt(var_t + 1e-5).to(dtype), **tol)
-        scale, shift = bn_module._affine(weight, bias, mean, invstd)
+        for got, want in zip((scale, shift), bn_module._affine(weight, bias, mean, invstd), strict=True):
+            torch.testing.assert_close(got, want, **tol)
+        ref(x.flatten(0, 1))
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, **tol)
+        torch.testing.assert_close(bn.running_var, ref.running_var, **tol)
+        before = bn.running_mean.clone()
+        assert torch.equal(_cpu_kernels.batch_stats(x, bn)[3], scale) and torch.equal(bn.running_mean, before)
         s_k = _cpu_kernels.bn_neuron_forward(x, scale, shift, spec, k)
         with _cpu_kernels.disabled():
             s_t = bn_module.forward_torch(x, scale, shift, spec, k)
@@ -197,7 +208,7 @@ def test_results_do_not_depend_on_the_thread_count():
             plif, k = NeuronSpec(type="plif"), torch.tensor(0.4)
             _, _, gk = _cpu_kernels.backward(g, None, _cpu_kernels.forward(x, None, plif, k)[2], plif, k)
             bn = BatchNorm(64)
-            mean, _, invstd = _cpu_kernels.batch_stats(x, 1e-5)  # BatchNorm + neuron as one op, PLIF's g_k too
+            mean, _, invstd, _, _ = _cpu_kernels.batch_stats(x, bn)  # BatchNorm + neuron as one op, PLIF's g_k too
             scale, shift = invstd * 0.9, -mean * invstd * 0.9 + 0.1
             results.append((s, v, h, gx, gk, bn(bn_in), bn.running_mean.clone(), bn.running_var.clone(), mean, invstd,
                             _cpu_kernels.bn_neuron_forward(x, scale, shift, NeuronSpec()),

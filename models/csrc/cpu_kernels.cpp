@@ -367,7 +367,9 @@ struct BatchNormForward {
     T* save_invstd;
     int64_t n, c, hw;
     double eps, momentum;
-    T* save_var = nullptr;  // the biased variance, where not null
+    T* save_var = nullptr;    // the biased variance, where not null
+    T* save_scale = nullptr;  // the affine y = x * scale + shift, where not null
+    T* save_shift = nullptr;
 
     // sum over the channel of x (Squares: of (x - shift)^2) in double (SpanSum)
     template <bool Squares>
@@ -392,10 +394,14 @@ struct BatchNormForward {
             save_mean[ch] = T(mean);
             save_invstd[ch] = T(invstd);
             if (save_var != nullptr) save_var[ch] = T(var);
-            if (y == nullptr) continue;
             const double w = weight != nullptr ? double(weight[ch]) : 1.0;
             const double b = bias != nullptr ? double(bias[ch]) : 0.0;
             const T alpha = T(invstd * w), beta = T(b - mean * invstd * w);
+            if (save_scale != nullptr) {
+                save_scale[ch] = alpha;
+                save_shift[ch] = beta;
+            }
+            if (y == nullptr) continue;
             for (int64_t i = 0; i < n; ++i) {
                 const T* p = x + (i * c + ch) * hw;
                 T* q = y + (i * c + ch) * hw;
@@ -555,6 +561,19 @@ inline int64_t channel_grain(int64_t per_channel) {
     return std::max<int64_t>(1, kPerThread * 2 / std::max<int64_t>(1, per_channel));
 }
 
+// Runs body(T{}) with T the kernels' type for dtype (0 float32, 1 float64): 0, or 1 for another dtype.
+template <typename Body>
+int by_dtype(int dtype, const Body& body) {
+    if (dtype == 0) {
+        body(float{});
+    } else if (dtype == 1) {
+        body(double{});
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -562,21 +581,14 @@ extern "C" {
 // Elements per block (PLIF's backward writes one partial sum per block).
 int64_t danet_lif_block() { return kBlock; }
 
-// dtype: 0 float32, 1 float64. Returns 0, or 1 for an unknown dtype.
+// Each entry point takes dtype (0 float32, 1 float64) first and returns 0, or 1 for an unknown dtype.
+
 int danet_lif_forward(int dtype, const void* x, int64_t x_step, const void* v0, void* spikes, void* h,
                       void* v_last, int64_t steps, int64_t m, const LifSpec* spec) {
-    if (dtype == 0) {
-        Forward<float> f{(const float*)x, x_step, (const float*)v0, (float*)spikes, (float*)h, (float*)v_last,
-                         steps, m, *spec};
-        parallel(f, m);
-    } else if (dtype == 1) {
-        Forward<double> f{(const double*)x, x_step, (const double*)v0, (double*)spikes, (double*)h,
-                          (double*)v_last, steps, m, *spec};
-        parallel(f, m);
-    } else {
-        return 1;
-    }
-    return 0;
+    return by_dtype(dtype, [&](auto zero) {
+        using T = decltype(zero);
+        parallel(Forward<T>{(const T*)x, x_step, (const T*)v0, (T*)spikes, (T*)h, (T*)v_last, steps, m, *spec}, m);
+    });
 }
 
 // PLIF (spec->learnable): v0 is forward's initial membrane (or null), g_rate has danet_lif_block() per block
@@ -584,79 +596,54 @@ int danet_lif_forward(int dtype, const void* x, int64_t x_step, const void* v0, 
 int danet_lif_backward(int dtype, const void* g_s, int64_t gs_step, const void* g_v, const void* h, void* g_x,
                        void* g_v0, int64_t steps, int64_t m, const LifSpec* spec, const void* v0,
                        double* g_rate) {
-    if (dtype == 0) {
-        Backward<float> f{(const float*)g_s, gs_step, (const float*)g_v, (const float*)h, (float*)g_x,
-                          (float*)g_v0, steps, m, *spec, (const float*)v0, g_rate};
-        parallel(f, m);
-    } else if (dtype == 1) {
-        Backward<double> f{(const double*)g_s, gs_step, (const double*)g_v, (const double*)h, (double*)g_x,
-                           (double*)g_v0, steps, m, *spec, (const double*)v0, g_rate};
-        parallel(f, m);
-    } else {
-        return 1;
-    }
-    return 0;
+    return by_dtype(dtype, [&](auto zero) {
+        using T = decltype(zero);
+        parallel(Backward<T>{(const T*)g_s, gs_step, (const T*)g_v, (const T*)h, (T*)g_x, (T*)g_v0, steps, m,
+                             *spec, (const T*)v0, g_rate},
+                 m);
+    });
 }
-
-}  // extern "C"
-
-extern "C" {
 
 // BatchNorm2d's training forward on a contiguous NCHW x of shape [n, c, hw]; see BatchNormForward.
 int danet_bn_forward(int dtype, const void* x, const void* weight, const void* bias, void* running_mean,
                      void* running_var, void* y, void* save_mean, void* save_invstd, int64_t n, int64_t c,
                      int64_t hw, double eps, double momentum) {
-    const int64_t grain = channel_grain(n * hw);
-    if (dtype == 0) {
-        BatchNormForward<float> f{(const float*)x, (const float*)weight, (const float*)bias, (float*)running_mean,
-                                  (float*)running_var, (float*)y, (float*)save_mean, (float*)save_invstd, n, c, hw,
-                                  eps, momentum};
-        at::parallel_for(0, c, grain, f);
-    } else if (dtype == 1) {
-        BatchNormForward<double> f{(const double*)x, (const double*)weight, (const double*)bias,
-                                   (double*)running_mean, (double*)running_var, (double*)y, (double*)save_mean,
-                                   (double*)save_invstd, n, c, hw, eps, momentum};
-        at::parallel_for(0, c, grain, f);
-    } else {
-        return 1;
-    }
-    return 0;
+    return by_dtype(dtype, [&](auto zero) {
+        using T = decltype(zero);
+        at::parallel_for(0, c, channel_grain(n * hw),
+                         BatchNormForward<T>{(const T*)x, (const T*)weight, (const T*)bias, (T*)running_mean,
+                                             (T*)running_var, (T*)y, (T*)save_mean, (T*)save_invstd, n, c, hw, eps,
+                                             momentum});
+    });
 }
 
-// Batch statistics of a contiguous [n, c, hw] x per channel: mean, biased variance and 1 / sqrt(var + eps), as
-// danet_bn_forward computes them, nothing else written.
-int danet_bn_stats(int dtype, const void* x, void* mean, void* var, void* invstd, int64_t n, int64_t c, int64_t hw,
-                   double eps) {
-    if (dtype == 0) {
-        BatchNormForward<float> f{(const float*)x, nullptr, nullptr, nullptr, nullptr, nullptr, (float*)mean,
-                                  (float*)invstd, n, c, hw, eps, 0.0, (float*)var};
+// Batch statistics of a contiguous [n, c, hw] x per channel, as danet_bn_forward computes them, without writing
+// y: mean, biased variance (var: null, not written) and 1 / sqrt(var + eps); the running statistics updated with
+// momentum where running_mean is not null; and where scale is not null, the affine BatchNorm applies
+// (y = x * scale + shift; weight or bias null: 1 or 0).
+int danet_bn_stats(int dtype, const void* x, const void* weight, const void* bias, void* running_mean,
+                   void* running_var, void* mean, void* var, void* invstd, void* scale, void* shift, int64_t n,
+                   int64_t c, int64_t hw, double eps, double momentum) {
+    return by_dtype(dtype, [&](auto zero) {
+        using T = decltype(zero);
+        BatchNormForward<T> f{(const T*)x, (const T*)weight, (const T*)bias, (T*)running_mean, (T*)running_var,
+                              nullptr, (T*)mean, (T*)invstd, n, c, hw, eps, momentum};
+        f.save_var = (T*)var;
+        f.save_scale = (T*)scale;
+        f.save_shift = (T*)shift;
         at::parallel_for(0, c, channel_grain(n * hw), f);
-    } else if (dtype == 1) {
-        BatchNormForward<double> f{(const double*)x, nullptr, nullptr, nullptr, nullptr, nullptr, (double*)mean,
-                                   (double*)invstd, n, c, hw, eps, 0.0, (double*)var};
-        at::parallel_for(0, c, channel_grain(n * hw), f);
-    } else {
-        return 1;
-    }
-    return 0;
+    });
 }
 
 // BatchNorm then the neuron on a contiguous [steps, batch, c, hw] x (BnLifForward): spikes only.
 int danet_bn_lif_forward(int dtype, const void* x, const void* scale, const void* shift, void* spikes,
                          int64_t steps, int64_t batch, int64_t c, int64_t hw, const LifSpec* spec) {
     const int64_t m = batch * c * hw;
-    if (dtype == 0) {
-        BnLifForward<float> f{(const float*)x, (const float*)scale, (const float*)shift, (float*)spikes, steps, m, c,
-                              hw, *spec};
-        parallel(f, m);
-    } else if (dtype == 1) {
-        BnLifForward<double> f{(const double*)x, (const double*)scale, (const double*)shift, (double*)spikes, steps,
-                               m, c, hw, *spec};
-        parallel(f, m);
-    } else {
-        return 1;
-    }
-    return 0;
+    return by_dtype(dtype, [&](auto zero) {
+        using T = decltype(zero);
+        parallel(BnLifForward<T>{(const T*)x, (const T*)scale, (const T*)shift, (T*)spikes, steps, m, c, hw, *spec},
+                 m);
+    });
 }
 
 // Its backward (BnLifBackward): g_x, and per channel in double the sums of g_y and g_y * xhat (BatchNorm's
@@ -667,20 +654,13 @@ int danet_bn_lif_backward(int dtype, const void* g_s, const void* x, const void*
                           double* g_rate, int64_t steps, int64_t batch, int64_t c, int64_t hw, int32_t batch_stats,
                           const LifSpec* spec) {
     const int64_t group = channel_group(steps * batch * hw, c), groups = (c + group - 1) / group;
-    if (dtype == 0) {
-        BnLifBackward<float> f{(const float*)g_s, (const float*)x, (const float*)scale, (const float*)shift,
-                               (const float*)mean, (const float*)invstd, (float*)g_x, sum_gy, sum_gy_xhat, g_rate,
-                               steps, batch, c, hw, group, batch_stats, *spec};
-        at::parallel_for(0, groups, 1, f);
-    } else if (dtype == 1) {
-        BnLifBackward<double> f{(const double*)g_s, (const double*)x, (const double*)scale, (const double*)shift,
-                                (const double*)mean, (const double*)invstd, (double*)g_x, sum_gy, sum_gy_xhat,
-                                g_rate, steps, batch, c, hw, group, batch_stats, *spec};
-        at::parallel_for(0, groups, 1, f);
-    } else {
-        return 1;
-    }
-    return 0;
+    return by_dtype(dtype, [&](auto zero) {
+        using T = decltype(zero);
+        at::parallel_for(0, groups, 1,
+                         BnLifBackward<T>{(const T*)g_s, (const T*)x, (const T*)scale, (const T*)shift,
+                                          (const T*)mean, (const T*)invstd, (T*)g_x, sum_gy, sum_gy_xhat, g_rate,
+                                          steps, batch, c, hw, group, batch_stats, *spec});
+    });
 }
 
 }  // extern "C"
