@@ -15,7 +15,8 @@ its torch path), our reference loop (autograd through every step) and SpikingJel
 same way against SpikingJelly's ParametricLIFNode.
 
 ``run_bn_neuron_bench()``: BatchNorm + LIF on the same shape, forward + backward in training mode, as one op
-(``models.bn_neuron``) against BatchNorm then the neuron.
+(``models.bn_neuron``) against BatchNorm then the neuron; and again on the last stage's small maps
+(``[T, N, 512, 4, 4]`` at 112 px), where the per-call work around the kernels weighs most (JSON ``bn_neuron_late``).
 
 SpikingJelly's model file imports one function from torchvision (``load_state_dict_from_url``, for pretrained
 weights), and torchvision does not work beside this torch build (``operator torchvision::nms does not exist``,
@@ -46,6 +47,7 @@ from .neurons import MultiStepNeuron, NeuronSpec
 from .resnet import create_model
 
 T, BATCH, RES, THREADS, CLASSES = 4, 4, 112, 2, 1000
+LATE_MAP = -(-RES // 32)  # the last stage's map side (stride 32, rounded up): 4 at 112 px
 # Timed rounds: on a shared 2-core box single steps vary by 2x, and with 7 rounds three runs back to back gave
 # 1.19, 1.71 and 1.56x on one machine; with 21 they gave 1.24-1.33x (BENCHMARKS.md)
 ROUNDS = 15
@@ -212,6 +214,7 @@ def run_models_bench(json_path: str | None = None, warmup: int = 2, repeats: int
         / by[("ours", "sew_resnet50")]["step_s_median"],
         "lif": run_lif_bench(),
         "bn_neuron": run_bn_neuron_bench(),
+        "bn_neuron_late": run_bn_neuron_bench(shape=(T, BATCH, 512, LATE_MAP, LATE_MAP), repeats=101),
     }
     if json_path:
         with open(json_path, "w") as f:
