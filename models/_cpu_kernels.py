@@ -12,9 +12,10 @@
   (``native_batch_norm_backward`` with the saved mean and invstd: a kernel written like the forward was slower
   than it). Statistics differ from torch's by summation order only.
 - BatchNorm followed by the neuron as one op (``models.bn_neuron``) on contiguous ``[T, N, C, H, W]``
-  sequences: the batch statistics (as above), a forward that normalises, charges, fires and resets per block
-  and writes only the spikes, and a backward by groups of channels that recomputes the membrane from x, walks
-  the steps back, sums BatchNorm's two per-channel terms and finishes g_x while the group is still in cache.
+  sequences: the batch statistics (as above, with the running update and the per-channel scale and shift in the
+  same call), a forward that normalises, charges, fires and resets per block and writes only the spikes, and a
+  backward by groups of channels that recomputes the membrane from x, walks the steps back, sums BatchNorm's two
+  per-channel terms and finishes g_x while the group is still in cache.
 BENCHMARKS.md has what each gives on a training step.
 
 Built with the system C++ compiler (``$CXX``, else ``g++`` / ``c++`` / ``clang++``) against the running torch's

@@ -354,7 +354,8 @@ struct SpanSum {
 // BatchNorm's training forward on a contiguous NCHW batch, per channel: mean and biased variance summed to double
 // (SpanSum; two passes, the second over data the first left in cache; torch's CPU kernel takes ~4x as long for
 // these), the running statistics' update, then y = x * alpha + beta with alpha = invstd * weight, beta = bias -
-// mean * alpha (torch's CPU kernel's formulas). With y null, only the statistics.
+// mean * alpha (torch's CPU kernel's formulas). With y null, only the statistics (and, where save_scale is not
+// null, alpha and beta: the fused BatchNorm + neuron applies them itself).
 template <typename T>
 struct BatchNormForward {
     const T* x;
